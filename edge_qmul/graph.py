@@ -1,0 +1,255 @@
+"""Model: tensors and ops in topological order, run as a batch by the int8 kernels.
+
+A Model is what a .tflite file holds, minus what the engine does not need: the shape-computing
+subgraph that Keras' Flatten emits is folded into a plain RESHAPE when the file is read. Tensors keep
+the shapes the file declares (batch 1); the engine runs any batch size along axis 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import ModelError
+from .quant import QuantParams, dequantize, quantize
+
+
+@dataclass
+class Tensor:
+    """One tensor of the graph. ``data`` is set for constants (weights, biases, parameters)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    quant: QuantParams | None = None
+    data: np.ndarray | None = None
+    shape_signature: tuple[int, ...] | None = None
+
+    @property
+    def is_constant(self) -> bool:
+        return self.data is not None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class Op:
+    """One operator: its builtin name, tensor indices (-1 = optional input absent) and options."""
+
+    kind: str
+    inputs: list[int]
+    outputs: list[int]
+    options: dict = field(default_factory=dict)
+    version: int = 1
+    index: int = 0
+
+    @property
+    def name(self) -> str:
+        """Stable parameter-naming prefix, e.g. ``conv_2d_0`` (kind + position in the graph)."""
+        return f"{self.kind.lower()}_{self.index}"
+
+
+# Input slots that hold trainable parameters, per op kind: (slot, parameter suffix).
+PARAMETER_SLOTS = {
+    "CONV_2D": ((1, "weight"), (2, "bias")),
+    "DEPTHWISE_CONV_2D": ((1, "weight"), (2, "bias")),
+    "FULLY_CONNECTED": ((1, "weight"), (2, "bias")),
+}
+
+
+class Model:
+    """An int8 model: ``forward`` runs the int8 core, ``predict`` the whole float/int8 interface."""
+
+    def __init__(self, tensors: list[Tensor], ops: list[Op], inputs: list[int], outputs: list[int],
+                 metadata: dict[str, bytes] | None = None, description: str = "edge_qmul",
+                 signature: dict | None = None) -> None:
+        self.tensors = tensors
+        self.ops = ops
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.metadata = dict(metadata or {})
+        self.description = description
+        self.signature = signature
+        for i, op in enumerate(ops):
+            op.index = i
+        self._prepared: list | None = None
+        from .kernels import check_supported
+        check_supported(self)
+
+    # --- interface -------------------------------------------------------------------------------
+    @property
+    def core_inputs(self) -> list[int]:
+        """Int8 tensors the int8 core starts from: model inputs, or what QUANTIZE makes of them."""
+        return [self._skip_interface(t, "QUANTIZE") for t in self.inputs]
+
+    @property
+    def core_outputs(self) -> list[int]:
+        """Int8 tensors the core ends in: model outputs, or what DEQUANTIZE reads."""
+        return [self._skip_interface(t, "DEQUANTIZE") for t in self.outputs]
+
+    def _skip_interface(self, t: int, kind: str) -> int:
+        for op in self.ops:
+            if op.kind != kind:
+                continue
+            if kind == "QUANTIZE" and op.inputs[0] == t and self.tensors[t].dtype == np.float32:
+                return op.outputs[0]
+            if kind == "DEQUANTIZE" and op.outputs[0] == t:
+                return op.inputs[0]
+        return t
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """Named trainable parameters (``<op>.weight``, ``<op>.bias``), the arrays themselves."""
+        return {name: self.tensors[t].data for name, t in self.parameter_tensors().items()}
+
+    def parameter_tensors(self) -> dict[str, int]:
+        """Parameter name -> tensor index."""
+        out = {}
+        for op in self.ops:
+            for slot, suffix in PARAMETER_SLOTS.get(op.kind, ()):
+                if slot < len(op.inputs) and op.inputs[slot] >= 0:
+                    out[f"{op.name}.{suffix}"] = op.inputs[slot]
+        return out
+
+    def set_parameter(self, name: str, value: np.ndarray) -> None:
+        """Replace a parameter's values (same shape and dtype; scales unchanged)."""
+        tensors = self.parameter_tensors()
+        if name not in tensors:
+            raise ModelError(f"unknown parameter {name!r}; known: {', '.join(tensors)}")
+        t = self.tensors[tensors[name]]
+        value = np.asarray(value)
+        if value.shape != t.data.shape or value.dtype != t.data.dtype:
+            raise ModelError(f"parameter {name!r} is {t.data.dtype}{list(t.data.shape)}, "
+                             f"got {value.dtype}{list(value.shape)}")
+        t.data = value.copy()
+
+    # --- execution -------------------------------------------------------------------------------
+    def _ensure_prepared(self) -> list:
+        if self._prepared is None:
+            from .kernels import prepare
+            self._prepared = [prepare(op, self) for op in self.ops]
+        return self._prepared
+
+    def run(self, feeds: dict[int, np.ndarray], start_after_interface: bool = False,
+            keep: bool = False) -> dict[int, np.ndarray]:
+        """Run ops in order from ``feeds`` (tensor index -> batch array); returns every value.
+
+        With ``start_after_interface`` the QUANTIZE / DEQUANTIZE ops at the float interface are
+        skipped, so the int8 core runs alone.
+        """
+        from .kernels import evaluate
+        prepared = self._ensure_prepared()
+        values: dict[int, np.ndarray] = dict(feeds)
+        core_in, core_out = set(self.core_inputs), set(self.core_outputs)
+        for op, params in zip(self.ops, prepared):
+            if start_after_interface and (
+                    (op.kind == "QUANTIZE" and op.outputs[0] in core_in)
+                    or (op.kind == "DEQUANTIZE" and op.inputs[0] in core_out)):
+                continue
+            args = [values[i] if i in values else (self.tensors[i].data if i >= 0 else None)
+                    for i in op.inputs]
+            values[op.outputs[0]] = evaluate(op, params, args)
+        return values
+
+    def _check_batch(self, x: np.ndarray, t: int, where: str) -> np.ndarray:
+        tensor = self.tensors[t]
+        x = np.asarray(x)
+        if x.dtype != tensor.dtype:
+            if tensor.dtype == np.float32 and np.issubdtype(x.dtype, np.floating):
+                x = x.astype(np.float32)
+            else:
+                raise ModelError(f"{where}: input {tensor.name!r} takes {np.dtype(tensor.dtype).name}, "
+                                 f"got {x.dtype.name}")
+        if x.ndim == len(tensor.shape) - 1 and tuple(x.shape) == tuple(tensor.shape[1:]):
+            x = x[None]
+        if x.ndim != len(tensor.shape) or tuple(x.shape[1:]) != tuple(tensor.shape[1:]) or x.shape[0] < 1:
+            raise ModelError(f"{where}: input {tensor.name!r} has shape (N, {', '.join(map(str, tensor.shape[1:]))}),"
+                             f" got {tuple(x.shape)}")
+        if x.dtype == np.float32 and not np.all(np.isfinite(x)):
+            raise ModelError(f"{where}: input {tensor.name!r} holds NaN or inf")
+        return np.ascontiguousarray(x)
+
+    def forward(self, *xs: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Run the int8 core on int8 batches; returns the int8 output(s) (one array per output)."""
+        core_in = self.core_inputs
+        if len(xs) != len(core_in):
+            raise ModelError(f"forward: the model has {len(core_in)} input(s), got {len(xs)}")
+        feeds = {t: self._check_batch(x, t, "forward") for t, x in zip(core_in, xs)}
+        values = self.run(feeds, start_after_interface=True)
+        outs = [values[t] for t in self.core_outputs]
+        return outs[0] if len(outs) == 1 else outs
+
+    def predict(self, *xs: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Run the whole model as LiteRT would: float in/out for float-interface models.
+
+        An int8 model given float input quantizes it with the input scale first, and returns int8,
+        like the .tflite. A single sample without a batch axis is accepted.
+        """
+        if len(xs) != len(self.inputs):
+            raise ModelError(f"predict: the model has {len(self.inputs)} input(s), got {len(xs)}")
+        feeds = {}
+        for t, x in zip(self.inputs, xs):
+            tensor = self.tensors[t]
+            x = np.asarray(x)
+            if tensor.dtype == np.int8 and np.issubdtype(x.dtype, np.floating):
+                x = self._check_batch(x.astype(np.float32), t, "predict") if False else x
+                if not np.all(np.isfinite(x)):
+                    raise ModelError(f"predict: input {tensor.name!r} holds NaN or inf")
+                x = quantize(x, tensor.quant)
+            feeds[t] = self._check_batch(x, t, "predict")
+        values = self.run(feeds)
+        outs = [values[t] for t in self.outputs]
+        return outs[0] if len(outs) == 1 else outs
+
+    def dequantize_output(self, y: np.ndarray, k: int = 0) -> np.ndarray:
+        """Float view of a core output (for scores and losses)."""
+        return dequantize(y, self.tensors[self.core_outputs[k]].quant)
+
+    # --- description -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Op]:
+        return iter(self.ops)
+
+    def summary(self) -> str:
+        """A table of ops, output shapes, parameters, bytes and MACs, with totals."""
+        from .kernels import macs
+        rows = [("#", "op", "output", "shape", "params", "bytes", "MACs")]
+        total_p = total_b = total_m = 0
+        for op in self.ops:
+            out = self.tensors[op.outputs[0]]
+            p = b = 0
+            for i in op.inputs:
+                if i >= 0 and self.tensors[i].is_constant and self.tensors[i].dtype != np.int32 or (
+                        i >= 0 and self.tensors[i].is_constant and op.kind in PARAMETER_SLOTS):
+                    p += int(self.tensors[i].data.size)
+                    b += int(self.tensors[i].data.nbytes)
+            m = macs(op, self)
+            total_p, total_b, total_m = total_p + p, total_b + b, total_m + m
+            rows.append((str(op.index), op.kind, out.name[:40], "x".join(map(str, out.shape)),
+                         str(p), str(b), str(m)))
+        rows.append(("", "total", "", "", str(total_p), str(total_b), str(total_m)))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+        io = []
+        for label, ts in (("input", self.inputs), ("output", self.outputs)):
+            for t in ts:
+                tt = self.tensors[t]
+                io.append(f"{label}: {tt.name} {np.dtype(tt.dtype).name}{list(tt.shape)} {tt.quant}")
+        return "\n".join(io + lines)
+
+    def copy(self) -> "Model":
+        """A deep copy (tensor data copied), sharing nothing mutable with this model."""
+        import copy as _copy
+        return Model([_copy.deepcopy(t) for t in self.tensors], [_copy.deepcopy(o) for o in self.ops],
+                     self.inputs, self.outputs, self.metadata, self.description,
+                     _copy.deepcopy(self.signature))
+
+
+def batch_shape(t: Tensor, n: int) -> tuple[int, ...]:
+    """The file's shape with the batch axis set to ``n``."""
+    return (n,) + tuple(t.shape[1:])
+
+
+def as_list(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]

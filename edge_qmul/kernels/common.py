@@ -1,0 +1,135 @@
+"""Shared preparation for the kernels: padding geometry, per-channel multipliers, tensor checks.
+
+Prepare-time code (plain Python): it turns a .tflite op's options and scales into the integer
+parameters that the compiled loops take, so the hot path touches integers only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelError
+from ..quant import QuantParams, activation_range, quantize_multipliers
+
+
+def where(op) -> str:
+    return f"op {op.kind} (index {op.index})"
+
+
+def tensor(model, op, slot: int, *, dtype=None, constant: bool | None = None, rank: int | None = None,
+           optional: bool = False):
+    """The tensor in input ``slot`` of ``op``, checked; None if optional and absent."""
+    if slot >= len(op.inputs) or op.inputs[slot] < 0:
+        if optional:
+            return None
+        raise ModelError(f"{where(op)}: input {slot} is missing")
+    t = model.tensors[op.inputs[slot]]
+    if dtype is not None and np.dtype(t.dtype) != np.dtype(dtype):
+        raise ModelError(f"{where(op)}: input {slot} ({t.name!r}) is {np.dtype(t.dtype).name}, "
+                         f"expected {np.dtype(dtype).name}"
+                         + ("; the model is not int8-quantized" if np.dtype(t.dtype) == np.float32 else ""))
+    if constant is True and not t.is_constant:
+        raise ModelError(f"{where(op)}: input {slot} ({t.name!r}) must be a constant")
+    if rank is not None and len(t.shape) != rank:
+        raise ModelError(f"{where(op)}: input {slot} ({t.name!r}) has rank {len(t.shape)}, expected {rank}")
+    if t.quant is None and np.dtype(t.dtype) in (np.dtype(np.int8),):
+        raise ModelError(f"{where(op)}: int8 tensor {t.name!r} has no quantization parameters")
+    return t
+
+
+def output(model, op, dtype=np.int8):
+    t = model.tensors[op.outputs[0]]
+    if np.dtype(t.dtype) != np.dtype(dtype):
+        raise ModelError(f"{where(op)}: output {t.name!r} is {np.dtype(t.dtype).name}, "
+                         f"expected {np.dtype(dtype).name}"
+                         + ("; the model is not int8-quantized" if np.dtype(t.dtype) == np.float32 else ""))
+    if t.quant is None and np.dtype(dtype) == np.dtype(np.int8):
+        raise ModelError(f"{where(op)}: int8 output {t.name!r} has no quantization parameters")
+    return t
+
+
+def per_tensor(op, t, what: str) -> QuantParams:
+    if t.quant.per_channel:
+        raise ModelError(f"{where(op)}: {what} {t.name!r} must be quantized per tensor")
+    return t.quant
+
+
+@dataclass(frozen=True)
+class Window:
+    """Sliding-window geometry (conv, depthwise, pooling) for one spatial axis pair."""
+
+    stride_h: int
+    stride_w: int
+    dil_h: int
+    dil_w: int
+    pad_top: int
+    pad_left: int
+    out_h: int
+    out_w: int
+
+
+def window(op, in_h: int, in_w: int, k_h: int, k_w: int, padding: str, stride_h: int, stride_w: int,
+           dil_h: int = 1, dil_w: int = 1) -> Window:
+    """TFLite's ComputePaddingHeightWidth: SAME pads (total // 2) before, the rest after."""
+    if stride_h < 1 or stride_w < 1 or dil_h < 1 or dil_w < 1:
+        raise ModelError(f"{where(op)}: strides and dilations must be >= 1")
+    eff_h, eff_w = (k_h - 1) * dil_h + 1, (k_w - 1) * dil_w + 1
+    if padding == "SAME":
+        out_h, out_w = -(-in_h // stride_h), -(-in_w // stride_w)
+        pad_h = max((out_h - 1) * stride_h + eff_h - in_h, 0)
+        pad_w = max((out_w - 1) * stride_w + eff_w - in_w, 0)
+        top, left = pad_h // 2, pad_w // 2
+    elif padding == "VALID":
+        out_h, out_w = (in_h - eff_h + stride_h) // stride_h, (in_w - eff_w + stride_w) // stride_w
+        top = left = 0
+    else:
+        raise ModelError(f"{where(op)}: unsupported padding {padding!r}")
+    if out_h < 1 or out_w < 1:
+        raise ModelError(f"{where(op)}: window {k_h}x{k_w} does not fit input {in_h}x{in_w}")
+    return Window(stride_h, stride_w, dil_h, dil_w, top, left, out_h, out_w)
+
+
+def check_output_shape(op, out, shape: tuple) -> None:
+    if tuple(out.shape[1:]) != tuple(shape[1:]):
+        raise ModelError(f"{where(op)}: output {out.name!r} is declared {list(out.shape)}, "
+                         f"the op computes {list(shape)}")
+
+
+@dataclass(frozen=True)
+class Requant:
+    """Per-output-channel requantization: multiplier, shift, output zero point, clamp."""
+
+    multiplier: np.ndarray
+    shift: np.ndarray
+    out_zero_point: int
+    act_min: int
+    act_max: int
+
+
+def conv_requant(op, x, w, out, channels: int, activation: str) -> Requant:
+    """Multipliers for a conv-like op: s_in * s_w[c] / s_out per channel, in double.
+
+    PopulateConvolutionQuantizationParams widens each float32 scale to double before multiplying;
+    a per-tensor filter scale is broadcast to every channel.
+    """
+    s_in = float(per_tensor(op, x, "input").s)
+    s_out = float(per_tensor(op, out, "output").s)
+    s_w = w.quant.scale.astype(np.float64)
+    if s_w.size not in (1, channels):
+        raise ModelError(f"{where(op)}: filter {w.name!r} has {s_w.size} scales for {channels} channels")
+    if np.any(w.quant.zero_point != 0):
+        raise ModelError(f"{where(op)}: filter {w.name!r} must have zero point 0")
+    real = s_in * np.broadcast_to(s_w, (channels,)) / s_out
+    mult, shift = quantize_multipliers(real)
+    lo, hi = activation_range(activation, out.quant)
+    return Requant(mult, shift, out.quant.zp, lo, hi)
+
+
+def bias_or_zeros(model, op, slot: int, channels: int) -> np.ndarray:
+    b = tensor(model, op, slot, optional=True)
+    if b is None:
+        return np.zeros(channels, np.int32)
+    if np.dtype(b.dtype) != np.int32 or not b.is_constant or b.data.size != channels:
+        raise ModelError(f"{where(op)}: bias {b.name!r} must be a constant int32[{channels}]")
+    return b.data

@@ -1,0 +1,89 @@
+"""DEPTHWISE_CONV_2D, int8 per-channel, NHWC: output channel c = ic * multiplier + m."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from ..errors import ModelError
+from ..quant import requantize
+from .common import Requant, Window, check_output_shape, conv_requant, output, tensor, where, window
+
+
+@dataclass(frozen=True)
+class DepthwiseParams:
+    win: Window
+    rq: Requant
+    input_offset: int
+    depth_multiplier: int
+    zero_bias: np.ndarray
+
+
+def prepare(op, model) -> DepthwiseParams:
+    x = tensor(model, op, 0, dtype=np.int8, rank=4)
+    w = tensor(model, op, 1, dtype=np.int8, constant=True, rank=4)
+    out = output(model, op)
+    _, kh, kw, cout = w.shape
+    cin = x.shape[3]
+    if w.shape[0] != 1 or cout % cin:
+        raise ModelError(f"{where(op)}: filter {list(w.shape)} does not fit {cin} input channels")
+    o = op.options
+    mult = cout // cin
+    if o.get("depth_multiplier", mult) not in (mult, 0):
+        raise ModelError(f"{where(op)}: depth_multiplier {o['depth_multiplier']} != {cout}/{cin}")
+    win = window(op, x.shape[1], x.shape[2], kh, kw, o.get("padding", "VALID"), o.get("stride_h", 1),
+                 o.get("stride_w", 1), o.get("dilation_h", 1), o.get("dilation_w", 1))
+    check_output_shape(op, out, (1, win.out_h, win.out_w, cout))
+    if w.quant.per_channel and w.quant.axis != 3:
+        raise ModelError(f"{where(op)}: per-channel filter must be quantized along axis 3")
+    rq = conv_requant(op, x, w, out, cout, o.get("activation", "NONE"))
+    return DepthwiseParams(win, rq, -x.quant.zp, mult, np.zeros(cout, np.int32))
+
+
+def forward(p: DepthwiseParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    bias = p.zero_bias if bias is None else bias
+    v, r = p.win, p.rq
+    return depthwise_int8(x, w, bias, p.input_offset, p.depth_multiplier, r.multiplier, r.shift,
+                          r.out_zero_point, r.act_min, r.act_max, v.stride_h, v.stride_w, v.dil_h,
+                          v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w)
+
+
+def macs(op, model) -> int:
+    w = model.tensors[op.inputs[1]]
+    out = model.tensors[op.outputs[0]]
+    return int(np.prod(out.shape[1:3])) * int(np.prod(w.shape))
+
+
+@njit(cache=True, parallel=True)
+def depthwise_int8(x, w, bias, input_offset, depth_multiplier, mult, shift, out_zp, act_min, act_max,
+                   stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w):
+    # Accumulate a row of output channels per tap so the inner loop runs over contiguous channels.
+    n, in_h, in_w, cin = x.shape
+    _, k_h, k_w, cout = w.shape
+    out = np.empty((n, out_h, out_w, cout), np.int8)
+    vector_channels = cout - cout % 8
+    for row in prange(n * out_h):
+        b = row // out_h
+        oy = row % out_h
+        acc = np.empty(cout, np.int32)
+        for ox in range(out_w):
+            for oc in range(cout):
+                acc[oc] = bias[oc]
+            for ky in range(k_h):
+                iy = oy * stride_h - pad_top + ky * dil_h
+                if iy < 0 or iy >= in_h:
+                    continue
+                for kx in range(k_w):
+                    ix = ox * stride_w - pad_left + kx * dil_w
+                    if ix < 0 or ix >= in_w:
+                        continue
+                    for oc in range(cout):
+                        acc[oc] += (np.int32(x[b, iy, ix, oc // depth_multiplier]) + input_offset) \
+                            * np.int32(w[0, ky, kx, oc])
+            for oc in range(cout):
+                # DepthwiseConvGeneral's Quantize: 8 channels at a time in vector code, the
+                # last cout % 8 channels in its scalar loop (the two round ties differently).
+                out[b, oy, ox, oc] = requantize(acc[oc], mult[oc], shift[oc], out_zp, act_min, act_max,
+                                                oc >= vector_channels)
+    return out

@@ -1,0 +1,81 @@
+"""FULLY_CONNECTED, int8, per-tensor or per-channel filter: y[n, o] = requantize(sum (x - zp) * w[o])."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from ..errors import ModelError
+from ..quant import activation_range, quantize_multipliers, requantize
+from .common import Requant, check_output_shape, output, per_tensor, tensor, where
+
+
+@dataclass(frozen=True)
+class FullyConnectedParams:
+    rq: Requant
+    input_offset: int
+    depth: int
+    out_shape: tuple
+    zero_bias: np.ndarray
+
+
+def prepare(op, model) -> FullyConnectedParams:
+    x = tensor(model, op, 0, dtype=np.int8)
+    w = tensor(model, op, 1, dtype=np.int8, constant=True, rank=2)
+    out = output(model, op)
+    cout, depth = w.shape
+    if int(np.prod(x.shape)) % depth:
+        raise ModelError(f"{where(op)}: input {list(x.shape)} does not split into rows of {depth}")
+    if op.options.get("weights_format", "DEFAULT") != "DEFAULT":
+        raise ModelError(f"{where(op)}: shuffled weights are not supported")
+    if np.any(w.quant.zero_point != 0):
+        raise ModelError(f"{where(op)}: filter {w.name!r} must have zero point 0")
+    s_in, s_out = per_tensor(op, x, "input").s, per_tensor(op, out, "output").s
+    if w.quant.per_channel:
+        if w.quant.scale.size != cout:
+            raise ModelError(f"{where(op)}: filter has {w.quant.scale.size} scales for {cout} outputs")
+        real = s_in * w.quant.scale.astype(np.float64) / s_out
+    else:
+        # GetQuantizedConvolutionMultipler: input * filter scale is a float32 product, then double.
+        real = np.full(cout, float(np.float32(s_in) * np.float32(w.quant.s)) / s_out)
+    mult, shift = quantize_multipliers(real)
+    lo, hi = activation_range(op.options.get("activation", "NONE"), out.quant)
+    rows = int(np.prod(x.shape)) // depth
+    keep = op.options.get("keep_num_dims", False)
+    shape = tuple(x.shape[:-1]) + (cout,) if keep else (rows, cout)
+    check_output_shape(op, out, shape)
+    return FullyConnectedParams(Requant(mult, shift, out.quant.zp, lo, hi), -x.quant.zp, depth,
+                                tuple(out.shape[1:]), np.zeros(cout, np.int32))
+
+
+def forward(p: FullyConnectedParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    bias = p.zero_bias if bias is None else bias
+    n = x.shape[0]
+    r = p.rq
+    y = fully_connected_int8(np.ascontiguousarray(x).reshape(-1, p.depth), w, bias, p.input_offset,
+                             r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max)
+    return y.reshape((n,) + p.out_shape)
+
+
+def macs(op, model) -> int:
+    w = model.tensors[op.inputs[1]]
+    x = model.tensors[op.inputs[0]]
+    return int(np.prod(x.shape)) // w.shape[1] * int(np.prod(w.shape))
+
+
+@njit(cache=True, parallel=True)
+def fully_connected_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max):
+    rows, depth = x.shape
+    cout = w.shape[0]
+    out = np.empty((rows, cout), np.int8)
+    for r in prange(rows):
+        xv = np.empty(depth, np.int32)
+        for k in range(depth):
+            xv[k] = np.int32(x[r, k]) + input_offset
+        for o in range(cout):
+            acc = np.int32(0)
+            for k in range(depth):
+                acc += xv[k] * np.int32(w[o, k])
+            out[r, o] = requantize(np.int32(acc + bias[o]), mult[o], shift[o], out_zp, act_min, act_max)
+    return out

@@ -1,0 +1,107 @@
+"""AVERAGE_POOL_2D and MAX_POOL_2D, int8 NHWC (input and output share scale and zero point)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from ..errors import ModelError
+from ..quant import activation_range
+from .common import Window, check_output_shape, output, tensor, where, window
+
+
+@dataclass(frozen=True)
+class PoolParams:
+    win: Window
+    filter_h: int
+    filter_w: int
+    act_min: int
+    act_max: int
+
+
+def prepare(op, model) -> PoolParams:
+    x = tensor(model, op, 0, dtype=np.int8, rank=4)
+    out = output(model, op)
+    if x.quant != out.quant:
+        raise ModelError(f"{where(op)}: input and output must share scale and zero point")
+    o = op.options
+    fh, fw = o.get("filter_h", 1), o.get("filter_w", 1)
+    win = window(op, x.shape[1], x.shape[2], fh, fw, o.get("padding", "VALID"), o.get("stride_h", 1),
+                 o.get("stride_w", 1))
+    check_output_shape(op, out, (1, win.out_h, win.out_w, x.shape[3]))
+    lo, hi = activation_range(o.get("activation", "NONE"), out.quant)
+    return PoolParams(win, fh, fw, lo, hi)
+
+
+def forward_average(p: PoolParams, x: np.ndarray) -> np.ndarray:
+    v = p.win
+    return average_pool_int8(x, p.filter_h, p.filter_w, v.stride_h, v.stride_w, v.pad_top, v.pad_left,
+                             v.out_h, v.out_w, p.act_min, p.act_max)
+
+
+def forward_max(p: PoolParams, x: np.ndarray) -> np.ndarray:
+    v = p.win
+    return max_pool_int8(x, p.filter_h, p.filter_w, v.stride_h, v.stride_w, v.pad_top, v.pad_left,
+                         v.out_h, v.out_w, p.act_min, p.act_max)
+
+
+def macs(op, model) -> int:
+    out = model.tensors[op.outputs[0]]
+    return int(np.prod(out.shape[1:])) * op.options.get("filter_h", 1) * op.options.get("filter_w", 1)
+
+
+@njit(cache=True)
+def _rounded_div(acc, count):
+    # LiteRT: (acc +- count/2) / count with C division (truncation): rounds half away from zero.
+    if acc > 0:
+        return (acc + count // 2) // count
+    return -((-acc + count // 2) // count)
+
+
+@njit(cache=True, parallel=True)
+def average_pool_int8(x, filter_h, filter_w, stride_h, stride_w, pad_top, pad_left, out_h, out_w,
+                      act_min, act_max):
+    # Only cells inside the input count: padding never enters the sum or the divisor.
+    n, in_h, in_w, c = x.shape
+    out = np.empty((n, out_h, out_w, c), np.int8)
+    for row in prange(n * out_h):
+        b = row // out_h
+        oy = row % out_h
+        y0 = max(oy * stride_h - pad_top, 0)
+        y1 = min(oy * stride_h - pad_top + filter_h, in_h)
+        for ox in range(out_w):
+            x0 = max(ox * stride_w - pad_left, 0)
+            x1 = min(ox * stride_w - pad_left + filter_w, in_w)
+            count = (y1 - y0) * (x1 - x0)
+            for ch in range(c):
+                acc = 0
+                for iy in range(y0, y1):
+                    for ix in range(x0, x1):
+                        acc += np.int32(x[b, iy, ix, ch])
+                v = _rounded_div(acc, count) if count > 0 else 0
+                out[b, oy, ox, ch] = min(max(v, act_min), act_max)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def max_pool_int8(x, filter_h, filter_w, stride_h, stride_w, pad_top, pad_left, out_h, out_w,
+                  act_min, act_max):
+    n, in_h, in_w, c = x.shape
+    out = np.empty((n, out_h, out_w, c), np.int8)
+    for row in prange(n * out_h):
+        b = row // out_h
+        oy = row % out_h
+        y0 = max(oy * stride_h - pad_top, 0)
+        y1 = min(oy * stride_h - pad_top + filter_h, in_h)
+        for ox in range(out_w):
+            x0 = max(ox * stride_w - pad_left, 0)
+            x1 = min(ox * stride_w - pad_left + filter_w, in_w)
+            for ch in range(c):
+                m = -128
+                for iy in range(y0, y1):
+                    for ix in range(x0, x1):
+                        if x[b, iy, ix, ch] > m:
+                            m = x[b, iy, ix, ch]
+                out[b, oy, ox, ch] = min(max(m, act_min), act_max)
+    return out

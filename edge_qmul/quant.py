@@ -1,0 +1,220 @@
+"""Quantization parameters and the fixed-point arithmetic of LiteRT's int8 kernels.
+
+Everything that turns a float scale into integers, and every rounding variant, lives here; kernels
+call these helpers and never re-derive them (TFLite reference kernels do the same through
+``MultiplyByQuantizedMultiplier``). Each variant is named after the LiteRT code it reproduces, and
+tests/test_quant.py pins which one each op uses against LiteRT itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+from .errors import ModelError
+
+INT8_MIN, INT8_MAX = -128, 127
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Affine quantization of one tensor: ``real = scale * (q - zero_point)``.
+
+    ``scale`` and ``zero_point`` hold one entry (per tensor) or one per slice along ``axis``
+    (per channel). Scales are float32 as stored in the .tflite file; LiteRT widens them to double
+    only where its own code does, and so do we.
+    """
+
+    scale: np.ndarray = field(repr=False)
+    zero_point: np.ndarray = field(repr=False)
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", np.asarray(self.scale, dtype=np.float32).reshape(-1))
+        object.__setattr__(self, "zero_point", np.asarray(self.zero_point, dtype=np.int64).reshape(-1))
+        if self.scale.size != self.zero_point.size:
+            raise ModelError(
+                f"quantization has {self.scale.size} scales but {self.zero_point.size} zero points")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.size > 1
+
+    @property
+    def s(self) -> float:
+        """The single (per-tensor) scale as a Python float (float32 value)."""
+        if self.per_channel:
+            raise ModelError("per-channel quantization has no single scale")
+        return float(self.scale[0])
+
+    @property
+    def zp(self) -> int:
+        """The single (per-tensor) zero point."""
+        return int(self.zero_point[0])
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, QuantParams) and self.axis == other.axis
+                and np.array_equal(self.scale, other.scale)
+                and np.array_equal(self.zero_point, other.zero_point))
+
+    def __repr__(self) -> str:
+        if self.per_channel:
+            return f"QuantParams(per-channel x{self.scale.size}, axis={self.axis})"
+        return f"QuantParams(scale={self.s:.6g}, zero_point={self.zp})"
+
+
+def quantize(x: np.ndarray, qp: QuantParams, dtype=np.int8) -> np.ndarray:
+    """Float -> integer the way LiteRT's QUANTIZE does: round(x / scale) half away from zero."""
+    info = np.iinfo(dtype)
+    shape = [1] * np.ndim(x)
+    if qp.per_channel:
+        shape[qp.axis] = -1
+    scale = qp.scale.reshape(shape) if shape else qp.scale[0]
+    zp = qp.zero_point.reshape(shape) if shape else qp.zero_point[0]
+    q = round_half_away(np.asarray(x, dtype=np.float32) / scale) + zp
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, qp: QuantParams) -> np.ndarray:
+    """Integer -> float32 as LiteRT's DEQUANTIZE: scale * (q - zero_point), in float32."""
+    shape = [1] * np.ndim(q)
+    if qp.per_channel:
+        shape[qp.axis] = -1
+    scale = qp.scale.reshape(shape) if shape else qp.scale[0]
+    zp = qp.zero_point.reshape(shape) if shape else qp.zero_point[0]
+    return ((np.asarray(q, dtype=np.int32) - zp.astype(np.int32)).astype(np.float32) * scale).astype(np.float32)
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's std::round (TfLiteRound): ties away from zero, unlike numpy's round-half-even."""
+    return (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
+
+
+def quantize_multiplier(real_multiplier: float) -> tuple[int, int]:
+    """TFLite's QuantizeMultiplier: real = q * 2^(shift - 31), q in [2^30, 2^31).
+
+    Returns (quantized_multiplier, shift) with shift > 0 meaning a left shift. frexp is exact, and
+    the mantissa is rounded with std::round (ties away from zero), as quantization_util.cc does.
+    """
+    if real_multiplier == 0.0:
+        return 0, 0
+    if not math.isfinite(real_multiplier) or real_multiplier < 0:
+        raise ModelError(f"invalid requantization multiplier {real_multiplier!r}")
+    q, shift = math.frexp(real_multiplier)
+    q_fixed = int(math.floor(abs(q) * (1 << 31) + 0.5))
+    if q_fixed == (1 << 31):
+        q_fixed //= 2
+        shift += 1
+    if shift < -31:  # too small to represent: LiteRT flushes it to zero
+        return 0, 0
+    if shift > 30:  # LiteRT caps the shift at 30 (quantization_util.cc)
+        shift, q_fixed = 30, (1 << 31) - 1
+    return q_fixed, shift
+
+
+def quantize_multipliers(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorized :func:`quantize_multiplier` over per-channel multipliers (float64 in)."""
+    pairs = [quantize_multiplier(float(r)) for r in np.asarray(real, dtype=np.float64).reshape(-1)]
+    mult = np.array([p[0] for p in pairs], dtype=np.int32)
+    shift = np.array([p[1] for p in pairs], dtype=np.int32)
+    return mult, shift
+
+
+def activation_range(activation: str, qp: QuantParams, dtype=np.int8) -> tuple[int, int]:
+    """CalculateActivationRangeQuantized: the int8 clamp of a fused NONE / RELU / RELU6.
+
+    The bounds are quantized with std::round of the float32 value divided by the float32 scale.
+    """
+    info = np.iinfo(dtype)
+    lo, hi = info.min, info.max
+    scale, zp = np.float32(qp.s), qp.zp
+
+    def q(v: float) -> int:
+        return zp + int(round_half_away(np.float32(v) / scale))
+
+    if activation == "RELU":
+        lo = max(lo, q(0.0))
+    elif activation == "RELU6":
+        lo, hi = max(lo, q(0.0)), min(hi, q(6.0))
+    elif activation == "RELU_N1_TO_1":
+        lo, hi = max(lo, q(-1.0)), min(hi, q(1.0))
+    elif activation != "NONE":
+        raise ModelError(f"unsupported fused activation {activation}")
+    return lo, hi
+
+
+# --- integer primitives (gemmlowp / TFLite common.h), compiled -----------------------------------
+
+@njit(cache=True, inline="always")
+def saturating_rounding_doubling_high_mul(a: np.int32, b: np.int32) -> np.int32:
+    """gemmlowp SaturatingRoundingDoublingHighMul: (a*b*2 + 2^31) >> 32, ties away from zero."""
+    if a == INT32_MIN and b == INT32_MIN:
+        return INT32_MAX
+    ab = np.int64(a) * np.int64(b)
+    nudge = np.int64(1 << 30) if ab >= 0 else np.int64(1 - (1 << 30))
+    # C++ integer division truncates toward zero; emulate it for the negative case.
+    num = ab + nudge
+    q = num // np.int64(1 << 31)
+    if num < 0 and q * np.int64(1 << 31) != num:
+        q += 1
+    return np.int32(q)
+
+
+@njit(cache=True, inline="always")
+def rounding_divide_by_pot(x: np.int32, exponent: np.int32) -> np.int32:
+    """gemmlowp RoundingDivideByPOT: x / 2^exponent rounded half away from zero."""
+    mask = np.int32((1 << exponent) - 1)
+    remainder = np.int32(x & mask)
+    threshold = np.int32((mask >> 1) + (1 if x < 0 else 0))
+    return np.int32((x >> exponent) + (1 if remainder > threshold else 0))
+
+
+@njit(cache=True, inline="always")
+def multiply_by_quantized_multiplier(x: np.int32, multiplier: np.int32, shift: np.int32) -> np.int32:
+    """TFLite common.h MultiplyByQuantizedMultiplier (TFLITE_SINGLE_ROUNDING off: two roundings).
+
+    Used by LiteRT's reference and depthwise/add/pool kernels.
+    """
+    left = shift if shift > 0 else 0
+    right = -shift if shift < 0 else 0
+    return rounding_divide_by_pot(
+        saturating_rounding_doubling_high_mul(np.int32(x * (1 << left)), multiplier), right)
+
+
+@njit(cache=True, inline="always")
+def multiply_by_quantized_multiplier_neon(x: np.int32, multiplier: np.int32, shift: np.int32) -> np.int32:
+    """The vector form of MultiplyByQuantizedMultiplier: vqrdmulh, then vrshl (ties toward +inf).
+
+    LiteRT's builtin CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED requantize this way on x86 too
+    (NEON intrinsics emulated over SSE); it differs from the scalar form only on negative ties.
+    tests/test_quant.py pins it against LiteRT.
+    """
+    left = shift if shift > 0 else 0
+    right = -shift if shift < 0 else 0
+    y = np.int64(saturating_rounding_doubling_high_mul(np.int32(x * (1 << left)), multiplier))
+    if right > 0:
+        y = (y + (np.int64(1) << (right - 1))) >> right
+    return np.int32(y)
+
+
+@njit(cache=True, inline="always")
+def requantize(acc: np.int32, multiplier: np.int32, shift: np.int32, out_zero_point: np.int32,
+               act_min: np.int32, act_max: np.int32, scalar_tail: bool = False) -> np.int8:
+    """The shared epilogue of conv / depthwise / fully-connected: scale, offset, clamp to int8.
+
+    LiteRT's vector loops round the final shift half-up; ``scalar_tail`` selects the scalar
+    leftover loop's rounding (half away from zero) for the elements those loops finish one by one.
+    """
+    if scalar_tail:
+        v = multiply_by_quantized_multiplier(acc, multiplier, shift)
+    else:
+        v = multiply_by_quantized_multiplier_neon(acc, multiplier, shift)
+    v = v + out_zero_point
+    if v < act_min:
+        v = act_min
+    if v > act_max:
+        v = act_max
+    return np.int8(v)

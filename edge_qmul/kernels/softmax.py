@@ -1,17 +1,87 @@
-"""SOFTMAX int8 -> int8."""
+"""SOFTMAX int8 -> int8 over the last axis (a loss head / interface op: float32 is allowed here).
+
+LiteRT's x86 builtin (optimized_ops::Softmax) looks exp(-s_in * beta * (max - x)) up in a 256-entry
+float32 table made with libm's expf, sums in float32 left to right, scales by 1 / (sum * s_out) and
+rounds with std::round. The table is built once at prepare time with the same expf, through ctypes.
+"""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
 from ..errors import ModelError
-from .common import where
+from .common import output, per_tensor, tensor, where
 
 
-def prepare(op, model):
-    raise ModelError(f"{where(op)}: SOFTMAX is not implemented yet")
+def _libm_expf():
+    name = ctypes.util.find_library("m")
+    try:
+        f = ctypes.CDLL(name).expf if name else None
+    except OSError:
+        f = None
+    if f is None:  # no libm (unusual): float64 exp rounded to float32, at most 1 ulp from glibc
+        return lambda v: np.float32(math.exp(float(v)))
+    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+    return lambda v: np.float32(f(float(v)))
 
 
-def forward(p, x):
-    raise NotImplementedError
+_expf = _libm_expf()
+
+
+@dataclass(frozen=True)
+class SoftmaxParams:
+    table: np.ndarray  # float32[256]: table[255 - d] = expf(-s_in * beta * d)
+    out_scale: np.float32
+    out_zero_point: int
+
+
+def prepare(op, model) -> SoftmaxParams:
+    x = tensor(model, op, 0, dtype=np.int8)
+    out = output(model, op)
+    qi, qo = per_tensor(op, x, "input"), per_tensor(op, out, "output")
+    if qo.zp != -128 or abs(qo.s - 1 / 256) > 0.001 / 256:
+        raise ModelError(f"{where(op)}: int8 SOFTMAX output must have scale 1/256 and zero point -128, "
+                         f"got {qo.s} and {qo.zp}")
+    if tuple(x.shape[1:]) != tuple(out.shape[1:]):
+        raise ModelError(f"{where(op)}: output shape {list(out.shape)} != input {list(x.shape)}")
+    beta = np.float32(op.options.get("beta", 1.0))
+    scale = np.float32(-np.float32(qi.s) * beta)
+    table = np.empty(256, np.float32)
+    for v in range(256):
+        table[255 - v] = _expf(np.float32(scale * np.float32(v)))
+    return SoftmaxParams(table, np.float32(qo.s), qo.zp)
+
+
+def forward(p: SoftmaxParams, x: np.ndarray) -> np.ndarray:
+    flat = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    return softmax_int8(flat, p.table, p.out_scale, p.out_zero_point).reshape(x.shape)
 
 
 def macs(op, model) -> int:
-    return 0
+    return int(np.prod(model.tensors[op.inputs[0]].shape))
+
+
+@njit(cache=True)
+def softmax_int8(x, table, out_scale, out_zp):
+    rows, n = x.shape
+    out = np.empty((rows, n), np.int8)
+    for r in range(rows):
+        m = np.int32(-128)
+        for j in range(n):
+            if x[r, j] > m:
+                m = np.int32(x[r, j])
+        s = np.float32(0.0)
+        for j in range(n):
+            s = np.float32(s + table[255 - m + x[r, j]])
+        inv = np.float32(np.float32(1.0) / np.float32(s * out_scale))
+        for j in range(n):
+            prob = np.float32(table[255 - m + x[r, j]] * inv)
+            # std::round for prob >= 0; in float64 so that prob + 0.5 itself does not round.
+            q = np.int32(np.floor(np.float64(prob) + 0.5))
+            out[r, j] = min(max(q + out_zp, -128), 127)
+    return out

@@ -43,7 +43,7 @@ class Op:
     inputs: list[int]
     outputs: list[int]
     options: dict = field(default_factory=dict)
-    version: int = 1
+    version: int | None = None  # None: the writer picks the usual int8 version of the op
     index: int = 0
 
     @property
@@ -194,7 +194,6 @@ class Model:
             tensor = self.tensors[t]
             x = np.asarray(x)
             if tensor.dtype == np.int8 and np.issubdtype(x.dtype, np.floating):
-                x = self._check_batch(x.astype(np.float32), t, "predict") if False else x
                 if not np.all(np.isfinite(x)):
                     raise ModelError(f"predict: input {tensor.name!r} holds NaN or inf")
                 x = quantize(x, tensor.quant)
@@ -219,11 +218,10 @@ class Model:
         for op in self.ops:
             out = self.tensors[op.outputs[0]]
             p = b = 0
-            for i in op.inputs:
-                if i >= 0 and self.tensors[i].is_constant and self.tensors[i].dtype != np.int32 or (
-                        i >= 0 and self.tensors[i].is_constant and op.kind in PARAMETER_SLOTS):
-                    p += int(self.tensors[i].data.size)
-                    b += int(self.tensors[i].data.nbytes)
+            for slot, _ in PARAMETER_SLOTS.get(op.kind, ()):
+                if slot < len(op.inputs) and op.inputs[slot] >= 0:
+                    p += int(self.tensors[op.inputs[slot]].data.size)
+                    b += int(self.tensors[op.inputs[slot]].data.nbytes)
             m = macs(op, self)
             total_p, total_b, total_m = total_p + p, total_b + b, total_m + m
             rows.append((str(op.index), op.kind, out.name[:40], "x".join(map(str, out.shape)),

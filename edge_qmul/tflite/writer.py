@@ -123,7 +123,7 @@ def to_bytes(model: Model) -> bytes:
     for op, inputs in ops:
         if op.kind not in OP_NUMBERS:
             raise ModelError(f"op {op.kind} (index {op.index}) cannot be written")
-        version = op.version if op.version > 1 or op.kind not in DEFAULT_VERSIONS else DEFAULT_VERSIONS[op.kind]
+        version = op.version if op.version is not None else DEFAULT_VERSIONS.get(op.kind, 1)
         key = (op.kind, version)
         opcode_index.setdefault(key, len(opcode_index))
         ins, outs = _int_vector(b, inputs), _int_vector(b, op.outputs)

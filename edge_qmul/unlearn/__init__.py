@@ -1,0 +1,1 @@
+"""Unlearning methods (Q-MUL, baselines, OEU): built in the unlearning issue."""

@@ -150,7 +150,8 @@ def activation_range(activation: str, qp: QuantParams, dtype=np.int8) -> tuple[i
 
 @njit(cache=True, inline="always")
 def saturating_rounding_doubling_high_mul(a: np.int32, b: np.int32) -> np.int32:
-    """gemmlowp SaturatingRoundingDoublingHighMul: (a*b*2 + 2^31) >> 32, ties away from zero."""
+    """gemmlowp SaturatingRoundingDoublingHighMul: round(a*b / 2^31); its nudge and C truncation
+    round ties toward +inf (-0.5 -> 0, 0.5 -> 1); only (-2^31)^2 saturates."""
     if a == INT32_MIN and b == INT32_MIN:
         return INT32_MAX
     ab = np.int64(a) * np.int64(b)

@@ -1,0 +1,126 @@
+"""Bad models and bad inputs raise ModelError naming the problem; never a crash, hang or half-built Model."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from conftest import fixture_data, fixture_path
+from edge_qmul import ModelError, Op, QuantParams, Tensor, load_tflite
+from edge_qmul import litert
+from edge_qmul.tflite import to_bytes
+
+
+def _raw_model(tensors, ops, inputs, outputs):
+    """A model object the writer accepts but that skips Model's checks (to write bad files)."""
+    for i, op in enumerate(ops):
+        op.index = i
+    return types.SimpleNamespace(tensors=tensors, ops=ops, inputs=inputs, outputs=outputs,
+                                 metadata={}, signature=None, description="test")
+
+
+def _float_conv_bytes() -> bytes:
+    rng = np.random.default_rng(0)
+    f32 = np.dtype(np.float32)
+    tensors = [Tensor("x", (1, 6, 6, 2), f32),
+               Tensor("w", (3, 3, 3, 2), f32, data=rng.normal(size=(3, 3, 3, 2)).astype(np.float32)),
+               Tensor("b", (3,), f32, data=np.zeros(3, np.float32)),
+               Tensor("y", (1, 6, 6, 3), f32)]
+    ops = [Op("CONV_2D", [0, 1, 2], [3], {"padding": "SAME", "stride_h": 1, "stride_w": 1,
+                                          "activation": "NONE"}, version=1)]
+    return to_bytes(_raw_model(tensors, ops, [0], [3]))
+
+
+def _int8_op_bytes(kind: str, options=None) -> bytes:
+    q = QuantParams([0.05], [3])
+    i8 = np.dtype(np.int8)
+    tensors = [Tensor("x", (1, 4), i8, q), Tensor("y", (1, 4), i8, q)]
+    return to_bytes(_raw_model(tensors, [Op(kind, [0], [1], options or {}, version=1)], [0], [1]))
+
+
+def test_truncated_files():
+    data = fixture_path("digits_cnn").read_bytes()
+    for cut in [0, 3, 7, 8, 16, 100, len(data) // 2, len(data) - 1]:
+        with pytest.raises(ModelError) as e:
+            load_tflite(data[:cut])
+        assert str(e.value)
+
+
+def test_not_a_flatbuffer():
+    with pytest.raises(ModelError, match="file identifier"):
+        load_tflite(b"this is plainly not a flatbuffer at all" * 10)
+
+
+def test_wrong_file_identifier():
+    data = bytearray(fixture_path("mlp40").read_bytes())
+    data[4:8] = b"XYZ9"
+    with pytest.raises(ModelError, match=r"file identifier is b'XYZ9'"):
+        load_tflite(bytes(data))
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(ModelError, match="nope.tflite"):
+        load_tflite(tmp_path / "nope.tflite")
+
+
+def test_float_model_is_refused():
+    data = _float_conv_bytes()
+    litert.interpreter(data)  # a valid model LiteRT runs...
+    with pytest.raises(ModelError, match=r"CONV_2D \(index 0\).*float32.*not int8-quantized"):
+        load_tflite(data)  # ...but not an int8 one
+
+
+@pytest.mark.parametrize("kind", ["TANH", "LOGISTIC", "CONCATENATION"])
+def test_unsupported_op_names_op_and_index(kind):
+    with pytest.raises(ModelError, match=rf"unsupported op {kind} at index 0"):
+        load_tflite(_int8_op_bytes(kind))
+
+
+def test_bad_tensor_index():
+    q = QuantParams([0.05], [0])
+    i8 = np.dtype(np.int8)
+    tensors = [Tensor("x", (1, 4), i8, q), Tensor("y", (1, 4), i8, q)]
+    data = to_bytes(_raw_model(tensors, [Op("RESHAPE", [7], [1], {}, version=1)], [0], [1]))
+    with pytest.raises(ModelError, match="refers to tensor 7"):
+        load_tflite(data)
+
+
+def test_random_corruption_never_crashes():
+    """Flip bytes all over a valid file: every result is a Model that runs or a ModelError."""
+    data = fixture_path("digits_cnn").read_bytes()
+    x = fixture_data("digits_cnn")["x"][:2]
+    rng = np.random.default_rng(1)
+    loaded = refused = 0
+    for _ in range(300):
+        bad = bytearray(data)
+        for pos in rng.integers(0, len(bad), size=rng.integers(1, 5)):
+            bad[pos] = int(rng.integers(0, 256))
+        try:
+            m = load_tflite(bytes(bad))
+        except ModelError:
+            refused += 1
+            continue
+        loaded += 1
+        try:
+            m.predict(x)
+        except ModelError:
+            pass
+    assert loaded + refused == 300 and refused > 0
+
+
+def test_forward_input_checks_leave_model_usable():
+    m = load_tflite(fixture_path("digits_cnn"))
+    d = fixture_data("digits_cnn")
+    with pytest.raises(ModelError, match=r"takes int8, got float64"):
+        m.forward(d["x"].astype(np.float64))
+    with pytest.raises(ModelError, match=r"has shape \(N, 8, 8, 1\), got \(2, 8, 8\)"):
+        m.forward(d["x"][:2, :, :, 0])
+    with pytest.raises(ModelError, match="1 input"):
+        m.forward(d["x"], d["x"])
+    f = load_tflite(fixture_path("digits_cnn_floatio"))
+    bad = fixture_data("digits_cnn_floatio")["x"][:2].copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ModelError, match="NaN or inf"):
+        f.predict(bad)
+    np.testing.assert_array_equal(m.forward(d["x"]), d["y_builtin"])  # still fine

@@ -90,6 +90,14 @@ def window(op, in_h: int, in_w: int, k_h: int, k_w: int, padding: str, stride_h:
     return Window(stride_h, stride_w, dil_h, dil_w, top, left, out_h, out_w)
 
 
+def window_macs(op, model) -> int:
+    """MACs of a conv-like op for one sample: each output pixel applies the whole filter once
+    (a depthwise filter (1, KH, KW, C) counts KH*KW per channel, as it should)."""
+    w = model.tensors[op.inputs[1]]
+    out = model.tensors[op.outputs[0]]
+    return int(np.prod(out.shape[1:3])) * int(np.prod(w.shape))
+
+
 def check_output_shape(op, out, shape: tuple) -> None:
     if tuple(out.shape[1:]) != tuple(shape[1:]):
         raise ModelError(f"{where(op)}: output {out.name!r} is declared {list(out.shape)}, "

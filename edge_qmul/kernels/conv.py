@@ -7,7 +7,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..quant import requantize
-from .common import Requant, Window, check_output_shape, conv_requant, output, tensor, where, window
+from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
+                     window_macs as macs)
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,6 @@ def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None
     return conv2d_int8(x, w, bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min,
                        r.act_max, v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left,
                        v.out_h, v.out_w)
-
-
-def macs(op, model) -> int:
-    w = model.tensors[op.inputs[1]]
-    out = model.tensors[op.outputs[0]]
-    return int(np.prod(out.shape[1:3])) * int(np.prod(w.shape))
 
 
 @njit(cache=True, parallel=True)

@@ -8,7 +8,8 @@ from numba import njit, prange
 
 from ..errors import ModelError
 from ..quant import requantize
-from .common import Requant, Window, check_output_shape, conv_requant, output, tensor, where, window
+from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
+                     window_macs as macs)
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,6 @@ def forward(p: DepthwiseParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray |
     return depthwise_int8(x, w, bias, p.input_offset, p.depth_multiplier, r.multiplier, r.shift,
                           r.out_zero_point, r.act_min, r.act_max, v.stride_h, v.stride_w, v.dil_h,
                           v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w)
-
-
-def macs(op, model) -> int:
-    w = model.tensors[op.inputs[1]]
-    out = model.tensors[op.outputs[0]]
-    return int(np.prod(out.shape[1:3])) * int(np.prod(w.shape))
 
 
 @njit(cache=True, parallel=True)

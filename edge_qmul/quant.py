@@ -110,8 +110,6 @@ def quantize_multiplier(real_multiplier: float) -> tuple[int, int]:
         shift += 1
     if shift < -31:  # too small to represent: LiteRT flushes it to zero
         return 0, 0
-    if shift > 30:  # LiteRT caps the shift at 30 (quantization_util.cc)
-        shift, q_fixed = 30, (1 << 31) - 1
     return q_fixed, shift
 
 
@@ -199,6 +197,18 @@ def multiply_by_quantized_multiplier_neon(x: np.int32, multiplier: np.int32, shi
     if right > 0:
         y = (y + (np.int64(1) << (right - 1))) >> right
     return np.int32(y)
+
+
+@njit(cache=True, inline="always")
+def multiply_by_quantized_multiplier_floor_shift(x: np.int32, multiplier: np.int32,
+                                                 shift: np.int32) -> np.int32:
+    """vqrdmulh, then vshlq_s32 by a negative amount: a truncating (floor) right shift, no rounding.
+
+    LiteRT's AddScalarBroadcast vector body rescales both ADD inputs this way (shift <= 0 there).
+    """
+    left = shift if shift > 0 else 0
+    right = -shift if shift < 0 else 0
+    return np.int32(saturating_rounding_doubling_high_mul(np.int32(x * (1 << left)), multiplier) >> right)
 
 
 @njit(cache=True, inline="always")

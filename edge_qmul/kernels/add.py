@@ -1,4 +1,9 @@
-"""ADD, int8 with broadcasting: both inputs are brought to a common scale, summed, requantized."""
+"""ADD, int8 with broadcasting: both inputs are brought to a common scale, summed, requantized.
+
+LiteRT's optimized int8 ADD rescales each input in one of three loops that round differently (see
+``_loop_schedule``); which loop makes which output element is fixed at prepare time from the file's
+shapes, exactly as add.cc / BinaryBroadcastFiveFold schedule it, and the compiled loop follows it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,12 +12,19 @@ import numpy as np
 from numba import njit
 
 from ..errors import ModelError
-from ..quant import (activation_range, multiply_by_quantized_multiplier, quantize_multiplier,
+from ..quant import (activation_range, multiply_by_quantized_multiplier,
+                     multiply_by_quantized_multiplier_floor_shift, quantize_multiplier,
                      saturating_rounding_doubling_high_mul)
 from .common import output, per_tensor, tensor, where
 
 # add.cc: int8 inputs are shifted left by 20 bits before rescaling, so the sum keeps precision.
 LEFT_SHIFT = 20
+
+
+# Which LiteRT loop computes an output element (it decides the rounding of the input rescale):
+ELEMENTWISE_VECTOR = 0  # AddElementwiseInt8's 16-wide vector body: srdhm(a << (20 + s), M)
+SCALAR = 1              # any scalar loop: RoundingDivideByPOT(srdhm(a << 20, M), -s)
+BROADCAST_VECTOR = 2    # AddScalarBroadcast's 8-wide vector body: srdhm(a << 20, M) >> -s (floor)
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,9 @@ class AddParams:
     act_min: int
     act_max: int
     out_shape: tuple
+    index1: np.ndarray  # per output element (one sample, flat): flat index into input 0
+    index2: np.ndarray  # ... into input 1
+    loop: np.ndarray    # per output element: ELEMENTWISE_VECTOR, SCALAR or BROADCAST_VECTOR
 
 
 def prepare(op, model) -> AddParams:
@@ -48,42 +63,105 @@ def prepare(op, model) -> AddParams:
     m2, s2 = quantize_multiplier(float(qb.s) / twice_max)
     mo, so = quantize_multiplier(twice_max / float(np.float32(1 << LEFT_SHIFT) * np.float32(qo.s)))
     lo, hi = activation_range(op.options.get("activation", "NONE"), qo)
-    return AddParams(-qa.zp, -qb.zp, m1, s1, m2, s2, mo, so, qo.zp, lo, hi, tuple(out.shape[1:]))
+    # LiteRT runs one sample of the file's shapes at a time; so does the element schedule.
+    sample = (1,) + tuple(out.shape[1:])
+    index1, index2 = (np.ascontiguousarray(np.broadcast_to(
+        np.arange(int(np.prod(t.shape)), dtype=np.int64).reshape(t.shape), sample)).reshape(-1)
+        for t in (a, b))
+    loop = _loop_schedule(tuple(a.shape), tuple(b.shape), int(np.prod(sample)))
+    return AddParams(-qa.zp, -qb.zp, m1, s1, m2, s2, mo, so, qo.zp, lo, hi, tuple(out.shape[1:]),
+                     index1, index2, loop)
+
+
+def _loop_schedule(shape0: tuple, shape1: tuple, size: int) -> np.ndarray:
+    """Which loop of LiteRT's int8 ADD (add.cc EvalAddQuantized, optimized kernel) makes each output.
+
+    Same shapes: AddElementwiseInt8 over the whole tensor, 16 at a time, scalar tail. Otherwise
+    reference_ops::ProcessBroadcastShapes folds the shapes into the five-fold pattern y0..y4 and
+    BinaryBroadcastFiveFold calls AddElementwiseInt8 on runs of y4 elements (y4 > 1), or
+    AddScalarBroadcast on runs of y3 (y4 == 1; 8-wide vector body, scalar tail). Shapes that do not
+    fold (kGenericBroadcast) go to reference_integer_ops::BroadcastAdd6DSlow: all scalar.
+    """
+    loop = np.full(size, SCALAR, np.int8)
+    dims = max(len(shape0), len(shape1))
+    e0 = (1,) * (dims - len(shape0)) + tuple(shape0)
+    e1 = (1,) * (dims - len(shape1)) + tuple(shape1)
+
+    def runs(run: int, lanes: int, kind: int) -> None:
+        pos = np.arange(size) % run
+        loop[pos < run - run % lanes] = kind
+
+    if e0 == e1:  # kNonBroadcast
+        runs(size, 16, ELEMENTWISE_VECTOR)
+        return loop
+    category = None
+    for i in range(dims - 1, -1, -1):
+        if e0[i] == e1[i]:
+            continue
+        category = "first" if e0[i] == 1 else "second" if e1[i] == 1 else None
+        break
+    if category is None:  # not broadcastable fast: BroadcastAdd6DSlow
+        return loop
+    sa, sb = (e0, e1) if category == "first" else (e1, e0)
+    y = [1, 1, 1, 1, 1]
+    i = dims - 1
+    for slot, cond in ((4, lambda i: sa[i] == sb[i]), (3, lambda i: sa[i] == 1),
+                       (2, lambda i: sa[i] == sb[i]), (1, lambda i: sb[i] == 1),
+                       (0, lambda i: sa[i] == sb[i])):
+        while i >= 0 and cond(i):
+            y[slot] *= sb[i] if slot != 2 and slot != 1 else sa[i]
+            i -= 1
+    if i >= 0:  # kGenericBroadcast
+        return loop
+    if y[4] > 1:
+        runs(y[4], 16, ELEMENTWISE_VECTOR)
+    else:
+        runs(y[3], 8, BROADCAST_VECTOR)
+    return loop
 
 
 def forward(p: AddParams, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    n = max(a.shape[0], b.shape[0])
-    shape = (n,) + p.out_shape
-    a2 = np.ascontiguousarray(np.broadcast_to(a, shape)).reshape(n, -1)
-    b2 = np.ascontiguousarray(np.broadcast_to(b, shape)).reshape(n, -1)
-    y = add_int8(a2, b2, p.offset1, p.offset2, p.mult1, p.shift1, p.mult2, p.shift2, p.out_mult,
-                 p.out_shift, p.out_zero_point, p.act_min, p.act_max)
-    return y.reshape(shape)
+    # Only an operand of the output's full rank has a batch axis: a lower-rank constant (e.g. a
+    # per-channel vector of shape (C,)) broadcasts against the trailing axes, as in LiteRT.
+    rank = len(p.out_shape) + 1
+    n = max(v.shape[0] for v in (a, b) if v.ndim == rank)
+    a2 = np.ascontiguousarray(a).reshape(a.shape[0] if a.ndim == rank else 1, -1)
+    b2 = np.ascontiguousarray(b).reshape(b.shape[0] if b.ndim == rank else 1, -1)
+    y = add_int8(a2, b2, n, p.index1, p.index2, p.loop, p.offset1, p.offset2, p.mult1, p.shift1,
+                 p.mult2, p.shift2, p.out_mult, p.out_shift, p.out_zero_point, p.act_min, p.act_max)
+    return y.reshape((n,) + p.out_shape)
 
 
 def macs(op, model) -> int:
     return int(np.prod(model.tensors[op.outputs[0]].shape))
 
 
+@njit(cache=True, inline="always")
+def _rescale_input(d, mult, shift, loop):
+    if loop == 0:
+        # AddElementwiseInt8's vector body folds the input's right shift into the left shift:
+        # no rounding divide after the multiply.
+        return saturating_rounding_doubling_high_mul(np.int32(d << (LEFT_SHIFT + shift)), mult)
+    if loop == 2:
+        # AddScalarBroadcast's vector body shifts right with vshlq_s32 (truncating: floor).
+        return multiply_by_quantized_multiplier_floor_shift(np.int32(d << LEFT_SHIFT), mult, shift)
+    # scalar loops: MultiplyByQuantizedMultiplierSmallerThanOneExp (round half away from zero).
+    return multiply_by_quantized_multiplier(np.int32(d << LEFT_SHIFT), mult, shift)
+
+
 @njit(cache=True)
-def add_int8(a, b, offset1, offset2, mult1, shift1, mult2, shift2, out_mult, out_shift, out_zp,
-             act_min, act_max):
-    # AddElementwiseInt8 runs 16 elements at a time, folding each input's right shift into the left
-    # shift (no rounding divide after the input multiply); the last size % 16 go through the scalar
-    # loop, which rounds that divide half away from zero.
-    n, size = a.shape
-    vector_size = size - size % 16
+def add_int8(a, b, n, index1, index2, loop, offset1, offset2, mult1, shift1, mult2, shift2,
+             out_mult, out_shift, out_zp, act_min, act_max):
+    size = loop.shape[0]
     out = np.empty((n, size), np.int8)
     for s in range(n):
+        sa = s if a.shape[0] > 1 else 0
+        sb = s if b.shape[0] > 1 else 0
         for i in range(size):
-            da = np.int32(a[s, i]) + offset1
-            db = np.int32(b[s, i]) + offset2
-            if i < vector_size:
-                sa = saturating_rounding_doubling_high_mul(np.int32(da << (LEFT_SHIFT + shift1)), mult1)
-                sb = saturating_rounding_doubling_high_mul(np.int32(db << (LEFT_SHIFT + shift2)), mult2)
-            else:
-                sa = multiply_by_quantized_multiplier(np.int32(da << LEFT_SHIFT), mult1, shift1)
-                sb = multiply_by_quantized_multiplier(np.int32(db << LEFT_SHIFT), mult2, shift2)
-            v = multiply_by_quantized_multiplier(np.int32(sa + sb), out_mult, out_shift) + out_zp
+            da = np.int32(a[sa, index1[i]]) + offset1
+            db = np.int32(b[sb, index2[i]]) + offset2
+            ta = _rescale_input(da, mult1, shift1, loop[i])
+            tb = _rescale_input(db, mult2, shift2, loop[i])
+            v = multiply_by_quantized_multiplier(np.int32(ta + tb), out_mult, out_shift) + out_zp
             out[s, i] = min(max(v, act_min), act_max)
     return out

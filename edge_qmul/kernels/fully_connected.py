@@ -43,6 +43,11 @@ def prepare(op, model) -> FullyConnectedParams:
     lo, hi = activation_range(op.options.get("activation", "NONE"), out.quant)
     rows = int(np.prod(x.shape)) // depth
     keep = op.options.get("keep_num_dims", False)
+    if rows > 1 and not keep:
+        # LiteRT folds every leading axis into rows, so the batch axis disappears; the engine runs
+        # batches along axis 0 and cannot tell samples apart in that output.
+        raise ModelError(f"{where(op)}: input {list(x.shape)} has {rows} rows per sample and "
+                         "keep_num_dims is false; only one row per sample (or keep_num_dims) is supported")
     shape = tuple(x.shape[:-1]) + (cout,) if keep else (rows, cout)
     check_output_shape(op, out, shape)
     return FullyConnectedParams(Requant(mult, shift, out.quant.zp, lo, hi), -x.quant.zp, depth,

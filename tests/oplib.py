@@ -1,0 +1,114 @@
+"""Build single-op int8 Models directly (no converter) and run them in LiteRT's builtin kernels.
+
+Used by tests/test_random_ops.py: a model is made with :class:`GraphBuilder`, written with the
+project's own writer (``edge_qmul.tflite.to_bytes``) and run one sample at a time in LiteRT with
+``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`` (the reference the engine must equal bit for bit).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edge_qmul.graph import Model, Op, Tensor
+from edge_qmul.quant import QuantParams
+from edge_qmul.tflite import to_bytes
+
+
+def qp(scale, zero_point=0, axis: int = 0) -> QuantParams:
+    scale = np.asarray(scale, np.float32).reshape(-1)
+    zp = np.broadcast_to(np.asarray(zero_point, np.int64).reshape(-1), scale.shape)
+    return QuantParams(scale, zp, axis)
+
+
+class GraphBuilder:
+    """Collects tensors and ops; ``model()`` returns an edge_qmul Model of them."""
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor] = []
+        self.ops: list[Op] = []
+
+    def tensor(self, name: str, shape, dtype, quant: QuantParams | None = None,
+               data: np.ndarray | None = None) -> int:
+        shape = tuple(int(s) for s in shape)
+        if data is not None:
+            data = np.ascontiguousarray(np.asarray(data, dtype=dtype).reshape(shape))
+        self.tensors.append(Tensor(name, shape, np.dtype(dtype), quant, data))
+        return len(self.tensors) - 1
+
+    def op(self, kind: str, inputs: list[int], outputs: list[int], **options) -> None:
+        self.ops.append(Op(kind, list(inputs), list(outputs), dict(options)))
+
+    def model(self, inputs: list[int], outputs: list[int]) -> Model:
+        return Model(self.tensors, self.ops, inputs, outputs)
+
+
+# --- random parameters -----------------------------------------------------------------------------
+
+def log_uniform(rng: np.random.Generator, lo: float, hi: float, size=None):
+    return np.exp(rng.uniform(math.log(lo), math.log(hi), size))
+
+
+def pot(rng: np.random.Generator, lo: int, hi: int, size=None):
+    """Powers of two 2^k, k in [lo, hi]: scales whose ratios are exact, so requantization hits ties."""
+    return np.float32(2.0) ** rng.integers(lo, hi + 1, size).astype(np.float32)
+
+
+def random_int8(rng: np.random.Generator, shape, lo: int = -128, hi: int = 127) -> np.ndarray:
+    return rng.integers(lo, hi + 1, size=shape).astype(np.int8)
+
+
+def float32_bits(a: np.ndarray) -> np.ndarray:
+    """Float arrays as their bit patterns (so -0.0 != 0.0 and NaNs compare), others unchanged."""
+    a = np.asarray(a)
+    if a.dtype == np.float32:
+        return a.view(np.uint32)
+    return a
+
+
+# --- LiteRT ----------------------------------------------------------------------------------------
+
+def litert_interpreter(model_bytes: bytes):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    interp = Interpreter(model_content=model_bytes,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp.allocate_tensors()
+    return interp
+
+
+def run_litert(interp, xs: list[np.ndarray]) -> np.ndarray:
+    """Run ``interp`` one sample at a time (its input has batch 1) over batches ``xs``."""
+    ins = interp.get_input_details()
+    out = interp.get_output_details()[0]["index"]
+    n = xs[0].shape[0]
+    ys = []
+    for i in range(n):
+        for d, x in zip(ins, xs):
+            interp.set_tensor(d["index"], np.ascontiguousarray(x[i:i + 1]))
+        interp.invoke()
+        ys.append(interp.get_tensor(out).copy())
+    return np.concatenate(ys, axis=0)
+
+
+def compare(model: Model, xs: list[np.ndarray], interp=None) -> str | None:
+    """None if the engine's ``predict`` equals LiteRT bit for bit on batches ``xs``, else a message."""
+    if interp is None:
+        interp = litert_interpreter(to_bytes(model))
+    want = run_litert(interp, xs)
+    got = np.asarray(model.predict(*xs))
+    if got.shape != want.shape:
+        return f"shape: engine {got.shape} vs LiteRT {want.shape}"
+    if got.dtype != want.dtype:
+        return f"dtype: engine {got.dtype} vs LiteRT {want.dtype}"
+    g, w = float32_bits(got), float32_bits(want)
+    try:
+        np.testing.assert_array_equal(g, w)
+    except AssertionError:
+        bad = np.argwhere(g != w)
+        idx = tuple(int(v) for v in bad[0])
+        sample = idx[0]
+        ins = ", ".join(f"x{k}[{sample}] flat={np.asarray(x[sample]).reshape(-1)[:48].tolist()}"
+                        for k, x in enumerate(xs))
+        return (f"{len(bad)} of {g.size} elements differ; first at {list(idx)}: engine {got[idx]!r} "
+                f"vs LiteRT {want[idx]!r}; {ins}")
+    return None

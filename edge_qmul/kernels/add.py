@@ -165,3 +165,21 @@ def add_int8(a, b, n, index1, index2, loop, offset1, offset2, mult1, shift1, mul
             v = multiply_by_quantized_multiplier(np.int32(ta + tb), out_mult, out_shift) + out_zp
             out[s, i] = min(max(v, act_min), act_max)
     return out
+
+
+# --- backward ------------------------------------------------------------------------------------
+
+def backward(p: AddParams, a: np.ndarray, b: np.ndarray, g: np.ndarray):
+    """The real sum passes its (clamp-masked) error to both inputs unchanged; a broadcast input
+    gets the error summed over the axes it was broadcast along."""
+    outs = []
+    for x in (a, b):
+        if x.shape == g.shape:
+            outs.append((g, 1.0))
+            continue
+        gx = g.astype(np.int64)
+        lead = gx.ndim - x.ndim
+        gx = gx.sum(axis=tuple(range(lead)), dtype=np.int64) if lead else gx
+        axes = tuple(i for i, s in enumerate(x.shape) if s == 1 and gx.shape[i] != 1)
+        outs.append((gx.sum(axis=axes, keepdims=True, dtype=np.int64) if axes else gx, 1.0))
+    return outs

@@ -78,3 +78,80 @@ def conv2d_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max,
                 out[b, oy, ox, oc] = requantize(np.int32(acc + bias[oc]), mult[oc], shift[oc],
                                                 out_zp, act_min, act_max)
     return out
+
+
+# --- backward ------------------------------------------------------------------------------------
+
+def backward(p: ConvParams, x: np.ndarray, w: np.ndarray, g: np.ndarray,
+             g_folded: np.ndarray | None):
+    """Integer gradients of CONV_2D from the (already clamp-masked) output error values ``g``.
+
+    ``g_folded`` is ``g`` with the per-channel filter scales folded in (grad.fold_channel_scale),
+    or None when no input gradient is needed. Returns (weight accumulator, bias accumulator, input
+    accumulator or None), int64 sums of int32 products: dW = sum g * (x - zp), db = sum g,
+    dX = sum g_folded * w. The caller attaches the scales.
+    """
+    v = p.win
+    gw = conv2d_grad_weight(x, g, p.input_offset, w.shape[1], w.shape[2], v.stride_h, v.stride_w,
+                            v.dil_h, v.dil_w, v.pad_top, v.pad_left)
+    gb = g.reshape(-1, g.shape[-1]).sum(axis=0, dtype=np.int64)
+    gx = None
+    if g_folded is not None:
+        gx = conv2d_grad_input(g_folded, w, x.shape[1], x.shape[2], v.stride_h, v.stride_w, v.dil_h, v.dil_w,
+                               v.pad_top, v.pad_left)
+    return gw, gb, gx
+
+
+@njit(cache=True, parallel=True)
+def conv2d_grad_weight(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left):
+    # One output channel per thread: dW[oc] += g[b, oy, ox, oc] * (x[b, iy, ix, :] - zp_in).
+    # |g| <= 2^15 and |x - zp| <= 255: each product fits int32; sums are int64 (no overflow for any
+    # batch or image size).
+    n, in_h, in_w, cin = x.shape
+    _, out_h, out_w, cout = g.shape
+    gw = np.zeros((cout, k_h, k_w, cin), np.int64)
+    for oc in prange(cout):
+        for b in range(n):
+            for oy in range(out_h):
+                for ox in range(out_w):
+                    gv = np.int32(g[b, oy, ox, oc])
+                    if gv == 0:
+                        continue
+                    for ky in range(k_h):
+                        iy = oy * stride_h - pad_top + ky * dil_h
+                        if iy < 0 or iy >= in_h:
+                            continue
+                        for kx in range(k_w):
+                            ix = ox * stride_w - pad_left + kx * dil_w
+                            if ix < 0 or ix >= in_w:
+                                continue
+                            for c in range(cin):
+                                gw[oc, ky, kx, c] += gv * (np.int32(x[b, iy, ix, c]) + input_offset)
+    return gw
+
+
+@njit(cache=True, parallel=True)
+def conv2d_grad_input(g, w, in_h, in_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left):
+    # Scatter each output error through the filter: dX[b, iy, ix, :] += g[b, oy, ox, oc] * w[oc, ky, kx, :].
+    # Padding cells receive nothing (they were constants). One sample per thread.
+    n, out_h, out_w, cout = g.shape
+    _, k_h, k_w, cin = w.shape
+    gx = np.zeros((n, in_h, in_w, cin), np.int32)  # bounded by grad.channel_fold
+    for b in prange(n):
+        for oy in range(out_h):
+            for ox in range(out_w):
+                for ky in range(k_h):
+                    iy = oy * stride_h - pad_top + ky * dil_h
+                    if iy < 0 or iy >= in_h:
+                        continue
+                    for kx in range(k_w):
+                        ix = ox * stride_w - pad_left + kx * dil_w
+                        if ix < 0 or ix >= in_w:
+                            continue
+                        for oc in range(cout):
+                            gv = np.int32(g[b, oy, ox, oc])
+                            if gv == 0:
+                                continue
+                            for c in range(cin):
+                                gx[b, iy, ix, c] += gv * np.int32(w[oc, ky, kx, c])
+    return gx

@@ -82,3 +82,67 @@ def depthwise_int8(x, w, bias, input_offset, depth_multiplier, mult, shift, out_
                 out[b, oy, ox, oc] = requantize(acc[oc], mult[oc], shift[oc], out_zp, act_min, act_max,
                                                 oc >= vector_channels)
     return out
+
+
+# --- backward ------------------------------------------------------------------------------------
+
+def backward(p: DepthwiseParams, x: np.ndarray, w: np.ndarray, g: np.ndarray,
+             g_folded: np.ndarray | None):
+    """Integer gradients of DEPTHWISE_CONV_2D: (weight acc, bias acc, input acc or None), int64."""
+    v = p.win
+    gw = depthwise_grad_weight(x, g, p.input_offset, p.depth_multiplier, w.shape[1], w.shape[2],
+                               v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left)
+    gb = g.reshape(-1, g.shape[-1]).sum(axis=0, dtype=np.int64)
+    gx = None
+    if g_folded is not None:
+        gx = depthwise_grad_input(g_folded, w, x.shape[1], x.shape[2], x.shape[3], p.depth_multiplier,
+                                  v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left)
+    return gw, gb, gx
+
+
+@njit(cache=True, parallel=True)
+def depthwise_grad_weight(x, g, input_offset, depth_multiplier, k_h, k_w, stride_h, stride_w,
+                          dil_h, dil_w, pad_top, pad_left):
+    # dW[0, ky, kx, oc] = sum g[b, oy, ox, oc] * (x[b, iy, ix, oc // M] - zp); products fit int32.
+    n, in_h, in_w, _ = x.shape
+    _, out_h, out_w, cout = g.shape
+    gw = np.zeros((1, k_h, k_w, cout), np.int64)
+    for t in prange(k_h * k_w):
+        ky = t // k_w
+        kx = t % k_w
+        for b in range(n):
+            for oy in range(out_h):
+                iy = oy * stride_h - pad_top + ky * dil_h
+                if iy < 0 or iy >= in_h:
+                    continue
+                for ox in range(out_w):
+                    ix = ox * stride_w - pad_left + kx * dil_w
+                    if ix < 0 or ix >= in_w:
+                        continue
+                    for oc in range(cout):
+                        gw[0, ky, kx, oc] += np.int32(g[b, oy, ox, oc]) * \
+                            (np.int32(x[b, iy, ix, oc // depth_multiplier]) + input_offset)
+    return gw
+
+
+@njit(cache=True, parallel=True)
+def depthwise_grad_input(g, w, in_h, in_w, cin, depth_multiplier, stride_h, stride_w, dil_h, dil_w,
+                         pad_top, pad_left):
+    n, out_h, out_w, cout = g.shape
+    _, k_h, k_w, _ = w.shape
+    gx = np.zeros((n, in_h, in_w, cin), np.int32)  # bounded by grad.channel_fold
+    for b in prange(n):
+        for oy in range(out_h):
+            for ox in range(out_w):
+                for ky in range(k_h):
+                    iy = oy * stride_h - pad_top + ky * dil_h
+                    if iy < 0 or iy >= in_h:
+                        continue
+                    for kx in range(k_w):
+                        ix = ox * stride_w - pad_left + kx * dil_w
+                        if ix < 0 or ix >= in_w:
+                            continue
+                        for oc in range(cout):
+                            gx[b, iy, ix, oc // depth_multiplier] += \
+                                np.int32(g[b, oy, ox, oc]) * np.int32(w[0, ky, kx, oc])
+    return gx

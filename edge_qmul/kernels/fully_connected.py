@@ -84,3 +84,50 @@ def fully_connected_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min,
                 acc += xv[k] * np.int32(w[o, k])
             out[r, o] = requantize(np.int32(acc + bias[o]), mult[o], shift[o], out_zp, act_min, act_max)
     return out
+
+
+# --- backward ------------------------------------------------------------------------------------
+
+def backward(p: FullyConnectedParams, x: np.ndarray, w: np.ndarray, g: np.ndarray,
+             g_folded: np.ndarray | None):
+    """Integer gradients of FULLY_CONNECTED: (weight acc, bias acc, input acc or None), int64."""
+    rows = np.ascontiguousarray(x).reshape(-1, p.depth)
+    g2 = np.ascontiguousarray(g).reshape(rows.shape[0], -1)
+    gw = fully_connected_grad_weight(rows, g2, p.input_offset)
+    gb = g2.sum(axis=0, dtype=np.int64)
+    gx = None
+    if g_folded is not None:
+        gx = fully_connected_grad_input(np.ascontiguousarray(g_folded).reshape(g2.shape), w).reshape(x.shape)
+    return gw, gb, gx
+
+
+@njit(cache=True, parallel=True)
+def fully_connected_grad_weight(x, g, input_offset):
+    # dW[o, k] = sum_r g[r, o] * (x[r, k] - zp): int32 products, int64 sums.
+    rows, depth = x.shape
+    cout = g.shape[1]
+    gw = np.zeros((cout, depth), np.int64)
+    for o in prange(cout):
+        for r in range(rows):
+            gv = np.int32(g[r, o])
+            if gv == 0:
+                continue
+            for k in range(depth):
+                gw[o, k] += gv * (np.int32(x[r, k]) + input_offset)
+    return gw
+
+
+@njit(cache=True, parallel=True)
+def fully_connected_grad_input(g, w):
+    # dX[r, k] = sum_o g_folded[r, o] * w[o, k].
+    rows, cout = g.shape
+    depth = w.shape[1]
+    gx = np.zeros((rows, depth), np.int32)  # bounded by grad.channel_fold
+    for r in prange(rows):
+        for o in range(cout):
+            gv = np.int32(g[r, o])
+            if gv == 0:
+                continue
+            for k in range(depth):
+                gx[r, k] += gv * np.int32(w[o, k])
+    return gx

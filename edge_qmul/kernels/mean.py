@@ -107,3 +107,12 @@ def mean_reduce_int8(x, in_zp, out_zp, multiplier, shift):
             v = multiply_by_quantized_multiplier(np.int32(acc - in_zp * count), multiplier, shift) + out_zp
             out[b, ch] = min(max(v, -128), 127)
     return out
+
+
+# --- backward ------------------------------------------------------------------------------------
+
+def backward(p: MeanParams, x: np.ndarray, g: np.ndarray):
+    """dX of MEAN over H, W: the error broadcast to every cell; 1/(H*W) joins the scale."""
+    n, h, w, c = x.shape
+    gx = np.ascontiguousarray(np.broadcast_to(g.reshape(n, 1, 1, c), (n, h, w, c)))
+    return gx, 1.0 / (h * w)

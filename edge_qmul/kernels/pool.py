@@ -105,3 +105,76 @@ def max_pool_int8(x, filter_h, filter_w, stride_h, stride_w, pad_top, pad_left, 
                             m = x[b, iy, ix, ch]
                 out[b, oy, ox, ch] = min(max(m, act_min), act_max)
     return out
+
+
+# --- backward ------------------------------------------------------------------------------------
+
+AVG_FRACTION_BITS = 12  # 1/count as a Q12 multiplier: 2^10 * 2^12 * 512 overlapping windows < 2^31
+
+
+def backward_average(p: PoolParams, x: np.ndarray, g: np.ndarray):
+    """dX of AVERAGE_POOL_2D: each output error spread over its valid cells, times round(2^12/count).
+
+    Returns (int32 accumulator, scale factor 2^-12) for the input error.
+    """
+    v = p.win
+    gx = average_pool_grad_input(g, x.shape[1], x.shape[2], p.filter_h, p.filter_w, v.stride_h,
+                                 v.stride_w, v.pad_top, v.pad_left, AVG_FRACTION_BITS)
+    return gx, 2.0 ** -AVG_FRACTION_BITS
+
+
+def backward_max(p: PoolParams, x: np.ndarray, g: np.ndarray):
+    """dX of MAX_POOL_2D: each output error goes to the first maximal cell of its window."""
+    v = p.win
+    return max_pool_grad_input(x, g, p.filter_h, p.filter_w, v.stride_h, v.stride_w, v.pad_top,
+                               v.pad_left), 1.0
+
+
+@njit(cache=True, parallel=True)
+def average_pool_grad_input(g, in_h, in_w, filter_h, filter_w, stride_h, stride_w, pad_top, pad_left,
+                            frac_bits):
+    n, out_h, out_w, c = g.shape
+    gx = np.zeros((n, in_h, in_w, c), np.int32)
+    for b in prange(n):
+        for oy in range(out_h):
+            y0 = max(oy * stride_h - pad_top, 0)
+            y1 = min(oy * stride_h - pad_top + filter_h, in_h)
+            for ox in range(out_w):
+                x0 = max(ox * stride_w - pad_left, 0)
+                x1 = min(ox * stride_w - pad_left + filter_w, in_w)
+                count = (y1 - y0) * (x1 - x0)
+                if count == 0:
+                    continue
+                inv = ((1 << frac_bits) + count // 2) // count
+                for iy in range(y0, y1):
+                    for ix in range(x0, x1):
+                        for ch in range(c):
+                            gx[b, iy, ix, ch] += np.int32(g[b, oy, ox, ch]) * inv
+    return gx
+
+
+@njit(cache=True, parallel=True)
+def max_pool_grad_input(x, g, filter_h, filter_w, stride_h, stride_w, pad_top, pad_left):
+    n, in_h, in_w, c = x.shape
+    _, out_h, out_w, _ = g.shape
+    gx = np.zeros((n, in_h, in_w, c), np.int32)
+    for b in prange(n):
+        for oy in range(out_h):
+            y0 = max(oy * stride_h - pad_top, 0)
+            y1 = min(oy * stride_h - pad_top + filter_h, in_h)
+            for ox in range(out_w):
+                x0 = max(ox * stride_w - pad_left, 0)
+                x1 = min(ox * stride_w - pad_left + filter_w, in_w)
+                for ch in range(c):
+                    best = -129
+                    by = -1
+                    bx = -1
+                    for iy in range(y0, y1):
+                        for ix in range(x0, x1):
+                            if x[b, iy, ix, ch] > best:  # strict: the first maximum wins
+                                best = x[b, iy, ix, ch]
+                                by = iy
+                                bx = ix
+                    if by >= 0:
+                        gx[b, by, bx, ch] += g[b, oy, ox, ch]
+    return gx

@@ -55,3 +55,14 @@ def prepare_pad(op, model) -> PadParams:
 
 def forward_pad(p: PadParams, x: np.ndarray, *_paddings) -> np.ndarray:
     return np.pad(x, p.pads, mode="constant", constant_values=p.value)
+
+
+# --- backward (no arithmetic either) -------------------------------------------------------------
+
+def backward_reshape(p: ReshapeParams, x: np.ndarray, g: np.ndarray):
+    return g.reshape(x.shape), 1.0
+
+
+def backward_pad(p: PadParams, x: np.ndarray, g: np.ndarray):
+    index = tuple(slice(a, a + s) for (a, _), s in zip(p.pads[1:], x.shape[1:]))
+    return g[(slice(None),) + index], 1.0

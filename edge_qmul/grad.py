@@ -1,0 +1,119 @@
+"""Integer errors: gradients w.r.t. activations as int16 values times a per-tensor scale.
+
+An error tensor holds ``values`` (int16, |v| <= ERROR_MAX) and ``scale`` (a float, bookkeeping
+only): the real gradient is ``values * scale``. int8 would underflow (gradients are heavy-tailed:
+most entries are far below the batch's max-abs), so errors keep 11 significant bits in int16, which
+still keeps every product with an int8 weight or an int16 (x - zero_point) inside int32.
+
+Backward kernels accumulate in wider integers; ``from_accumulator`` brings such a sum back to an
+error by a rounding right shift chosen from its max-abs, so rescaling costs a shift, never a multiply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+ERROR_BITS = 11                          # significant bits of an error value, sign included
+ERROR_MAX = (1 << (ERROR_BITS - 1)) - 1  # 1023
+
+
+@dataclass
+class Error:
+    """dL/d(real activation) = values * scale, values int16 in [-ERROR_MAX, ERROR_MAX]."""
+
+    values: np.ndarray
+    scale: float
+
+    def real(self) -> np.ndarray:
+        return self.values.astype(np.float64) * self.scale
+
+
+def shift_for(max_abs: int, bits: int = ERROR_BITS - 1) -> int:
+    """Smallest right shift that brings ``max_abs`` to at most 2^bits - 1."""
+    return max(0, int(max_abs).bit_length() - bits)
+
+
+def from_accumulator(acc: np.ndarray, scale: float) -> Error:
+    """Round an integer accumulator (any width) to an int16 error; the shift joins the scale."""
+    acc = np.ascontiguousarray(acc)
+    r = shift_for(max_abs(acc.reshape(-1)))
+    if r == 0:
+        return Error(acc.astype(np.int16), float(scale))
+    return Error(rounding_shift_int16(acc.reshape(-1), r).reshape(acc.shape), float(scale) * 2.0 ** r)
+
+
+def from_float(g: np.ndarray) -> Error:
+    """Quantize a float gradient (the loss head's) with a power-of-two scale from its max-abs."""
+    g = np.asarray(g, dtype=np.float64)
+    max_abs = float(np.max(np.abs(g))) if g.size else 0.0
+    if max_abs == 0.0 or not np.isfinite(max_abs):
+        return Error(np.zeros(g.shape, np.int16), 1.0)
+    scale = 2.0 ** np.ceil(np.log2(max_abs / ERROR_MAX))
+    values = np.clip(np.rint(g / scale), -ERROR_MAX, ERROR_MAX).astype(np.int16)
+    return Error(values, float(scale))
+
+
+@njit(cache=True)
+def max_abs(a) -> int:
+    """max |a| without a temporary array."""
+    m = 0
+    for i in range(a.size):
+        v = abs(np.int64(a[i]))
+        if v > m:
+            m = v
+    return m
+
+
+@njit(cache=True)
+def rounding_shift_int16(acc, r):
+    """acc >> r rounded to nearest (ties toward +inf), as int16."""
+    out = np.empty(acc.size, np.int16)
+    half = np.int64(1) << (r - 1)
+    for i in range(acc.size):
+        out[i] = np.int16((np.int64(acc[i]) + half) >> r)
+    return out
+
+
+@njit(cache=True)
+def clamp_mask(g, y, lo, hi):
+    """The STE of a clamp: keep the error only where the forward value was strictly inside (lo, hi)."""
+    out = np.empty_like(g)
+    gf = g.reshape(-1)
+    yf = y.reshape(-1)
+    of = out.reshape(-1)
+    for i in range(gf.size):
+        of[i] = gf[i] if lo < yf[i] < hi else 0
+    return out
+
+
+@njit(cache=True)
+def fold_channel_scale(g, multiplier_q15, shift):
+    """round(g[..., c] * m[c] / 2^shift) with m in Q15 (m <= 1): per-channel filter scales folded
+    into the error before it meets the int8 filter (their ratio cannot be factored out of the sum)."""
+    c = g.shape[-1]
+    flat = g.reshape(-1, c)
+    out = np.empty(flat.shape, np.int32)
+    half = (1 << (shift - 1)) if shift > 0 else 0
+    for i in range(flat.shape[0]):
+        for j in range(c):
+            out[i, j] = (np.int32(flat[i, j]) * multiplier_q15[j] + half) >> shift
+    return out.reshape(g.shape)
+
+
+def channel_fold(scales: np.ndarray, terms: int) -> tuple[np.ndarray, int, float]:
+    """Q15 multipliers m[c] = s[c] / max(s), the shift for fold_channel_scale, and the scale the
+    folded error carries.
+
+    ``terms`` bounds how many products of a folded error and an int8 weight meet in one input
+    gradient (C_out * KH * KW for a conv); the folded error keeps as many bits as an int32 sum of
+    that many products allows, at most 5 more than ERROR_BITS.
+    """
+    s = np.asarray(scales, dtype=np.float64)
+    top = float(s.max())
+    m = np.minimum(np.round(s / top * (1 << 15)).astype(np.int32), 1 << 15)
+    room = int(np.floor(np.log2((2**31 - 1) / (127 * max(int(terms), 1)))))  # bits per folded value
+    extra = min(5, room - (ERROR_BITS - 1) - 1)
+    shift = 15 - extra
+    return m, shift, top * 2.0 ** (shift - 15)

@@ -2,8 +2,10 @@
 
 An error tensor holds ``values`` (int16, |v| <= ERROR_MAX) and ``scale`` (a float, bookkeeping
 only): the real gradient is ``values * scale``. int8 would underflow (gradients are heavy-tailed:
-most entries are far below the batch's max-abs), so errors keep 11 significant bits in int16, which
-still keeps every product with an int8 weight or an int16 (x - zero_point) inside int32.
+most entries are far below the batch's max-abs, and a deep net's early layers see the product of
+every rounding above them), so errors use int16's 15 magnitude bits. Every product with an int8
+weight or a (x - zero_point) of 9 bits stays far inside int32; where many such products meet in one
+int32 sum, the folded error gives up low bits first (channel_fold).
 
 Backward kernels accumulate in wider integers; ``from_accumulator`` brings such a sum back to an
 error by a rounding right shift chosen from its max-abs, so rescaling costs a shift, never a multiply.
@@ -15,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-ERROR_BITS = 11                          # significant bits of an error value, sign included
-ERROR_MAX = (1 << (ERROR_BITS - 1)) - 1  # 1023
+ERROR_BITS = 15                          # magnitude bits of an error value
+ERROR_MAX = (1 << ERROR_BITS) - 1        # 32767: int16
 
 
 @dataclass
@@ -30,7 +32,7 @@ class Error:
         return self.values.astype(np.float64) * self.scale
 
 
-def shift_for(max_abs: int, bits: int = ERROR_BITS - 1) -> int:
+def shift_for(max_abs: int, bits: int = ERROR_BITS) -> int:
     """Smallest right shift that brings ``max_abs`` to at most 2^bits - 1."""
     return max(0, int(max_abs).bit_length() - bits)
 
@@ -42,6 +44,34 @@ def from_accumulator(acc: np.ndarray, scale: float) -> Error:
     if r == 0:
         return Error(acc.astype(np.int16), float(scale))
     return Error(rounding_shift_int16(acc.reshape(-1), r).reshape(acc.shape), float(scale) * 2.0 ** r)
+
+
+def from_blocks(compute, n: int, shape: tuple, scale: float, block: int) -> Error:
+    """An error for ``n`` samples built ``block`` samples at a time, so the int32 sums of only one
+    block exist at once. ``compute(start, stop)`` returns the integer sums of those samples.
+
+    Each block is rounded to int16 with its own shift; blocks are then aligned to the largest
+    shift (a second rounding for the others, at most one unit of the final scale).
+    """
+    values = np.empty((n,) + tuple(shape), np.int16)
+    shifts = []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        acc = np.ascontiguousarray(compute(start, stop))
+        r = shift_for(max_abs(acc.reshape(-1)))
+        out = values[start:stop].reshape(-1)
+        if r:
+            out[...] = rounding_shift_int16(acc.reshape(-1), r)
+        else:
+            out[...] = acc.reshape(-1)
+        shifts.append((start, stop, r))
+        del acc
+    top = max(r for _, _, r in shifts) if shifts else 0
+    for start, stop, r in shifts:
+        if r < top:
+            part = values[start:stop].reshape(-1)
+            part[...] = rounding_shift_int16(part, top - r)
+    return Error(values, float(scale) * 2.0 ** top)
 
 
 def from_float(g: np.ndarray) -> Error:
@@ -78,14 +108,14 @@ def rounding_shift_int16(acc, r):
 
 @njit(cache=True)
 def clamp_mask(g, y, lo, hi):
-    """The STE of a clamp: keep the error only where the forward value was strictly inside (lo, hi)."""
-    out = np.empty_like(g)
+    """The STE of a clamp, in place: keep the error only where the forward value was strictly
+    inside (lo, hi)."""
     gf = g.reshape(-1)
     yf = y.reshape(-1)
-    of = out.reshape(-1)
     for i in range(gf.size):
-        of[i] = gf[i] if lo < yf[i] < hi else 0
-    return out
+        if not lo < yf[i] < hi:
+            gf[i] = 0
+    return g
 
 
 @njit(cache=True)
@@ -94,11 +124,11 @@ def fold_channel_scale(g, multiplier_q15, shift):
     into the error before it meets the int8 filter (their ratio cannot be factored out of the sum)."""
     c = g.shape[-1]
     flat = g.reshape(-1, c)
-    out = np.empty(flat.shape, np.int32)
+    out = np.empty(flat.shape, np.int16)  # m <= 1 and shift >= 15: |result| <= |g|
     half = (1 << (shift - 1)) if shift > 0 else 0
     for i in range(flat.shape[0]):
         for j in range(c):
-            out[i, j] = (np.int32(flat[i, j]) * multiplier_q15[j] + half) >> shift
+            out[i, j] = np.int16((np.int32(flat[i, j]) * multiplier_q15[j] + half) >> shift)
     return out.reshape(g.shape)
 
 
@@ -107,13 +137,12 @@ def channel_fold(scales: np.ndarray, terms: int) -> tuple[np.ndarray, int, float
     folded error carries.
 
     ``terms`` bounds how many products of a folded error and an int8 weight meet in one input
-    gradient (C_out * KH * KW for a conv); the folded error keeps as many bits as an int32 sum of
-    that many products allows, at most 5 more than ERROR_BITS.
+    gradient (C_out * KH * KW for a conv). The folded error keeps all of the error's bits when an
+    int32 sum of that many products allows it, and drops low bits (a larger shift) when not.
     """
     s = np.asarray(scales, dtype=np.float64)
     top = float(s.max())
     m = np.minimum(np.round(s / top * (1 << 15)).astype(np.int32), 1 << 15)
-    room = int(np.floor(np.log2((2**31 - 1) / (127 * max(int(terms), 1)))))  # bits per folded value
-    extra = min(5, room - (ERROR_BITS - 1) - 1)
-    shift = 15 - extra
+    room = int(np.floor(np.log2((2**31 - 1) / (127 * max(int(terms), 1)))))  # magnitude bits allowed
+    shift = 15 + max(0, ERROR_BITS - room)
     return m, shift, top * 2.0 ** (shift - 15)

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numba
 import numpy as np
 from numba import njit
 
@@ -26,6 +27,7 @@ from . import grad as G
 from .errors import ModelError
 from .graph import PARAMETER_SLOTS, Model
 from .kernels import add, conv, depthwise, fully_connected, mean, pool, shape
+from .profile import Profiler, phase_or_nothing
 from .quant import dequantize, quantize_multiplier, quantize_multipliers
 
 HEADS = ("ce", "soft", "neg_ce", "entropy")
@@ -125,28 +127,21 @@ def _to_int32(acc: np.ndarray, scale: float) -> ParamGrad:
 
 
 def _combine_errors(a: G.Error, b: G.Error) -> G.Error:
-    """a + b for errors with different scales: both rescaled by fixed-point multipliers to a common
-    scale with 10 bits of headroom, summed in int64, rounded back to an error."""
-    top = max(a.scale, b.scale)
-    target = top / (1 << 10)
-    acc = np.zeros(a.values.shape, np.int64)
-    for e in (a, b):
-        m, s = quantize_multiplier(e.scale / target)
-        acc += _scale_int64(e.values.reshape(-1).astype(np.int64), m, s).reshape(e.values.shape)
-    return G.from_accumulator(acc, target)
+    """a + b for errors with different scales (a tensor read by two ops, e.g. a residual): both
+    rescaled by fixed-point multipliers to a common scale with 8 bits of headroom and summed in
+    int32 (|each| <= 2^23), then rounded back to an error."""
+    target = max(a.scale, b.scale) / (1 << 8)
+    ma, sa = quantize_multiplier(a.scale / target)
+    mb, sb = quantize_multiplier(b.scale / target)
+    acc = _sum_rescaled(a.values.reshape(-1), ma, sa, b.values.reshape(-1), mb, sb)
+    return G.from_accumulator(acc.reshape(a.values.shape), target)
 
 
 @njit(cache=True)
-def _scale_int64(v, multiplier, shift):
-    # v * multiplier * 2^(shift - 31), rounded to nearest, in int64 (v is small: no overflow).
-    out = np.empty(v.size, np.int64)
-    total = 31 - shift
-    for i in range(v.size):
-        p = v[i] * np.int64(multiplier)
-        if total > 0:
-            out[i] = (p + (np.int64(1) << (total - 1))) >> total
-        else:
-            out[i] = p << (-total)
+def _sum_rescaled(a, ma, sa, b, mb, sb):
+    out = np.empty(a.size, np.int32)
+    for i in range(a.size):
+        out[i] = _round_scaled(a[i], ma, sa, False) + _round_scaled(b[i], mb, sb, False)
     return out
 
 
@@ -174,7 +169,7 @@ class Trainer:
     def __init__(self, model: Model, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
                  schedule: str = "constant", total_steps: int | None = None,
                  trainable: Iterable | str | None = None, frac_bits: int = 8,
-                 stochastic_rounding: bool = False) -> None:
+                 stochastic_rounding: bool = False, profiler: "Profiler | None" = None) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ModelError(f"learning rate must be a positive number, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
@@ -192,6 +187,7 @@ class Trainer:
         self.schedule, self.total_steps = schedule, total_steps
         self.frac_bits = frac_bits
         self.stochastic_rounding = bool(stochastic_rounding)
+        self.profiler = profiler
         self.steps = 0
         self.trainable_ops = self._select(trainable)
         self.logits_tensor = self._logits_tensor()
@@ -286,15 +282,27 @@ class Trainer:
         """Integer gradients of the loss for one batch (the model is not changed)."""
         x, targets = self._check(x, targets, head)
         model = self.model
+        with phase_or_nothing(self.profiler, "forward"):
+            values = model.run({model.core_inputs[0]: x}, start_after_interface=True)
+        with phase_or_nothing(self.profiler, "loss"):
+            logits_q = values[self.logits_tensor]
+            logits = dequantize(logits_q, model.tensors[self.logits_tensor].quant).astype(np.float64)
+            loss, dlogits = loss_head(logits.reshape(logits.shape[0], -1), targets, head)
+            errors: dict[int, G.Error] = {self.logits_tensor: G.from_float(dlogits.reshape(logits_q.shape))}
+        with phase_or_nothing(self.profiler, "backward"):
+            grads = self._backward(values, errors, Gradients(loss=loss, batch=x.shape[0]))
+        return grads
+
+    def _backward(self, values: dict, errors: dict, grads: Gradients) -> Gradients:
+        """Walk the ops backward from the logits' error down to the first trainable op.
+
+        Memory is what makes this work on a board: each op's output error is masked in place, the
+        activations an op no longer needs are dropped as soon as its backward is done, and input
+        gradients are summed a few samples at a time (grad.from_blocks).
+        """
+        model = self.model
         prepared = model._ensure_prepared()
-        values = model.run({model.core_inputs[0]: x}, start_after_interface=True)
-        logits_q = values[self.logits_tensor]
-        logits = dequantize(logits_q, model.tensors[self.logits_tensor].quant).astype(np.float64)
-        loss, dlogits = loss_head(logits.reshape(logits.shape[0], -1), targets, head)
-        errors: dict[int, G.Error] = {self.logits_tensor: G.from_float(dlogits.reshape(logits_q.shape))}
-        grads = Gradients(loss=loss, batch=x.shape[0])
-        trainable = set(self.trainable_ops)
-        first = min(trainable) if trainable else len(model.ops)
+        first = min(self.trainable_ops) if self.trainable_ops else len(model.ops)
         for op in reversed(model.ops[first:]):
             out = op.outputs[0]
             if out not in errors:
@@ -302,51 +310,72 @@ class Trainer:
             err = errors.pop(out)
             params = prepared[op.index]
             clamp = clamp_range(op, params)
-            g = G.clamp_mask(err.values, values[out], *clamp) if clamp else err.values
-            inputs = [values[i] if i in values else model.tensors[i].data for i in op.inputs]
-            for slot, (acc, factor) in self._backward_op(op, params, inputs, g, err.scale, grads):
-                t = op.inputs[slot]
-                if t not in self._needs_grad or t == model.core_inputs[0]:
-                    continue
-                e = G.Error(acc, err.scale * factor) if acc.dtype == np.int16 else \
-                    G.from_accumulator(acc, err.scale * factor)
+            if clamp:
+                G.clamp_mask(err.values, values[out], *clamp)
+            values.pop(out, None)  # later (upstream) ops never read this activation
+            for t, e in self._backward_op(op, params, values, err, grads):
                 errors[t] = _combine_errors(errors[t], e) if t in errors else e
         return grads
 
-    def _backward_op(self, op, params, inputs, g, scale, grads: Gradients):
-        """Parameter gradients into ``grads``; returns [(input slot, (accumulator, scale factor))]."""
-        kind = op.kind
+    def _wants_error(self, t: int) -> bool:
+        return t >= 0 and t in self._needs_grad and t != self.model.core_inputs[0]
+
+    def _backward_op(self, op, params, values: dict, err: G.Error, grads: Gradients):
+        """Parameter gradients into ``grads``; returns [(input tensor, its error)]."""
+        model, kind, g = self.model, op.kind, err.values
+        x_t = op.inputs[0]
+        x = values[x_t] if x_t in values else model.tensors[x_t].data
+        n, block = g.shape[0], max(1, numba.get_num_threads())
         if kind in PARAM_KERNELS:
-            x, w = inputs[0], inputs[1]
-            need_x = op.inputs[0] in self._needs_grad
-            g_folded, factor = None, 1.0
-            if need_x:
-                wq = self.model.tensors[op.inputs[1]].quant
-                cout = w.shape[0] if kind != "DEPTHWISE_CONV_2D" else w.shape[3]
-                # products meeting in one input gradient: C_out*KH*KW (conv), M*KH*KW (depthwise), C_out (FC)
-                terms = w.shape[0] if kind == "FULLY_CONNECTED" else w.size // x.shape[-1]
-                m, fold_shift, factor = G.channel_fold(np.broadcast_to(wq.scale.astype(np.float64), (cout,)),
-                                                       terms)
-                g_folded = G.fold_channel_scale(g, m, fold_shift)
-            gw, gb, gx = PARAM_KERNELS[kind].backward(params, x, w, g, g_folded)
+            kernel = PARAM_KERNELS[kind]
+            w = model.tensors[op.inputs[1]].data
             if op.index in self.trainable_ops:
-                s_x = float(self.model.tensors[op.inputs[0]].quant.s)
-                grads.params[f"{op.name}.weight"] = _to_int32(gw, scale * s_x)
+                gw, gb = kernel.grad_params(params, x, g)
+                s_x = float(model.tensors[x_t].quant.s)
+                grads.params[f"{op.name}.weight"] = _to_int32(gw, err.scale * s_x)
                 if len(op.inputs) > 2 and op.inputs[2] >= 0:
-                    grads.params[f"{op.name}.bias"] = _to_int32(gb, scale)
-            return [(0, (gx, factor))] if gx is not None else []
+                    grads.params[f"{op.name}.bias"] = _to_int32(gb, err.scale)
+                del gw, gb
+            if not self._wants_error(x_t):
+                return []
+            wq = model.tensors[op.inputs[1]].quant
+            cout = w.shape[3] if kind == "DEPTHWISE_CONV_2D" else w.shape[0]
+            # products meeting in one input gradient: C_out*KH*KW (conv), M*KH*KW (depthwise), C_out (FC)
+            terms = w.shape[0] if kind == "FULLY_CONNECTED" else w.size // x.shape[-1]
+            m, fold_shift, factor = G.channel_fold(np.broadcast_to(wq.scale.astype(np.float64), (cout,)), terms)
+            folded = G.fold_channel_scale(g, m, fold_shift)
+            del g, err.values
+            in_shape = tuple(x.shape[1:])
+            e = G.from_blocks(lambda a, b: kernel.grad_input(params, w, folded[a:b], in_shape),
+                              n, in_shape, err.scale * factor, block)
+            return [(x_t, e)]
         if kind == "ADD":
-            return list(enumerate(add.backward(params, inputs[0], inputs[1], g)))
+            pairs = []
+            b_t = op.inputs[1]
+            y = values[b_t] if b_t in values else model.tensors[b_t].data
+            for t, (acc, factor) in zip(op.inputs, add.backward(params, x, y, g)):
+                if self._wants_error(t):
+                    pairs.append((t, G.Error(acc.copy(), err.scale * factor) if acc.dtype == np.int16
+                                  else G.from_accumulator(acc, err.scale * factor)))
+            return pairs
+        if not self._wants_error(x_t):
+            return []
         if kind == "AVERAGE_POOL_2D":
-            return [(0, pool.backward_average(params, inputs[0], g))]
+            bits = pool.average_fraction_bits(params, G.ERROR_BITS)
+            return [(x_t, G.from_blocks(lambda a, b: pool.grad_input_average(params, x[a:b], g[a:b], bits),
+                                        n, x.shape[1:], err.scale * 2.0 ** -bits, block))]
         if kind == "MAX_POOL_2D":
-            return [(0, pool.backward_max(params, inputs[0], g))]
+            return [(x_t, G.from_blocks(lambda a, b: pool.grad_input_max(params, x[a:b], g[a:b]),
+                                        n, x.shape[1:], err.scale, block))]
         if kind == "MEAN":
-            return [(0, mean.backward(params, inputs[0], g))]
+            acc, factor = mean.backward(params, x, g)
+            return [(x_t, G.Error(acc, err.scale * factor))]
         if kind == "RESHAPE":
-            return [(0, shape.backward_reshape(params, inputs[0], g))]
+            acc, factor = shape.backward_reshape(params, x, g)
+            return [(x_t, G.Error(acc, err.scale * factor))]
         if kind == "PAD":
-            return [(0, shape.backward_pad(params, inputs[0], g))]
+            acc, factor = shape.backward_pad(params, x, g)
+            return [(x_t, G.Error(np.ascontiguousarray(acc), err.scale * factor))]
         raise ModelError(f"op {kind} (index {op.index}) has no backward; it cannot sit between "
                          "a trainable op and the loss")
 
@@ -354,6 +383,10 @@ class Trainer:
     def apply(self, gradients: Gradients, weight: float = 1.0) -> None:
         """Apply -lr * weight * gradient to the trainable parameters (master weights, int8 weights,
         int32 biases). ``weight`` may be negative (ascent) or a reweighting factor."""
+        with phase_or_nothing(self.profiler, "update"):
+            self._apply(gradients, weight)
+
+    def _apply(self, gradients: Gradients, weight: float) -> None:
         if not math.isfinite(weight):
             raise ModelError(f"gradient weight must be finite, got {weight!r}")
         lr = self.learning_rate() * weight
@@ -363,48 +396,121 @@ class Trainer:
         unknown = [n for n in gradients.params if n.rsplit(".", 1)[0] not in names]
         if unknown:
             raise ModelError(f"gradients for parameters that are not trainable here: {', '.join(unknown)}")
+        sign = -1 if lr > 0 else 1  # descent for lr > 0
+        decay_m, decay_s = quantize_multiplier(abs(lr) * self.weight_decay) if self.weight_decay else (0, 0)
+        mu = int(round(self.momentum * Q15))
         for name, pg in gradients.items():
             op = names[name.rsplit(".", 1)[0]]
             w_t = model.tensors[op.inputs[1]]
-            cout = w_t.shape[3] if op.kind == "DEPTHWISE_CONV_2D" else w_t.shape[0]
+            depthwise = op.kind == "DEPTHWISE_CONV_2D"
+            cout = w_t.shape[3] if depthwise else w_t.shape[0]
             s_w = np.broadcast_to(w_t.quant.scale.astype(np.float64), (cout,))
-            axis = 3 if op.kind == "DEPTHWISE_CONV_2D" else 0
+            velocity = self._velocity(name, pg.acc.shape)
             if name.endswith(".weight"):
-                master = self.master[name]
-                limit = int(127.5 * 2 ** F)  # beyond: round(master / 2^F) is clipped
-                acc = np.where((master >= limit) | (master < -limit), 0, pg.acc).astype(np.int32)
-                # int8 steps per unit of acc, times 2^F: lr * scale / s_w[c] * 2^F
-                mult, shift = quantize_multipliers(np.abs(lr) * pg.scale / s_w * 2 ** F)
-                delta = _channel_scale(np.moveaxis(acc, axis, 0), mult, shift, self.stochastic_rounding)
-                delta = -np.sign(lr) * np.moveaxis(delta, 0, axis)
-                if self.weight_decay:
-                    m, s = quantize_multiplier(abs(lr) * self.weight_decay)
-                    decay = _scale_int64(master.reshape(-1).astype(np.int64), m, s).reshape(master.shape)
-                    delta = delta - np.sign(lr) * decay
-                delta = self._momentum(name, delta)
-                info = np.iinfo(self.master_dtype)
-                master[...] = np.clip(master.astype(np.int64) + delta, info.min, info.max)
-                w_t.data = np.clip((master.astype(np.int64) + (1 << F >> 1)) >> F, -127, 127).astype(np.int8)
+                # int8 steps per unit of acc, times 2^F: |lr| * scale / s_w[c] * 2^F
+                mult, shift = quantize_multipliers(abs(lr) * pg.scale / s_w * 2 ** F)
+                stride = 1 if depthwise else w_t.data.size // cout  # channel = (i // stride) % cout
+                if not w_t.data.flags.writeable:
+                    w_t.data = w_t.data.copy()
+                _sgd_weights(self.master[name].reshape(-1), pg.acc.reshape(-1), w_t.data.reshape(-1),
+                             mult, shift, stride, cout, sign, self.stochastic_rounding,
+                             int(127.5 * 2 ** F), F, decay_m, decay_s, velocity.reshape(-1), mu,
+                             int(np.iinfo(self.master_dtype).min), int(np.iinfo(self.master_dtype).max))
             else:
                 b_t = model.tensors[op.inputs[2]]
                 s_in = float(model.tensors[op.inputs[0]].quant.s)
-                mult, shift = quantize_multipliers(np.abs(lr) * pg.scale / (s_in * s_w))
-                delta = -np.sign(lr) * _channel_scale(pg.acc.reshape(cout, 1), mult, shift,
-                                                      self.stochastic_rounding).reshape(cout)
-                delta = self._momentum(name, delta)
-                b_t.data = np.clip(b_t.data.astype(np.int64) + delta, -(2**31), 2**31 - 1).astype(np.int32)
+                mult, shift = quantize_multipliers(abs(lr) * pg.scale / (s_in * s_w))
+                if not b_t.data.flags.writeable:
+                    b_t.data = b_t.data.copy()
+                _sgd_bias(b_t.data.reshape(-1), pg.acc.reshape(-1), mult, shift, sign,
+                          self.stochastic_rounding, velocity.reshape(-1), mu)
         self.steps += 1
 
-    def _momentum(self, name: str, delta: np.ndarray) -> np.ndarray:
+    def _velocity(self, name: str, shape: tuple) -> np.ndarray:
+        """Momentum buffer (int32, master units), or an empty array without momentum."""
         if not self.momentum:
-            return delta.astype(np.int64)
-        mu = int(round(self.momentum * Q15))
-        v = self.velocity.get(name)
-        v = np.zeros(delta.shape, np.int64) if v is None else v.astype(np.int64)
-        v = ((v * mu + (Q15 >> 1)) >> 15) + delta
-        v = np.clip(v, -(2**31), 2**31 - 1)
-        self.velocity[name] = v.astype(np.int32)
-        return v
+            return np.zeros(0, np.int32)
+        if name not in self.velocity:
+            self.velocity[name] = np.zeros(shape, np.int32)
+        return self.velocity[name]
+
+    def memory_report(self, batch: int) -> dict:
+        """Bytes one training step at ``batch`` holds at its peak, by where they go, and the float32
+        footprint of the same training computed the same way.
+
+        It replays the step's allocations: persistent int8 weights + int32 biases, master weights
+        and momentum; the int8 activations the forward saves (1 byte each, dropped one by one as the
+        backward passes them); the int32 parameter gradients; and the errors and transient sums of
+        the op being differentiated (int16 errors, int64 weight sums, int32 input sums a few samples
+        at a time). ``float32_total`` counts fp32 weights, gradients, saved activations and the
+        fp32 errors of the same op sequence.
+        """
+        if batch < 1:
+            raise ModelError(f"batch must be >= 1, got {batch}")
+        model = self.model
+        params = model.parameter_tensors()
+        weights = sum(model.tensors[t].data.nbytes for t in params.values())
+        n_params = sum(model.tensors[t].data.size for t in params.values())
+        trainable = {f"{model.ops[i].name}.{suffix}" for i in self.trainable_ops
+                     for _, suffix in PARAMETER_SLOTS[model.ops[i].kind]}
+        trainable_elems = sum(model.tensors[t].data.size for n, t in params.items() if n in trainable)
+        master = sum(m.nbytes for m in self.master.values())
+        optimizer = 4 * trainable_elems if self.momentum else 0
+        grads = 4 * trainable_elems
+
+        def elems(t: int) -> int:
+            return batch * int(np.prod(model.tensors[t].shape[1:]))
+
+        core = [model.core_inputs[0]] + [op.outputs[0] for op in model.ops
+                                         if not (op.kind == "DEQUANTIZE" and op.inputs[0] in model.core_outputs)
+                                         and not (op.kind == "QUANTIZE" and op.outputs[0] in model.core_inputs)]
+        acts = {t: elems(t) for t in core}
+        saved = sum(acts.values())
+        block = min(batch, max(1, numba.get_num_threads()))
+        pending = {self.logits_tensor: 2 * elems(self.logits_tensor)}
+        pending32 = {self.logits_tensor: 4 * elems(self.logits_tensor)}
+        persistent = weights + master + optimizer
+        peak, at = persistent + saved + grads, {"saved_activations": saved, "errors_and_sums": 0}
+        peak32 = 4 * n_params + 4 * trainable_elems + (optimizer and 4 * trainable_elems) + 4 * saved
+        first = min(self.trainable_ops) if self.trainable_ops else len(model.ops)
+        for op in reversed(model.ops[first:]):
+            out = op.outputs[0]
+            if out not in pending:
+                continue
+            e_out = pending.pop(out)
+            e32 = pending32.pop(out)
+            x_t = op.inputs[0]
+            x_e = elems(x_t)
+            need = self._wants_error(x_t)
+            new_x = 2 * x_e if need else 0
+            if op.kind in PARAM_KERNELS:
+                w = model.tensors[op.inputs[1]].data.size if op.index in self.trainable_ops else 0
+                t = max(e_out + 8 * w, (2 * e_out) if need else 0,
+                        (e_out + new_x + 6 * x_e * block // batch) if need else 0)
+            elif op.kind == "ADD":
+                t = 3 * e_out
+            elif op.kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
+                t = e_out + new_x + 6 * x_e * block // batch
+            elif op.kind in ("MEAN", "PAD"):
+                t = e_out + new_x
+            else:
+                t = e_out
+            errs = sum(pending.values())
+            if need and x_t in pending:
+                t += 4 * x_e + new_x  # combining two errors: int32 sum, then the int16 result
+            now = persistent + sum(acts.values()) + grads + errs + t
+            if now > peak:
+                peak, at = now, {"saved_activations": sum(acts.values()), "errors_and_sums": errs + t}
+            peak32 = max(peak32, 4 * n_params + 4 * trainable_elems + (optimizer and 4 * trainable_elems)
+                         + 4 * sum(acts.values()) + sum(pending32.values()) + e32 + (4 * x_e if need else 0))
+            acts.pop(out, None)
+            inputs = op.inputs[:2] if op.kind == "ADD" else [x_t]
+            for i in inputs:
+                if self._wants_error(i):
+                    pending[i] = 2 * elems(i)
+                    pending32[i] = 4 * elems(i)
+        return {"batch": batch, "weights": weights, "master_weights": master, "optimizer_state": optimizer,
+                "gradients": grads, **at, "total": peak, "float32_total": peak32}
 
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         """One SGD step on cross-entropy to labels ``y``; returns the batch loss."""
@@ -413,32 +519,64 @@ class Trainer:
         return g.loss
 
 
-@njit(cache=True)
-def _channel_scale(acc, mult, shift, stochastic):
-    """acc[c, ...] * mult[c] * 2^(shift[c] - 31) rounded to an integer per channel.
+@njit(cache=True, inline="always")
+def _round_scaled(a, multiplier, shift, stochastic):
+    """a * multiplier * 2^(shift - 31) as an integer, symmetric in sign.
 
     Round to nearest, or pseudo-stochastic: of the discarded bits, the upper half is compared with
     the lower half (no RNG), so the chance of rounding up tracks the discarded fraction.
     """
-    c = acc.shape[0]
-    flat = acc.reshape(c, -1)
-    out = np.empty(flat.shape, np.int64)
-    for ch in range(c):
-        total = 31 - shift[ch]
-        for i in range(flat.shape[1]):
-            p = np.int64(flat[ch, i]) * np.int64(mult[ch])
-            neg = p < 0
-            a = -p if neg else p
-            if total <= 0:
-                r = a << (-total)
-            elif stochastic and total >= 2:
-                half = total // 2
-                q = a >> total
-                d = a & ((np.int64(1) << total) - 1)
-                hi = d >> (total - half)
-                lo = d & ((np.int64(1) << half) - 1)
-                r = q + (1 if hi > lo else 0)
-            else:
-                r = (a + (np.int64(1) << (total - 1))) >> total
-            out[ch, i] = -r if neg else r
-    return out.reshape(acc.shape)
+    p = np.int64(a) * np.int64(multiplier)
+    neg = p < 0
+    if neg:
+        p = -p
+    total = 31 - shift
+    if total <= 0:
+        r = p << (-total)
+    elif stochastic and total >= 2:
+        half = total // 2
+        d = p & ((np.int64(1) << total) - 1)
+        r = (p >> total) + (1 if (d >> (total - half)) > (d & ((np.int64(1) << half) - 1)) else 0)
+    else:
+        r = (p + (np.int64(1) << (total - 1))) >> total
+    return -r if neg else r
+
+
+@njit(cache=True)
+def _sgd_weights(master, acc, weight, mult, shift, stride, count, sign, stochastic, limit, frac_bits,
+                 decay_mult, decay_shift, velocity, mu_q15, lo, hi):
+    """One SGD step on master weights in place, and the int8 weights derived from them.
+
+    STE of the weight quantizer: no update where round(master / 2^F) is clipped (|master| >= limit).
+    Weight decay pulls master toward 0 by lr * wd; momentum keeps an int32 velocity (mu in Q15).
+    """
+    half = (1 << frac_bits) >> 1
+    for i in range(master.size):
+        c = (i // stride) % count
+        m = np.int64(master[i])
+        d = np.int64(0)
+        if -limit <= m < limit:
+            d = sign * _round_scaled(acc[i], mult[c], shift[c], stochastic)
+        if decay_mult != 0:
+            d += sign * _round_scaled(m, decay_mult, decay_shift, False)
+        if velocity.size:
+            v = ((np.int64(velocity[i]) * mu_q15 + (1 << 14)) >> 15) + d
+            v = min(max(v, -(2**31)), 2**31 - 1)
+            velocity[i] = v
+            d = v
+        m = min(max(m + d, lo), hi)
+        master[i] = m
+        weight[i] = min(max((m + half) >> frac_bits, -127), 127)
+
+
+@njit(cache=True)
+def _sgd_bias(bias, acc, mult, shift, sign, stochastic, velocity, mu_q15):
+    """One SGD step on int32 biases in place (their scale s_in * s_w is fine enough for no master)."""
+    for c in range(bias.size):
+        d = sign * _round_scaled(acc[c], mult[c], shift[c], stochastic)
+        if velocity.size:
+            v = ((np.int64(velocity[c]) * mu_q15 + (1 << 14)) >> 15) + d
+            v = min(max(v, -(2**31)), 2**31 - 1)
+            velocity[c] = v
+            d = v
+        bias[c] = min(max(np.int64(bias[c]) + d, -(2**31)), 2**31 - 1)

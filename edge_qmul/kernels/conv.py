@@ -17,6 +17,7 @@ class ConvParams:
     rq: Requant
     input_offset: int
     zero_bias: np.ndarray
+    kernel: tuple = (1, 1)  # (KH, KW)
 
 
 def prepare(op, model) -> ConvParams:
@@ -32,7 +33,7 @@ def prepare(op, model) -> ConvParams:
                  o.get("stride_w", 1), o.get("dilation_h", 1), o.get("dilation_w", 1))
     check_output_shape(op, out, (1, win.out_h, win.out_w, cout))
     rq = conv_requant(op, x, w, out, cout, o.get("activation", "NONE"))
-    return ConvParams(win, rq, -x.quant.zp, np.zeros(cout, np.int32))
+    return ConvParams(win, rq, -x.quant.zp, np.zeros(cout, np.int32), (kh, kw))
 
 
 def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -82,24 +83,22 @@ def conv2d_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max,
 
 # --- backward ------------------------------------------------------------------------------------
 
-def backward(p: ConvParams, x: np.ndarray, w: np.ndarray, g: np.ndarray,
-             g_folded: np.ndarray | None):
-    """Integer gradients of CONV_2D from the (already clamp-masked) output error values ``g``.
-
-    ``g_folded`` is ``g`` with the per-channel filter scales folded in (grad.fold_channel_scale),
-    or None when no input gradient is needed. Returns (weight accumulator, bias accumulator, input
-    accumulator or None), int64 sums of int32 products: dW = sum g * (x - zp), db = sum g,
-    dX = sum g_folded * w. The caller attaches the scales.
-    """
+def grad_params(p: ConvParams, x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weight and bias gradients of CONV_2D from the clamp-masked output error values ``g``:
+    int64 sums of int32 products, dW = sum g * (x - zp_in), db = sum g (scales attached by the caller)."""
     v = p.win
-    gw = conv2d_grad_weight(x, g, p.input_offset, w.shape[1], w.shape[2], v.stride_h, v.stride_w,
-                            v.dil_h, v.dil_w, v.pad_top, v.pad_left)
-    gb = g.reshape(-1, g.shape[-1]).sum(axis=0, dtype=np.int64)
-    gx = None
-    if g_folded is not None:
-        gx = conv2d_grad_input(g_folded, w, x.shape[1], x.shape[2], v.stride_h, v.stride_w, v.dil_h, v.dil_w,
-                               v.pad_top, v.pad_left)
-    return gw, gb, gx
+    k_h, k_w = p.kernel
+    gw = conv2d_grad_weight(x, g, p.input_offset, k_h, k_w, v.stride_h, v.stride_w, v.dil_h, v.dil_w,
+                            v.pad_top, v.pad_left)
+    return gw, g.reshape(-1, g.shape[-1]).sum(axis=0, dtype=np.int64)
+
+
+def grad_input(p: ConvParams, w: np.ndarray, g_folded: np.ndarray, in_shape: tuple) -> np.ndarray:
+    """Input gradient sums (int32) of CONV_2D for the samples in ``g_folded`` (errors with the
+    per-channel filter scales folded in, see grad.channel_fold)."""
+    v = p.win
+    return conv2d_grad_input(g_folded, w, in_shape[0], in_shape[1], v.stride_h, v.stride_w, v.dil_h, v.dil_w,
+                             v.pad_top, v.pad_left)
 
 
 @njit(cache=True, parallel=True)

@@ -19,6 +19,7 @@ class DepthwiseParams:
     input_offset: int
     depth_multiplier: int
     zero_bias: np.ndarray
+    kernel: tuple = (1, 1)  # (KH, KW)
 
 
 def prepare(op, model) -> DepthwiseParams:
@@ -39,7 +40,7 @@ def prepare(op, model) -> DepthwiseParams:
     if w.quant.per_channel and w.quant.axis != 3:
         raise ModelError(f"{where(op)}: per-channel filter must be quantized along axis 3")
     rq = conv_requant(op, x, w, out, cout, o.get("activation", "NONE"))
-    return DepthwiseParams(win, rq, -x.quant.zp, mult, np.zeros(cout, np.int32))
+    return DepthwiseParams(win, rq, -x.quant.zp, mult, np.zeros(cout, np.int32), (kh, kw))
 
 
 def forward(p: DepthwiseParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -86,18 +87,21 @@ def depthwise_int8(x, w, bias, input_offset, depth_multiplier, mult, shift, out_
 
 # --- backward ------------------------------------------------------------------------------------
 
-def backward(p: DepthwiseParams, x: np.ndarray, w: np.ndarray, g: np.ndarray,
-             g_folded: np.ndarray | None):
-    """Integer gradients of DEPTHWISE_CONV_2D: (weight acc, bias acc, input acc or None), int64."""
+def grad_params(p: DepthwiseParams, x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weight and bias gradients of DEPTHWISE_CONV_2D (int64 sums of int32 products)."""
     v = p.win
-    gw = depthwise_grad_weight(x, g, p.input_offset, p.depth_multiplier, w.shape[1], w.shape[2],
-                               v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left)
-    gb = g.reshape(-1, g.shape[-1]).sum(axis=0, dtype=np.int64)
-    gx = None
-    if g_folded is not None:
-        gx = depthwise_grad_input(g_folded, w, x.shape[1], x.shape[2], x.shape[3], p.depth_multiplier,
-                                  v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left)
-    return gw, gb, gx
+    k_h, k_w = p.kernel
+    gw = depthwise_grad_weight(x, g, p.input_offset, p.depth_multiplier, k_h, k_w, v.stride_h,
+                               v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left)
+    return gw, g.reshape(-1, g.shape[-1]).sum(axis=0, dtype=np.int64)
+
+
+def grad_input(p: DepthwiseParams, w: np.ndarray, g_folded: np.ndarray, in_shape: tuple) -> np.ndarray:
+    """Input gradient sums (int32) of DEPTHWISE_CONV_2D for the samples in ``g_folded``."""
+    v = p.win
+    cin = g_folded.shape[-1] // p.depth_multiplier
+    return depthwise_grad_input(g_folded, w, in_shape[0], in_shape[1], cin, p.depth_multiplier, v.stride_h,
+                                v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left)
 
 
 @njit(cache=True, parallel=True)

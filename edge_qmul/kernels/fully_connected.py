@@ -88,17 +88,18 @@ def fully_connected_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min,
 
 # --- backward ------------------------------------------------------------------------------------
 
-def backward(p: FullyConnectedParams, x: np.ndarray, w: np.ndarray, g: np.ndarray,
-             g_folded: np.ndarray | None):
-    """Integer gradients of FULLY_CONNECTED: (weight acc, bias acc, input acc or None), int64."""
+def grad_params(p: FullyConnectedParams, x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weight and bias gradients of FULLY_CONNECTED (int64 sums of int32 products)."""
     rows = np.ascontiguousarray(x).reshape(-1, p.depth)
     g2 = np.ascontiguousarray(g).reshape(rows.shape[0], -1)
-    gw = fully_connected_grad_weight(rows, g2, p.input_offset)
-    gb = g2.sum(axis=0, dtype=np.int64)
-    gx = None
-    if g_folded is not None:
-        gx = fully_connected_grad_input(np.ascontiguousarray(g_folded).reshape(g2.shape), w).reshape(x.shape)
-    return gw, gb, gx
+    return fully_connected_grad_weight(rows, g2, p.input_offset), g2.sum(axis=0, dtype=np.int64)
+
+
+def grad_input(p: FullyConnectedParams, w: np.ndarray, g_folded: np.ndarray, in_shape: tuple) -> np.ndarray:
+    """Input gradient sums (int32) of FULLY_CONNECTED for the samples in ``g_folded``."""
+    n = g_folded.shape[0]
+    g2 = np.ascontiguousarray(g_folded).reshape(-1, w.shape[0])
+    return fully_connected_grad_input(g2, w).reshape((n,) + tuple(in_shape))
 
 
 @njit(cache=True, parallel=True)

@@ -109,25 +109,29 @@ def max_pool_int8(x, filter_h, filter_w, stride_h, stride_w, pad_top, pad_left, 
 
 # --- backward ------------------------------------------------------------------------------------
 
-AVG_FRACTION_BITS = 12  # 1/count as a Q12 multiplier: 2^10 * 2^12 * 512 overlapping windows < 2^31
-
-
-def backward_average(p: PoolParams, x: np.ndarray, g: np.ndarray):
-    """dX of AVERAGE_POOL_2D: each output error spread over its valid cells, times round(2^12/count).
-
-    Returns (int32 accumulator, scale factor 2^-12) for the input error.
-    """
+def average_fraction_bits(p: PoolParams, error_bits: int) -> int:
+    """Bits of the Q-format 1/count multiplier: as many as keep the int32 sum of all the windows
+    overlapping one input cell (each |g| < 2^error_bits times 2^bits) from overflowing."""
     v = p.win
-    gx = average_pool_grad_input(g, x.shape[1], x.shape[2], p.filter_h, p.filter_w, v.stride_h,
-                                 v.stride_w, v.pad_top, v.pad_left, AVG_FRACTION_BITS)
-    return gx, 2.0 ** -AVG_FRACTION_BITS
+    overlap = -(-p.filter_h // v.stride_h) * -(-p.filter_w // v.stride_w)
+    return max(0, min(15, 30 - error_bits - int(np.ceil(np.log2(overlap)))))
 
 
-def backward_max(p: PoolParams, x: np.ndarray, g: np.ndarray):
-    """dX of MAX_POOL_2D: each output error goes to the first maximal cell of its window."""
+def grad_input_average(p: PoolParams, x: np.ndarray, g: np.ndarray, frac_bits: int) -> np.ndarray:
+    """dX sums (int32) of AVERAGE_POOL_2D for the samples in ``g``: each output error spread over
+    its valid cells, times round(2^frac_bits / count); the input error's scale is 2^-frac_bits
+    times g's."""
+    v = p.win
+    return average_pool_grad_input(g, x.shape[1], x.shape[2], p.filter_h, p.filter_w, v.stride_h,
+                                   v.stride_w, v.pad_top, v.pad_left, frac_bits)
+
+
+def grad_input_max(p: PoolParams, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """dX sums (int32) of MAX_POOL_2D: each output error goes to the first maximal valid cell of
+    its window (``x`` holds the same samples as ``g``)."""
     v = p.win
     return max_pool_grad_input(x, g, p.filter_h, p.filter_w, v.stride_h, v.stride_w, v.pad_top,
-                               v.pad_left), 1.0
+                               v.pad_left)
 
 
 @njit(cache=True, parallel=True)

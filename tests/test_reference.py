@@ -167,7 +167,8 @@ def calibrate(net: Net, model: Model, x: np.ndarray) -> Model:
         act = op.options.get("activation", "NONE")
         if act in ("RELU", "RELU6"):
             zp = -128
-            hi = 8.0 if act == "RELU6" else float(np.quantile(y, 0.97))
+            # a mostly negative pre-activation still needs a positive range for its few positives
+            hi = 8.0 if act == "RELU6" else max(float(np.quantile(y, 0.97)), 1e-2 * float(np.abs(y).max()), 1e-6)
             scale = hi / 255
         else:
             zp = int(rng.integers(-30, 31))

@@ -97,6 +97,18 @@ def max_abs(a) -> int:
 
 
 @njit(cache=True)
+def channel_sum(g):
+    """sum of g over every axis but the last, in int64 (a bias gradient), without a widened copy."""
+    c = g.shape[-1]
+    flat = g.reshape(-1, c)
+    out = np.zeros(c, np.int64)
+    for i in range(flat.shape[0]):
+        for j in range(c):
+            out[j] += flat[i, j]
+    return out
+
+
+@njit(cache=True)
 def rounding_shift_int16(acc, r):
     """acc >> r rounded to nearest (ties toward +inf), as int16."""
     out = np.empty(acc.size, np.int16)

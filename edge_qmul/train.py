@@ -188,8 +188,10 @@ class Trainer:
         self.frac_bits = frac_bits
         self.stochastic_rounding = bool(stochastic_rounding)
         self.profiler = profiler
+        self._update_during_backward = False
         self.steps = 0
         self.trainable_ops = self._select(trainable)
+        self._op_by_name = {model.ops[i].name: model.ops[i] for i in self.trainable_ops}
         self.logits_tensor = self._logits_tensor()
         # master weights: int16 while 127.5 * 2^F fits, int32 beyond
         self.master_dtype = np.int16 if (127.5 * 2 ** frac_bits) < 2 ** 15 else np.int32
@@ -329,13 +331,24 @@ class Trainer:
         if kind in PARAM_KERNELS:
             kernel = PARAM_KERNELS[kind]
             w = model.tensors[op.inputs[1]].data
+            mine: dict[str, ParamGrad] = {}
             if op.index in self.trainable_ops:
                 gw, gb = kernel.grad_params(params, x, g)
                 s_x = float(model.tensors[x_t].quant.s)
-                grads.params[f"{op.name}.weight"] = _to_int32(gw, err.scale * s_x)
+                mine[f"{op.name}.weight"] = _to_int32(gw, err.scale * s_x)
                 if len(op.inputs) > 2 and op.inputs[2] >= 0:
-                    grads.params[f"{op.name}.bias"] = _to_int32(gb, err.scale)
+                    mine[f"{op.name}.bias"] = _to_int32(gb, err.scale)
                 del gw, gb
+            if self._update_during_backward and mine:
+                # step(): update this op now and keep no gradient for later; the input error below
+                # still needs the weights the forward used, kept as an int8 copy (a quarter of the
+                # int32 gradient it replaces).
+                if self._wants_error(x_t):
+                    w = w.copy()
+                for name, pg in mine.items():
+                    self._apply_param(name, pg, self.learning_rate())
+                mine.clear()
+            grads.params.update(mine)
             if not self._wants_error(x_t):
                 return []
             wq = model.tensors[op.inputs[1]].quant
@@ -346,9 +359,8 @@ class Trainer:
             folded = G.fold_channel_scale(g, m, fold_shift)
             del g, err.values
             in_shape = tuple(x.shape[1:])
-            e = G.from_blocks(lambda a, b: kernel.grad_input(params, w, folded[a:b], in_shape),
-                              n, in_shape, err.scale * factor, block)
-            return [(x_t, e)]
+            return [(x_t, G.from_blocks(lambda a, b: kernel.grad_input(params, w, folded[a:b], in_shape),
+                                        n, in_shape, err.scale * factor, block))]
         if kind == "ADD":
             pairs = []
             b_t = op.inputs[1]
@@ -389,42 +401,47 @@ class Trainer:
     def _apply(self, gradients: Gradients, weight: float) -> None:
         if not math.isfinite(weight):
             raise ModelError(f"gradient weight must be finite, got {weight!r}")
-        lr = self.learning_rate() * weight
-        model = self.model
-        F = self.frac_bits
-        names = {op.name: op for op in (model.ops[i] for i in self.trainable_ops)}
+        names = {self.model.ops[i].name for i in self.trainable_ops}
         unknown = [n for n in gradients.params if n.rsplit(".", 1)[0] not in names]
         if unknown:
             raise ModelError(f"gradients for parameters that are not trainable here: {', '.join(unknown)}")
+        lr = self.learning_rate() * weight
+        for name, pg in gradients.items():
+            self._apply_param(name, pg, lr)
+        self.steps += 1
+
+    def _apply_param(self, name: str, pg: ParamGrad, lr: float) -> None:
+        """-lr * gradient on one parameter: master + int8 weights, or int32 biases, in place."""
+        if lr == 0.0:
+            return
+        model, F = self.model, self.frac_bits
+        op = self._op_by_name[name.rsplit(".", 1)[0]]
         sign = -1 if lr > 0 else 1  # descent for lr > 0
         decay_m, decay_s = quantize_multiplier(abs(lr) * self.weight_decay) if self.weight_decay else (0, 0)
         mu = int(round(self.momentum * Q15))
-        for name, pg in gradients.items():
-            op = names[name.rsplit(".", 1)[0]]
-            w_t = model.tensors[op.inputs[1]]
-            depthwise = op.kind == "DEPTHWISE_CONV_2D"
-            cout = w_t.shape[3] if depthwise else w_t.shape[0]
-            s_w = np.broadcast_to(w_t.quant.scale.astype(np.float64), (cout,))
-            velocity = self._velocity(name, pg.acc.shape)
-            if name.endswith(".weight"):
-                # int8 steps per unit of acc, times 2^F: |lr| * scale / s_w[c] * 2^F
-                mult, shift = quantize_multipliers(abs(lr) * pg.scale / s_w * 2 ** F)
-                stride = 1 if depthwise else w_t.data.size // cout  # channel = (i // stride) % cout
-                if not w_t.data.flags.writeable:
-                    w_t.data = w_t.data.copy()
-                _sgd_weights(self.master[name].reshape(-1), pg.acc.reshape(-1), w_t.data.reshape(-1),
-                             mult, shift, stride, cout, sign, self.stochastic_rounding,
-                             int(127.5 * 2 ** F), F, decay_m, decay_s, velocity.reshape(-1), mu,
-                             int(np.iinfo(self.master_dtype).min), int(np.iinfo(self.master_dtype).max))
-            else:
-                b_t = model.tensors[op.inputs[2]]
-                s_in = float(model.tensors[op.inputs[0]].quant.s)
-                mult, shift = quantize_multipliers(abs(lr) * pg.scale / (s_in * s_w))
-                if not b_t.data.flags.writeable:
-                    b_t.data = b_t.data.copy()
-                _sgd_bias(b_t.data.reshape(-1), pg.acc.reshape(-1), mult, shift, sign,
-                          self.stochastic_rounding, velocity.reshape(-1), mu)
-        self.steps += 1
+        w_t = model.tensors[op.inputs[1]]
+        depthwise = op.kind == "DEPTHWISE_CONV_2D"
+        cout = w_t.shape[3] if depthwise else w_t.shape[0]
+        s_w = np.broadcast_to(w_t.quant.scale.astype(np.float64), (cout,))
+        velocity = self._velocity(name, pg.acc.shape)
+        if name.endswith(".weight"):
+            # int8 steps per unit of acc, times 2^F: |lr| * scale / s_w[c] * 2^F
+            mult, shift = quantize_multipliers(abs(lr) * pg.scale / s_w * 2 ** F)
+            stride = 1 if depthwise else w_t.data.size // cout  # channel = (i // stride) % cout
+            if not w_t.data.flags.writeable:
+                w_t.data = w_t.data.copy()
+            _sgd_weights(self.master[name].reshape(-1), pg.acc.reshape(-1), w_t.data.reshape(-1),
+                         mult, shift, stride, cout, sign, self.stochastic_rounding,
+                         int(127.5 * 2 ** F), F, decay_m, decay_s, velocity.reshape(-1), mu,
+                         int(np.iinfo(self.master_dtype).min), int(np.iinfo(self.master_dtype).max))
+        else:
+            b_t = model.tensors[op.inputs[2]]
+            s_in = float(model.tensors[op.inputs[0]].quant.s)
+            mult, shift = quantize_multipliers(abs(lr) * pg.scale / (s_in * s_w))
+            if not b_t.data.flags.writeable:
+                b_t.data = b_t.data.copy()
+            _sgd_bias(b_t.data.reshape(-1), pg.acc.reshape(-1), mult, shift, sign,
+                      self.stochastic_rounding, velocity.reshape(-1), mu)
 
     def _velocity(self, name: str, shape: tuple) -> np.ndarray:
         """Momentum buffer (int32, master units), or an empty array without momentum."""
@@ -434,9 +451,13 @@ class Trainer:
             self.velocity[name] = np.zeros(shape, np.int32)
         return self.velocity[name]
 
-    def memory_report(self, batch: int) -> dict:
+    def memory_report(self, batch: int, step: bool = True) -> dict:
         """Bytes one training step at ``batch`` holds at its peak, by where they go, and the float32
         footprint of the same training computed the same way.
+
+        ``step=True`` describes :meth:`step` (each op updated as the backward passes it, so only one
+        op's gradients exist at a time); ``step=False`` describes gradients() + apply(), which hold
+        every trainable parameter's int32 gradient.
 
         It replays the step's allocations: persistent int8 weights + int32 biases, master weights
         and momentum; the int8 activations the forward saves (1 byte each, dropped one by one as the
@@ -456,7 +477,7 @@ class Trainer:
         trainable_elems = sum(model.tensors[t].data.size for n, t in params.items() if n in trainable)
         master = sum(m.nbytes for m in self.master.values())
         optimizer = 4 * trainable_elems if self.momentum else 0
-        grads = 4 * trainable_elems
+        grads = 0 if step else 4 * trainable_elems
 
         def elems(t: int) -> int:
             return batch * int(np.prod(model.tensors[t].shape[1:]))
@@ -484,9 +505,15 @@ class Trainer:
             need = self._wants_error(x_t)
             new_x = 2 * x_e if need else 0
             if op.kind in PARAM_KERNELS:
-                w = model.tensors[op.inputs[1]].data.size if op.index in self.trainable_ops else 0
-                t = max(e_out + 8 * w, (2 * e_out) if need else 0,
-                        (e_out + new_x + 6 * x_e * block // batch) if need else 0)
+                trained = op.index in self.trainable_ops
+                w = model.tensors[op.inputs[1]].data.size if trained else 0
+                b = model.tensors[op.inputs[2]].data.size if trained and len(op.inputs) > 2 \
+                    and op.inputs[2] >= 0 else 0
+                # int64 weight sums; then the int32 gradients (applied at once by step(), which
+                # keeps an int8 copy of the weights for the input error); then the input error
+                copy = w if step and need else 0
+                t = max(e_out + 8 * w, e_out + 4 * (w + b) + copy,
+                        (copy + e_out + new_x + 6 * x_e * block // batch) if need else 0)
             elif op.kind == "ADD":
                 t = 3 * e_out
             elif op.kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
@@ -495,6 +522,7 @@ class Trainer:
                 t = e_out + new_x
             else:
                 t = e_out
+            acts.pop(out, None)  # _backward drops an op's output activation before its backward
             errs = sum(pending.values())
             if need and x_t in pending:
                 t += 4 * x_e + new_x  # combining two errors: int32 sum, then the int16 result
@@ -503,7 +531,6 @@ class Trainer:
                 peak, at = now, {"saved_activations": sum(acts.values()), "errors_and_sums": errs + t}
             peak32 = max(peak32, 4 * n_params + 4 * trainable_elems + (optimizer and 4 * trainable_elems)
                          + 4 * sum(acts.values()) + sum(pending32.values()) + e32 + (4 * x_e if need else 0))
-            acts.pop(out, None)
             inputs = op.inputs[:2] if op.kind == "ADD" else [x_t]
             for i in inputs:
                 if self._wants_error(i):
@@ -513,9 +540,18 @@ class Trainer:
                 "gradients": grads, **at, "total": peak, "float32_total": peak32}
 
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
-        """One SGD step on cross-entropy to labels ``y``; returns the batch loss."""
-        g = self.gradients(x, y, head="ce")
-        self.apply(g)
+        """One SGD step on cross-entropy to labels ``y``; returns the batch loss.
+
+        Each op's parameters are updated as soon as the backward has passed it (its gradients
+        are never all held at once), which gives the same result as gradients() then apply():
+        an op's update only needs its own gradient, and the backward never reads it again.
+        """
+        self._update_during_backward = True
+        try:
+            g = self.gradients(x, y, head="ce")
+        finally:
+            self._update_during_backward = False
+        self.steps += 1
         return g.loss
 
 

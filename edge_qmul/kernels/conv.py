@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from ..grad import channel_sum
 from ..quant import requantize
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
                      window_macs as macs)
@@ -90,7 +91,7 @@ def grad_params(p: ConvParams, x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray
     k_h, k_w = p.kernel
     gw = conv2d_grad_weight(x, g, p.input_offset, k_h, k_w, v.stride_h, v.stride_w, v.dil_h, v.dil_w,
                             v.pad_top, v.pad_left)
-    return gw, g.reshape(-1, g.shape[-1]).sum(axis=0, dtype=np.int64)
+    return gw, channel_sum(g)
 
 
 def grad_input(p: ConvParams, w: np.ndarray, g_folded: np.ndarray, in_shape: tuple) -> np.ndarray:

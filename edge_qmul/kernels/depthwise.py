@@ -7,6 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import ModelError
+from ..grad import channel_sum
 from ..quant import requantize
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
                      window_macs as macs)
@@ -93,7 +94,7 @@ def grad_params(p: DepthwiseParams, x: np.ndarray, g: np.ndarray) -> tuple[np.nd
     k_h, k_w = p.kernel
     gw = depthwise_grad_weight(x, g, p.input_offset, p.depth_multiplier, k_h, k_w, v.stride_h,
                                v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left)
-    return gw, g.reshape(-1, g.shape[-1]).sum(axis=0, dtype=np.int64)
+    return gw, channel_sum(g)
 
 
 def grad_input(p: DepthwiseParams, w: np.ndarray, g_folded: np.ndarray, in_shape: tuple) -> np.ndarray:

@@ -7,6 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import ModelError
+from ..grad import channel_sum
 from ..quant import activation_range, quantize_multipliers, requantize
 from .common import Requant, check_output_shape, output, per_tensor, tensor, where
 
@@ -92,7 +93,7 @@ def grad_params(p: FullyConnectedParams, x: np.ndarray, g: np.ndarray) -> tuple[
     """Weight and bias gradients of FULLY_CONNECTED (int64 sums of int32 products)."""
     rows = np.ascontiguousarray(x).reshape(-1, p.depth)
     g2 = np.ascontiguousarray(g).reshape(rows.shape[0], -1)
-    return fully_connected_grad_weight(rows, g2, p.input_offset), g2.sum(axis=0, dtype=np.int64)
+    return fully_connected_grad_weight(rows, g2, p.input_offset), channel_sum(g2)
 
 
 def grad_input(p: FullyConnectedParams, w: np.ndarray, g_folded: np.ndarray, in_shape: tuple) -> np.ndarray:

@@ -21,7 +21,10 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/forward.py --json benchmarks/results/forward.json
+	$(BIN)/python benchmarks/train_step.py --json benchmarks/results/train_step.json
+	$(BIN)/python benchmarks/train_accuracy.py --json benchmarks/results/train_accuracy.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,7 +12,7 @@ run by
   * the engine: ``Trainer(model, lr).step(x_int8, labels)`` (integer backward, integer SGD on
     master weights), threads set with ``numba.set_num_threads``;
   * PyTorch: an ``nn.Module`` built by walking ``model.ops`` (so it has the same layers, channels,
-    kernel sizes, strides, TFLite SAME/VALID padding, fused RELU/RELU6, residual ADDs, MEAN pooling,
+    kernel sizes, strides, TFLite SAME/VALID padding (asymmetric where TFLite's is), fused RELU/RELU6, residual ADDs, MEAN pooling,
     NHWC flatten order and FC), initialised with the engine's dequantized int8 weights and biases,
     float32, eager mode; step = ``zero_grad(set_to_none=True)``, ``cross_entropy``, ``backward``,
     ``SGD(lr).step()``; threads set with ``torch.set_num_threads``. Its input is the dequantized
@@ -100,7 +100,8 @@ class TorchTwin(nn.Module):
     Built by walking ``model.ops``: CONV_2D -> conv2d, DEPTHWISE_CONV_2D -> conv2d with
     groups=channels, FULLY_CONNECTED -> linear, ADD -> +, MEAN over H, W -> mean(2, 3),
     MAX_POOL_2D -> max_pool2d, RESHAPE -> NHWC flatten; fused RELU / RELU6 applied after; SAME
-    padding applied explicitly (asymmetric, TFLite's rule). Parameters are the engine's int8 weights
+    padding by TFLite's rule (total // 2 before, the rest after): the convolution's own padding when
+    that is symmetric, an explicit F.pad when not (stride 2 on even sizes). Parameters are the engine's int8 weights
     and int32 biases dequantized to float32, so both start from the same real-valued weights.
     """
 
@@ -171,9 +172,12 @@ class TorchTwin(nn.Module):
             x = v[i]
             if kind == "conv":
                 stride, pads, groups = s[5], s[6], s[7]
-                if any(pads):
-                    x = F.pad(x, pads)
-                y = F.conv2d(x, p[key + "_w"], p[key + "_b"], stride=stride, groups=groups)
+                pl, pr, pt, pb = pads
+                if pl == pr and pt == pb:  # symmetric: let the convolution pad (no padded copy)
+                    y = F.conv2d(x, p[key + "_w"], p[key + "_b"], stride=stride, padding=(pt, pl),
+                                 groups=groups)
+                else:  # TFLite's asymmetric SAME (stride 2 on even sizes: 0 before, 1 after)
+                    y = F.conv2d(F.pad(x, pads), p[key + "_w"], p[key + "_b"], stride=stride, groups=groups)
             elif kind == "fc":
                 y = F.linear(x, p[key + "_w"], p[key + "_b"])
             elif kind == "add":
@@ -252,17 +256,23 @@ def engine_peak(trainer: Trainer, x8, y) -> tuple[int, dict]:
 
 
 def torch_peak_profiler(net, opt, x, y) -> int | None:
-    """Peak of the running sum of c10 CPU allocations/frees during one step (torch.profiler)."""
+    """Peak of the running sum of c10 CPU allocations/frees during one step (torch.profiler).
+
+    The previous step's gradients are released before profiling starts, so the step's new
+    gradients count (as the engine's int32 gradients do) and no free of a block allocated before
+    the profile (whose size the profiler cannot know) goes missing.
+    """
     from torch.profiler import ProfilerActivity, profile
+    opt.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch_step(net, opt, x, y)
-    events = []
-    for e in prof.events():
-        if e.name == "[memory]":
-            events.append((e.time_range.start, e.cpu_memory_usage))
+    try:
+        raw = prof.profiler.kineto_results.events()
+        events = sorted((e.start_ns(), e.nbytes()) for e in raw if e.name() == "[memory]")
+    except AttributeError:  # pragma: no cover - older/newer profiler internals
+        return None
     if not events:
         return None
-    events.sort(key=lambda t: t[0])
     cur = peak = 0
     for _, b in events:
         cur += b
@@ -404,9 +414,25 @@ def run_model(name, shape, calib, xf, y, data_note, repeats: int, min_time: floa
                "repeats": repeats, "engine_step_s_all": te, "torch_step_s_all": tt,
                "cpu_busy_other": busy, "data": data_note, "check": check}
         rows.append(row)
+        if threads > 1 and busy >= 0.5:
+            print(f"WARNING [{name}] threads {threads}: other processes kept {busy} CPUs busy; "
+                  f"this row's timings are not meaningful, rerun on a quiet machine", file=sys.stderr)
         print(f"[{name}] threads {threads}: engine {_fmt_s(e_s)}, torch {_fmt_s(t_s)}, "
               f"engine/torch {e_s / t_s:.2f}, other load {busy}", file=sys.stderr)
     return rows, check
+
+
+def _engine_source() -> dict:
+    """The git commit the engine was measured at, and whether edge_qmul/ had uncommitted changes."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "edge_qmul"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return {"commit": head, "edge_qmul_dirty": bool(dirty)}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "edge_qmul_dirty": None}
 
 
 def _fmt_s(s: float) -> str:
@@ -464,8 +490,10 @@ def main(argv=None) -> int:
         layer = numba.threading_layer()
     except ValueError:
         layer = "n/a"
+    src = _engine_source()
     for r in rows:
         r["numba_threading_layer"] = layer
+        r["engine_source"] = src
         r["versions"] = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
                          "torch": torch.__version__}
     if args.json:

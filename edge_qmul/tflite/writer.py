@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from pathlib import Path
 
 import flatbuffers
@@ -16,6 +15,7 @@ import numpy as np
 import tflite
 
 from ..errors import ModelError
+from ..fsutil import atomic_write
 from ..graph import Model
 from .reader import FILE_IDENTIFIER
 from .schema import DEFAULT_VERSIONS, OP_NUMBERS, OPTIONS, TYPE_NUMBERS
@@ -215,25 +215,4 @@ def to_bytes(model: Model) -> bytes:
 
 def save_tflite(model: Model, path: str | os.PathLike) -> Path:
     """Write ``model`` to ``path`` atomically (a crash leaves the old file or the new one, whole)."""
-    data = to_bytes(model)
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write(path, to_bytes(model))

@@ -501,6 +501,29 @@ _BUILDERS: dict[str, Callable[..., Model]] = {
 ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
 
 
+def reinitialize(model: Model, calib_x: np.ndarray, seed: int = 0) -> Model:
+    """Fresh He-normal weights and zero biases for every weighted op of ``model`` (any int8 graph,
+    e.g. one read from a .tflite), recalibrated on ``calib_x``; the input quantization is kept.
+    In place; returns the model. This is how "retrain from scratch" starts for an imported model."""
+    rng = np.random.default_rng(seed)
+    float_params = {}
+    for op in model.ops:
+        if op.kind not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        w = model.tensors[op.inputs[1]]
+        if op.kind == "CONV_2D":
+            fan_in = int(np.prod(w.shape[1:]))
+        elif op.kind == "DEPTHWISE_CONV_2D":
+            fan_in = int(w.shape[1] * w.shape[2])
+        else:
+            fan_in = int(w.shape[1])
+        has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
+        cout = w.shape[3] if op.kind == "DEPTHWISE_CONV_2D" else w.shape[0]
+        float_params[op.index] = (_he_normal(rng, w.shape, fan_in), np.zeros(cout) if has_bias else None)
+    return calibrate(model, calib_x, input_quantization=model.tensors[model.core_inputs[0]].quant,
+                     float_params=float_params)
+
+
 def build(name: str, input_shape: Sequence[int], num_classes: int, seed: int = 0,
           calib_x: np.ndarray | None = None, **kw) -> Model:
     """Build architecture ``name`` (one of :data:`ARCHITECTURES`); extra keywords go to its function

@@ -117,6 +117,33 @@ class Gradients:
         return total
 
 
+def combine(terms: Iterable[tuple[Gradients, float]]) -> Gradients:
+    """sum of weight * gradients, per parameter, in integers: each term is brought to a common
+    scale by a fixed-point multiplier (12 bits of headroom), summed in int64, returned as int32.
+
+    Weights are scalars (e.g. Adaptive Gradient Reweighting's w_f, w_r, or a projection
+    coefficient); a parameter missing from a term counts as zero there.
+    """
+    terms = [(g, float(w)) for g, w in terms if w != 0.0]
+    out = Gradients(loss=sum(w * g.loss for g, w in terms), batch=max((g.batch for g, _ in terms), default=0))
+    names = []
+    for g, _ in terms:
+        names += [n for n in g.params if n not in names]
+    for name in names:
+        parts = [(g.params[name], w) for g, w in terms if name in g.params]
+        top = max(abs(w) * pg.scale for pg, w in parts)
+        if top == 0.0:
+            out.params[name] = ParamGrad(np.zeros_like(parts[0][0].acc), 1.0)
+            continue
+        target = top / (1 << 12)
+        acc = np.zeros(parts[0][0].acc.size, np.int64)
+        for pg, w in parts:
+            m, s = quantize_multiplier(abs(w) * pg.scale / target)
+            _accumulate_scaled(acc, pg.acc.reshape(-1), m, s, 1 if w > 0 else -1)
+        out.params[name] = _to_int32(acc.reshape(parts[0][0].acc.shape), target)
+    return out
+
+
 def _to_int32(acc: np.ndarray, scale: float) -> ParamGrad:
     """An int64 sum as an int32 accumulator: shift right (rounding) only if it does not fit."""
     max_abs = int(np.max(np.abs(acc))) if acc.size else 0
@@ -135,6 +162,12 @@ def _combine_errors(a: G.Error, b: G.Error) -> G.Error:
     mb, sb = quantize_multiplier(b.scale / target)
     acc = _sum_rescaled(a.values.reshape(-1), ma, sa, b.values.reshape(-1), mb, sb)
     return G.from_accumulator(acc.reshape(a.values.shape), target)
+
+
+@njit(cache=True)
+def _accumulate_scaled(acc, a, multiplier, shift, sign):
+    for i in range(a.size):
+        acc[i] += sign * _round_scaled(a[i], multiplier, shift, False)
 
 
 @njit(cache=True)

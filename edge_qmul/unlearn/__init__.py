@@ -1,1 +1,84 @@
-"""Unlearning methods (Q-MUL, baselines, OEU): built in the unlearning issue."""
+"""On-device unlearning: Q-MUL, its ablations, the baselines and OEU, behind one signature.
+
+    result = unlearn(model, forget=(x_f, y_f), retain=(x_r, y_r), validation=(x_v, y_v),
+                     method="qmul", config={"lr": 0.02})
+
+The model given is never changed: the method works on a copy, returned in ``result.model``.
+``validation`` is the store's held-out slice (samples the model never trained on); with it, the
+methods that forget stop by the retrain-free rule of DESIGN.md §4.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ..errors import ModelError
+from ..graph import Model
+from . import baselines, oeu as _oeu, qmul as _qmul
+from .loop import Split, UnlearnConfig, UnlearnResult, accuracy, check_splits
+
+METHODS = {
+    "retrain": baselines.retrain,
+    "ft": baselines.ft,
+    "rl": baselines.rl,
+    "ga": baselines.ga,
+    "qmul": _qmul.qmul,
+    "qmul_sl": _qmul.qmul_sl,
+    "qmul_agr": _qmul.qmul_agr,
+    "oeu": _oeu.oeu,
+}
+
+# Documented defaults, chosen by the same small search for every method (learning rate x epoch cap)
+# on seeds kept out of the reported comparison (tools/evaluate.py --tune); see benchmarks/README.md.
+DEFAULTS: dict[str, UnlearnConfig] = {
+    "retrain": UnlearnConfig(lr=0.05, epochs=20, momentum=0.9, stop=False),
+    "ft": UnlearnConfig(lr=0.01, epochs=2, stop=False),
+    "rl": UnlearnConfig(lr=0.01, epochs=5),
+    "ga": UnlearnConfig(lr=0.005, epochs=5),
+    "qmul": UnlearnConfig(lr=0.01, epochs=5),
+    "qmul_sl": UnlearnConfig(lr=0.01, epochs=5),
+    "qmul_agr": UnlearnConfig(lr=0.01, epochs=5),
+    "oeu": UnlearnConfig(lr=0.01, epochs=5),
+}
+
+
+def make_config(method: str, config: UnlearnConfig | dict | None = None) -> UnlearnConfig:
+    """The method's defaults, overridden by ``config`` (a dict of fields or a whole config)."""
+    if method not in METHODS:
+        raise ModelError(f"unknown unlearning method {method!r}; known: {', '.join(METHODS)}")
+    if isinstance(config, UnlearnConfig):
+        return config
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(UnlearnConfig.__dataclass_fields__))
+    if unknown:
+        raise ModelError(f"unknown config field(s) {', '.join(unknown)} for method {method}")
+    cfg = replace(DEFAULTS[method], **config)
+    if not (cfg.lr > 0) or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.retain_batch_size < 1 \
+            or cfg.check_every < 1:
+        raise ModelError(f"invalid config for {method}: lr must be > 0 and epochs, batch sizes and "
+                         f"check_every >= 1 (got {cfg})")
+    return cfg
+
+
+def unlearn(model: Model, forget: Split, retain: Split, method: str = "qmul",
+            config: UnlearnConfig | dict | None = None, validation: Split | None = None, table=None,
+            progress=None) -> UnlearnResult:
+    """Remove ``forget``'s influence from ``model`` with ``method``; returns an UnlearnResult whose
+    ``model`` is the new int8 Model (the one passed in is untouched)."""
+    cfg = make_config(method, config)
+    check_splits(forget, retain, validation)
+    forget = (np.asarray(forget[0]), np.asarray(forget[1]))
+    retain = (np.asarray(retain[0]), np.asarray(retain[1]))
+    num_classes = int(np.prod(model.tensors[model.core_outputs[0]].shape[1:]))
+    for name, (_, y) in (("forget", forget), ("retain", retain)):
+        bad = np.flatnonzero((y < 0) | (y >= num_classes))
+        if bad.size:
+            raise ModelError(f"{name} set: label {int(y[bad[0]])} at position {int(bad[0])} is "
+                             f"outside [0, {num_classes})")
+    work = model.copy()
+    return METHODS[method](work, forget, retain, validation, cfg, progress=progress, table=table,
+                           num_classes=num_classes)
+
+
+__all__ = ["DEFAULTS", "METHODS", "UnlearnConfig", "UnlearnResult", "accuracy", "make_config", "unlearn"]

@@ -1,0 +1,80 @@
+"""The baselines of the Q-MUL comparison, in the same engine and with the same data:
+Retrain (from scratch on the retain set, the gold standard), FT (fine-tune on the retain set),
+RL (random labels on the forget set, with the retain set), GA (gradient ascent on the forget set)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..graph import Model
+from ..train import Trainer, combine
+from .loop import Split, UnlearnConfig, UnlearnResult, drive, drive_retain_only
+
+
+def random_wrong_labels(y: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+    """A uniformly random label other than the true one, per sample (fixed for the whole run)."""
+    rng = np.random.default_rng(seed)
+    shift = rng.integers(1, num_classes, size=len(y))
+    return (np.asarray(y) + shift) % num_classes
+
+
+def retrain(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
+            progress=None, **_) -> UnlearnResult:
+    """Fresh weights on the same graph, calibrated and trained on the retain set only (cosine
+    schedule, momentum): what the model would be had it never seen the forget set."""
+    from ..models import reinitialize
+    rng = np.random.default_rng(config.seed)
+    xr, yr = retain
+    calib = xr[rng.choice(len(xr), min(256, len(xr)), replace=False)]
+    reinitialize(model, calib, seed=config.seed)
+    steps = config.epochs * -(-len(xr) // config.retain_batch_size)
+    trainer = Trainer(model, lr=config.lr, momentum=config.momentum, schedule="cosine",
+                      total_steps=steps, trainable=config.trainable)
+    return drive_retain_only(model, retain, config, trainer, progress, "retrain")
+
+
+def ft(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
+       progress=None, **_) -> UnlearnResult:
+    """Fine-tune on the retain set: forgetting only by catastrophic interference."""
+    return drive_retain_only(model, retain, config, None, progress, "ft")
+
+
+def rl(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
+       progress=None, num_classes: int = 0, **_) -> UnlearnResult:
+    """Random labels: cross-entropy toward a random wrong class on the forget batch, plus the
+    retain batch's cross-entropy, summed with equal weights."""
+    (xf, yf), (xr, yr) = forget, retain
+    y_rand = random_wrong_labels(yf, num_classes, config.seed)
+
+    def step(trainer: Trainer, fi: np.ndarray, ri: np.ndarray) -> dict:
+        g_f = trainer.gradients(xf[fi], y_rand[fi])
+        g_r = trainer.gradients(xr[ri], yr[ri])
+        trainer.apply(combine([(g_f, 1.0), (g_r, 1.0)]))
+        return {"loss_f": g_f.loss, "loss_r": g_r.loss}
+
+    return drive(model, forget, retain, validation, config, step, progress, "rl")
+
+
+def ga(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
+       progress=None, **_) -> UnlearnResult:
+    """Gradient ascent on the forget set's cross-entropy (no retain term)."""
+
+    xf, yf = forget
+
+    def step(trainer: Trainer, fi: np.ndarray, ri: np.ndarray) -> dict:
+        g_f = trainer.gradients(xf[fi], yf[fi], head="neg_ce")
+        trainer.apply(g_f)
+        return {"loss_f": -g_f.loss}
+
+    return drive(model, forget, retain, validation, config, step, progress, "ga")
+
+
+def agr_weights(g_f, g_r) -> tuple[float, float]:
+    """Adaptive Gradient Reweighting: w_f = |g_r| / (|g_f| + |g_r|), w_r = |g_f| / (|g_f| + |g_r|),
+    so both terms contribute equally to the update (norms: scalar reductions of the int32 sums)."""
+    nf, nr = g_f.norm(), g_r.norm()
+    total = nf + nr
+    if total == 0.0 or not math.isfinite(total):
+        return 0.5, 0.5
+    return nr / total, nf / total

@@ -1,0 +1,150 @@
+"""The loop every retrain-free method shares: forget batches paired with retain batches, one update
+each, and the retrain-free stopping rule.
+
+A device has no retrained model to compare with. A method that pushes forget-set accuracy down
+stops when that accuracy reaches the accuracy on held-out samples the model never trained on (the
+store's validation slice), checked every few steps, within an epoch cap (DESIGN.md §4). That is what
+makes random-sample forgetting land near Retrain instead of overshooting to zero accuracy.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ModelError
+from ..graph import Model
+from ..train import Trainer
+
+Split = tuple[np.ndarray, np.ndarray]  # (int8 inputs, int labels)
+
+
+@dataclass
+class UnlearnConfig:
+    """Knobs of one unlearning run; every method documents its defaults (unlearn.DEFAULTS)."""
+
+    lr: float = 0.01
+    epochs: int = 5              # cap: passes over the forget set (the retain set for ft / retrain)
+    batch_size: int = 32         # forget batch
+    retain_batch_size: int = 32  # retain batch paired with each forget batch
+    check_every: int = 1         # steps between two checks of the stopping rule
+    stop: bool = True            # the retrain-free stopping rule (methods that forget)
+    momentum: float = 0.0
+    trainable: object = None     # Trainer(trainable=...): None = every op with parameters
+    seed: int = 0
+    target_acc: float | None = None  # stop when forget accuracy <= this; None: validation accuracy
+    labels: str = "model"        # similar labels: "model" (best wrong class) or "table"
+    table_mode: str = "top1"     # with a table: "top1", "sample" or "soft"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items()}
+
+
+@dataclass
+class UnlearnResult:
+    """What a method did: the new Model and how it got there (metrics are measured by the caller)."""
+
+    model: Model
+    method: str
+    config: UnlearnConfig
+    wall_s: float
+    steps: int
+    stopped_by_rule: bool
+    history: list[dict] = field(default_factory=list)
+
+
+def accuracy(model: Model, split: Split, batch: int = 512) -> float:
+    """Top-1 accuracy in percent (engine forward, int8)."""
+    x, y = split
+    if len(x) == 0:
+        return 0.0
+    hits = 0
+    for s in range(0, len(x), batch):
+        hits += int(np.sum(np.asarray(model.forward(x[s:s + batch])).argmax(axis=1) == y[s:s + batch]))
+    return 100.0 * hits / len(x)
+
+
+def check_splits(forget: Split, retain: Split, validation: Split | None) -> None:
+    for name, split in (("forget", forget), ("retain", retain), ("validation", validation)):
+        if split is None:
+            continue
+        x, y = split
+        if len(x) != len(y):
+            raise ModelError(f"{name} set: {len(x)} inputs but {len(y)} labels")
+    if len(forget[0]) == 0:
+        raise ModelError("the forget set is empty: nothing to forget")
+    if len(retain[0]) == 0:
+        raise ModelError("the retain set is empty: forgetting everything is retraining from nothing")
+
+
+def drive(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
+          step: Callable[[Trainer, np.ndarray, np.ndarray], dict], progress=None,
+          method: str = "") -> UnlearnResult:
+    """Run ``step(trainer, forget_rows, retain_rows)`` (index arrays into the two sets) over
+    shuffled forget batches, each paired with the next retain batch, until the stopping rule fires
+    or the epoch cap is reached."""
+    t0 = time.perf_counter()
+    trainer = Trainer(model, lr=config.lr, momentum=config.momentum, trainable=config.trainable)
+    rng = np.random.default_rng(config.seed)
+    xf, yf = forget
+    xr, yr = retain
+    retain_order, retain_pos = rng.permutation(len(xr)), 0
+    history: list[dict] = []
+    steps, stopped = 0, False
+    steps_per_epoch = -(-len(xf) // config.batch_size)
+
+    use_rule = config.stop and (config.target_acc is not None or validation is not None)
+
+    def rule() -> bool:
+        fa = accuracy(model, forget)
+        target = config.target_acc if config.target_acc is not None else accuracy(model, validation)
+        history.append({"step": steps, "forget_acc": fa, "target_acc": target})
+        return fa <= target
+
+    if use_rule and rule():
+        return UnlearnResult(model, method, config, time.perf_counter() - t0, 0, True, history)
+    for epoch in range(config.epochs):
+        order = rng.permutation(len(xf))
+        for s in range(steps_per_epoch):
+            idx = order[s * config.batch_size:(s + 1) * config.batch_size]
+            if retain_pos + config.retain_batch_size > len(xr):
+                retain_order, retain_pos = rng.permutation(len(xr)), 0
+            ridx = retain_order[retain_pos:retain_pos + config.retain_batch_size]
+            retain_pos += config.retain_batch_size
+            info = step(trainer, idx, ridx)
+            steps += 1
+            if progress is not None:
+                progress({"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
+                          "epochs": config.epochs, **(info or {})})
+            if use_rule and steps % config.check_every == 0 and rule():
+                stopped = True
+                break
+        if stopped:
+            break
+    return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, stopped, history)
+
+
+def drive_retain_only(model: Model, retain: Split, config: UnlearnConfig, trainer: Trainer | None = None,
+                      progress=None, method: str = "") -> UnlearnResult:
+    """Epochs of plain cross-entropy on the retain set (fine-tuning; the body of retraining)."""
+    t0 = time.perf_counter()
+    trainer = trainer or Trainer(model, lr=config.lr, momentum=config.momentum, trainable=config.trainable)
+    rng = np.random.default_rng(config.seed)
+    xr, yr = retain
+    steps_per_epoch = -(-len(xr) // config.retain_batch_size)
+    steps = 0
+    history = []
+    for epoch in range(config.epochs):
+        order = rng.permutation(len(xr))
+        losses = []
+        for s in range(steps_per_epoch):
+            idx = order[s * config.retain_batch_size:(s + 1) * config.retain_batch_size]
+            losses.append(trainer.step(xr[idx], yr[idx]))
+            steps += 1
+            if progress is not None:
+                progress({"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
+                          "epochs": config.epochs, "loss": losses[-1]})
+        history.append({"epoch": epoch, "loss": float(np.mean(losses))})
+    return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, False, history)

@@ -34,7 +34,7 @@ from edge_qmul.train import TRAINING_RECIPES, Trainer, fit  # noqa: E402
 from edge_qmul.unlearn import DEFAULTS, METHODS, make_config, unlearn  # noqa: E402
 
 KEYS = ("UA", "RA", "TA", "MIA")
-TUNE_LRS = (0.002, 0.005, 0.01, 0.02, 0.05)
+TUNE_LRS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 TUNE_EPOCHS = (2, 5, 10)
 
 

@@ -33,6 +33,7 @@ from .quant import dequantize, quantize_multiplier, quantize_multipliers
 HEADS = ("ce", "soft", "neg_ce", "entropy")
 PARAM_KERNELS = {"CONV_2D": conv, "DEPTHWISE_CONV_2D": depthwise, "FULLY_CONNECTED": fully_connected}
 Q15 = 1 << 15
+BLOCK_BYTES = 8 * 1024  # int32 input-gradient sums held at once (grad.from_blocks)
 
 
 # --- loss heads (float over B x classes: the one place floats do arithmetic) ---------------------
@@ -360,7 +361,11 @@ class Trainer:
         model, kind, g = self.model, op.kind, err.values
         x_t = op.inputs[0]
         x = values[x_t] if x_t in values else model.tensors[x_t].data
-        n, block = g.shape[0], max(1, numba.get_num_threads())
+        # input gradients are summed a block of samples at a time: at least one sample per thread,
+        # and as many as fit in BLOCK_BYTES of int32 sums (small layers then take one or two calls)
+        n = g.shape[0]
+        per_sample = 4 * int(np.prod(x.shape[1:]))
+        block = max(1, numba.get_num_threads(), BLOCK_BYTES // max(per_sample, 1))
         if kind in PARAM_KERNELS:
             kernel = PARAM_KERNELS[kind]
             w = model.tensors[op.inputs[1]].data
@@ -520,7 +525,7 @@ class Trainer:
                                          and not (op.kind == "QUANTIZE" and op.outputs[0] in model.core_inputs)]
         acts = {t: elems(t) for t in core}
         saved = sum(acts.values())
-        block = min(batch, max(1, numba.get_num_threads()))
+        threads = max(1, numba.get_num_threads())
         pending = {self.logits_tensor: 2 * elems(self.logits_tensor)}
         pending32 = {self.logits_tensor: 4 * elems(self.logits_tensor)}
         persistent = weights + master + optimizer
@@ -536,6 +541,7 @@ class Trainer:
             x_t = op.inputs[0]
             x_e = elems(x_t)
             need = self._wants_error(x_t)
+            block = min(batch, max(threads, BLOCK_BYTES // max(4 * x_e // batch, 1)))
             new_x = 2 * x_e if need else 0
             if op.kind in PARAM_KERNELS:
                 trained = op.index in self.trainable_ops

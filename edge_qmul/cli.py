@@ -122,8 +122,10 @@ def _unlearn(args: argparse.Namespace) -> int:
         except TableError as e:
             raise CLIError(str(e)) from None
         overrides["labels"] = "table"
-    if "label" in selector:
-        overrides.setdefault("target_acc", 0.0)  # a forgotten class has no held-out accuracy to meet
+    if "label" in selector and args.method not in ("retrain", "ft"):
+        from .unlearn import CLASS_FORGETTING
+        for key, value in CLASS_FORGETTING.items():
+            overrides.setdefault(key, value)  # a forgotten class has no held-out accuracy to meet
     config = make_config(args.method, overrides)
 
     with Store(args.store) as store:

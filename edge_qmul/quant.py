@@ -114,11 +114,20 @@ def quantize_multiplier(real_multiplier: float) -> tuple[int, int]:
 
 
 def quantize_multipliers(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorized :func:`quantize_multiplier` over per-channel multipliers (float64 in)."""
-    pairs = [quantize_multiplier(float(r)) for r in np.asarray(real, dtype=np.float64).reshape(-1)]
-    mult = np.array([p[0] for p in pairs], dtype=np.int32)
-    shift = np.array([p[1] for p in pairs], dtype=np.int32)
-    return mult, shift
+    """:func:`quantize_multiplier` over an array of multipliers (float64 in), vectorized; the same
+    arithmetic element by element (frexp is exact; the mantissa rounds half away from zero)."""
+    real = np.asarray(real, dtype=np.float64).reshape(-1)
+    if np.any(~np.isfinite(real)) or np.any(real < 0):
+        bad = real[~np.isfinite(real) | (real < 0)][0]
+        raise ModelError(f"invalid requantization multiplier {float(bad)!r}")
+    q, shift = np.frexp(real)
+    q_fixed = np.floor(np.abs(q) * float(1 << 31) + 0.5).astype(np.int64)
+    carry = q_fixed == (1 << 31)
+    q_fixed[carry] //= 2
+    shift = shift.astype(np.int64) + carry
+    tiny = (shift < -31) | (real == 0.0)
+    q_fixed[tiny], shift[tiny] = 0, 0
+    return q_fixed.astype(np.int32), shift.astype(np.int32)
 
 
 def activation_range(activation: str, qp: QuantParams, dtype=np.int8) -> tuple[int, int]:

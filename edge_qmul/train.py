@@ -203,7 +203,8 @@ class Trainer:
     def __init__(self, model: Model, lr: float = 0.05, momentum: float = 0.0, weight_decay: float = 0.0,
                  schedule: str = "constant", total_steps: int | None = None,
                  trainable: Iterable | str | None = None, frac_bits: int = 8,
-                 stochastic_rounding: bool = False, profiler: "Profiler | None" = None) -> None:
+                 stochastic_rounding: bool = False, profiler: "Profiler | None" = None,
+                 block_bytes: int = BLOCK_BYTES) -> None:
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ModelError(f"learning rate must be a positive number, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
@@ -222,6 +223,7 @@ class Trainer:
         self.frac_bits = frac_bits
         self.stochastic_rounding = bool(stochastic_rounding)
         self.profiler = profiler
+        self.block_bytes = int(block_bytes)  # int32 input-gradient sums held at once: memory vs calls
         self._update_during_backward = False
         self.steps = 0
         self.trainable_ops = self._select(trainable)
@@ -316,20 +318,37 @@ class Trainer:
     # --- forward + backward ---
     def gradients(self, x: np.ndarray, targets=None, head: str = "ce") -> Gradients:
         """Integer gradients of the loss for one batch (the model is not changed)."""
-        x, targets = self._check(x, targets, head)
+        return self.gradients_groups([(x, targets, head)])[0]
+
+    def gradients_groups(self, parts) -> list[Gradients]:
+        """Separate gradients for several batches, each with its own loss head, from ONE forward and
+        ONE backward over their concatenation: samples never interact, so each op's errors for a
+        group's rows are that group's own; only the weight sums are split by rows. (The groups share
+        each error tensor's scale.) ``parts`` is a list of (x, targets, head)."""
+        checked = [self._check(x, t, h) + (h,) for x, t, h in parts]
         model = self.model
+        x = checked[0][0] if len(checked) == 1 else np.concatenate([c[0] for c in checked])
+        bounds, start = [], 0
+        for c in checked:
+            bounds.append(slice(start, start + len(c[0])))
+            start += len(c[0])
         with phase_or_nothing(self.profiler, "forward"):
             values = model.run({model.core_inputs[0]: x}, start_after_interface=True)
         with phase_or_nothing(self.profiler, "loss"):
             logits_q = values[self.logits_tensor]
             logits = dequantize(logits_q, model.tensors[self.logits_tensor].quant).astype(np.float64)
-            loss, dlogits = loss_head(logits.reshape(logits.shape[0], -1), targets, head)
+            logits = logits.reshape(logits.shape[0], -1)
+            dlogits = np.empty_like(logits)
+            groups = []
+            for rows, (_, targets, head) in zip(bounds, checked):
+                loss, dlogits[rows] = loss_head(logits[rows], targets, head)
+                groups.append((rows, Gradients(loss=loss, batch=rows.stop - rows.start)))
             errors: dict[int, G.Error] = {self.logits_tensor: G.from_float(dlogits.reshape(logits_q.shape))}
         with phase_or_nothing(self.profiler, "backward"):
-            grads = self._backward(values, errors, Gradients(loss=loss, batch=x.shape[0]))
-        return grads
+            self._backward(values, errors, groups)
+        return [g for _, g in groups]
 
-    def _backward(self, values: dict, errors: dict, grads: Gradients) -> Gradients:
+    def _backward(self, values: dict, errors: dict, groups: list) -> None:
         """Walk the ops backward from the logits' error down to the first trainable op.
 
         Memory is what makes this work on a board: each op's output error is masked in place, the
@@ -349,15 +368,15 @@ class Trainer:
             if clamp:
                 G.clamp_mask(err.values, values[out], *clamp)
             values.pop(out, None)  # later (upstream) ops never read this activation
-            for t, e in self._backward_op(op, params, values, err, grads):
+            for t, e in self._backward_op(op, params, values, err, groups):
                 errors[t] = _combine_errors(errors[t], e) if t in errors else e
-        return grads
 
     def _wants_error(self, t: int) -> bool:
         return t >= 0 and t in self._needs_grad and t != self.model.core_inputs[0]
 
-    def _backward_op(self, op, params, values: dict, err: G.Error, grads: Gradients):
-        """Parameter gradients into ``grads``; returns [(input tensor, its error)]."""
+    def _backward_op(self, op, params, values: dict, err: G.Error, groups: list):
+        """Parameter gradients into each group's Gradients (its rows of the batch); returns
+        [(input tensor, its error)]."""
         model, kind, g = self.model, op.kind, err.values
         x_t = op.inputs[0]
         x = values[x_t] if x_t in values else model.tensors[x_t].data
@@ -365,28 +384,34 @@ class Trainer:
         # and as many as fit in BLOCK_BYTES of int32 sums (small layers then take one or two calls)
         n = g.shape[0]
         per_sample = 4 * int(np.prod(x.shape[1:]))
-        block = max(1, numba.get_num_threads(), BLOCK_BYTES // max(per_sample, 1))
+        block = max(1, numba.get_num_threads(), self.block_bytes // max(per_sample, 1))
         if kind in PARAM_KERNELS:
             kernel = PARAM_KERNELS[kind]
             w = model.tensors[op.inputs[1]].data
-            mine: dict[str, ParamGrad] = {}
+            per_group: list[dict[str, ParamGrad]] = []
             if op.index in self.trainable_ops:
-                gw, gb = kernel.grad_params(params, x, g)
                 s_x = float(model.tensors[x_t].quant.s)
-                mine[f"{op.name}.weight"] = _to_int32(gw, err.scale * s_x)
-                if len(op.inputs) > 2 and op.inputs[2] >= 0:
-                    mine[f"{op.name}.bias"] = _to_int32(gb, err.scale)
-                del gw, gb
-            if self._update_during_backward and mine:
+                for rows, _ in groups:
+                    gw, gb = kernel.grad_params(params, x[rows], g[rows]) if len(groups) > 1 else \
+                        kernel.grad_params(params, x, g)
+                    mine = {f"{op.name}.weight": _to_int32(gw, err.scale * s_x)}
+                    if len(op.inputs) > 2 and op.inputs[2] >= 0:
+                        mine[f"{op.name}.bias"] = _to_int32(gb, err.scale)
+                    per_group.append(mine)
+                    del gw, gb
+            if self._update_during_backward and per_group:
                 # step(): update this op now and keep no gradient for later; the input error below
                 # still needs the weights the forward used, kept as an int8 copy (a quarter of the
                 # int32 gradient it replaces).
                 if self._wants_error(x_t):
                     w = w.copy()
-                for name, pg in mine.items():
+                for name, pg in per_group[0].items():
                     self._apply_param(name, pg, self.learning_rate())
-                mine.clear()
-            grads.params.update(mine)
+                for mine in per_group:
+                    mine.clear()  # the int32 gradients go now, before the input error is made
+                per_group = []
+            for (_, grads), mine in zip(groups, per_group):
+                grads.params.update(mine)
             if not self._wants_error(x_t):
                 return []
             wq = model.tensors[op.inputs[1]].quant
@@ -541,7 +566,7 @@ class Trainer:
             x_t = op.inputs[0]
             x_e = elems(x_t)
             need = self._wants_error(x_t)
-            block = min(batch, max(threads, BLOCK_BYTES // max(4 * x_e // batch, 1)))
+            block = min(batch, max(threads, self.block_bytes // max(4 * x_e // batch, 1)))
             new_x = 2 * x_e if need else 0
             if op.kind in PARAM_KERNELS:
                 trained = op.index in self.trainable_ops

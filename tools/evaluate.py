@@ -13,7 +13,8 @@ UA, MIA and utility = RA, TA) and the fraction of int8 weights changed; mean ± 
 
 ``--tune`` runs the same small search for every method (learning rate x epoch cap) on the given
 seeds (use seeds that are not in the reported table) and prints the configuration with the
-smallest average gap per method, as JSON for ``--configs``.
+smallest average gap per method, as JSON for ``--configs``; ``--max-cost 0.1`` keeps only
+configurations that take at most 10% of retrain's wall time (the device budget), for every method.
 """
 from __future__ import annotations
 
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--configs", type=Path, help="JSON {method: {field: value}} overriding defaults")
     ap.add_argument("--tune", action="store_true", help="search lr x epochs per method on these seeds")
+    ap.add_argument("--max-cost", type=float, default=None,
+                    help="with --tune: only configurations whose wall time is at most this fraction of "
+                         "retrain's (e.g. 0.1), for every method alike")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args(argv)
@@ -200,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.tune:
         retrain_rows = [run_method(sp, "retrain", configs.get("retrain")) for sp in splits]
+        retrain_s = float(np.mean([r["RTE_s"] for r in retrain_rows]))
         chosen = {}
         for method in methods:
             if method == "retrain":
@@ -209,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = {**configs.get(method, {}), "lr": lr, "epochs": epochs}
                 rows = [run_method(sp, method, cfg) for sp in splits]
                 gap = float(np.mean([metrics.average_gap(r, rr) for r, rr in zip(rows, retrain_rows)]))
-                print(f"tune {method} lr={lr} epochs={epochs}: gap {gap:.2f}", file=sys.stderr, flush=True)
-                if best is None or gap < best[0]:
+                cost = float(np.mean([r["RTE_s"] for r in rows])) / retrain_s
+                allowed = args.max_cost is None or cost <= args.max_cost
+                print(f"tune {method} lr={lr} epochs={epochs}: gap {gap:.2f}, cost {100 * cost:.1f}% of retrain"
+                      + ("" if allowed else " (over the cost limit)"), file=sys.stderr, flush=True)
+                if allowed and (best is None or gap < best[0]):
                     best = (gap, cfg)
+            if best is None:
+                print(f"tune {method}: no configuration within the cost limit", file=sys.stderr)
+                continue
             chosen[method] = best[1]
             print(f"tune {method}: chose {best[1]} (gap {best[0]:.2f})", file=sys.stderr, flush=True)
         print(json.dumps(chosen, indent=1))

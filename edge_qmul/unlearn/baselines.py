@@ -48,8 +48,7 @@ def rl(model: Model, forget: Split, retain: Split, validation: Split | None, con
     y_rand = random_wrong_labels(yf, num_classes, config.seed)
 
     def step(trainer: Trainer, fi: np.ndarray, ri: np.ndarray) -> dict:
-        g_f = trainer.gradients(xf[fi], y_rand[fi])
-        g_r = trainer.gradients(xr[ri], yr[ri])
+        g_f, g_r = trainer.gradients_groups([(xf[fi], y_rand[fi], "ce"), (xr[ri], yr[ri], "ce")])
         trainer.apply(combine([(g_f, 1.0), (g_r, 1.0)]))
         return {"loss_f": g_f.loss, "loss_r": g_r.loss}
 

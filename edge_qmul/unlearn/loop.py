@@ -91,7 +91,9 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
     shuffled forget batches, each paired with the next retain batch, until the stopping rule fires
     or the epoch cap is reached."""
     t0 = time.perf_counter()
-    trainer = Trainer(model, lr=config.lr, momentum=config.momentum, trainable=config.trainable)
+    # speed over the last bytes here: the forget and retain gradients are held at once anyway
+    trainer = Trainer(model, lr=config.lr, momentum=config.momentum, trainable=config.trainable,
+                      block_bytes=256 * 1024)
     rng = np.random.default_rng(config.seed)
     xf, yf = forget
     xr, yr = retain

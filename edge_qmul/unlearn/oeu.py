@@ -16,8 +16,7 @@ def oeu(model: Model, forget: Split, retain: Split, validation: Split | None, co
     (xf, _), (xr, yr) = forget, retain
 
     def step(trainer: Trainer, fi: np.ndarray, ri: np.ndarray) -> dict:
-        g_h = trainer.gradients(xf[fi], None, head="entropy")
-        g_r = trainer.gradients(xr[ri], yr[ri])
+        g_h, g_r = trainer.gradients_groups([(xf[fi], None, "entropy"), (xr[ri], yr[ri], "ce")])
         rr = g_r.norm() ** 2
         c = g_h.dot(g_r) / rr if rr > 0 else 0.0
         trainer.apply(combine([(g_h, -1.0), (g_r, 1.0 + c)]))

@@ -35,8 +35,7 @@ def _run(model: Model, forget: Split, retain: Split, validation: Split | None, c
     head = "soft" if targets.ndim == 2 else "ce"
 
     def step(trainer: Trainer, fi: np.ndarray, ri: np.ndarray) -> dict:
-        g_f = trainer.gradients(xf[fi], targets[fi], head=head)
-        g_r = trainer.gradients(xr[ri], yr[ri])
+        g_f, g_r = trainer.gradients_groups([(xf[fi], targets[fi], head), (xr[ri], yr[ri], "ce")])
         w_f, w_r = agr_weights(g_f, g_r) if reweight else (1.0, 1.0)
         trainer.apply(combine([(g_f, w_f), (g_r, w_r)]))
         return {"loss_f": g_f.loss, "loss_r": g_r.loss, "w_f": w_f}

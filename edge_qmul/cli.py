@@ -290,14 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="path to an int8 .tflite model")
     info.set_defaults(func=_info)
 
-    from .unlearn import METHODS
+    from .unlearn import DEFAULT_METHOD, METHODS
     un = sub.add_parser("unlearn", help="forget samples of the store from a model")
     un.add_argument("--model", required=True, help="the int8 .tflite the device runs")
     un.add_argument("--store", required=True, help="the sample store (SQLite)")
     un.add_argument("--owner", help="forget every sample of this owner")
     un.add_argument("--ids", help="forget the sample ids listed in this file, one per line")
     un.add_argument("--class", dest="label", type=int, help="forget a whole class")
-    un.add_argument("--method", default="qmul", choices=sorted(METHODS))
+    un.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+                    help=f"default {DEFAULT_METHOD}: the best measured gap to retrain (benchmarks/README.md)")
     un.add_argument("--table", help="similar-label table (JSON) from the host")
     un.add_argument("--allow-table-mismatch", action="store_true",
                     help="accept a table made for another model (same class count)")

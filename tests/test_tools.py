@@ -1,0 +1,44 @@
+"""The host tools run end to end and write what they promise."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import fixture_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_similar_labels_tool(tmp_path):
+    out = tmp_path / "table.json"
+    r = _run("tools/similar_labels.py", "--model", str(fixture_path("digits_cnn")), "--data", "digits",
+             "--out", str(out), "--pairs", "3")
+    assert r.returncode == 0, r.stderr
+    table = json.loads(out.read_text())
+    assert table["k"] == 3 and len(table["similar"]) == 10 and table["model_sha256"]
+    assert r.stdout.count("->") == 3
+    bad = _run("tools/similar_labels.py", "--model", str(tmp_path / "missing.tflite"), "--data", "digits",
+               "--out", str(tmp_path / "t2.json"))
+    assert bad.returncode == 2 and "missing.tflite" in bad.stderr and not (tmp_path / "t2.json").exists()
+
+
+def test_evaluate_tool(tmp_path):
+    out = tmp_path / "eval.json"
+    r = _run("tools/evaluate.py", "--dataset", "digits", "--methods", "retrain,qmul,ga", "--seeds", "0",
+             "--json", str(out), "--plot", str(tmp_path / "eval.png"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["setting"]["dataset"] == "digits" and data["setting"]["seeds"] == [0]
+    for method in ("retrain", "qmul", "ga"):
+        row = data["methods"][method]
+        for key in ("UA", "RA", "TA", "MIA", "RTE_s", "gap", "changed"):
+            assert set(row[key]) == {"mean", "std"}, (method, key)
+    assert data["methods"]["retrain"]["gap"]["mean"] == 0.0
+    assert "| qmul |" in r.stdout
+    assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"

@@ -85,10 +85,13 @@ def predict_proba(model: "Model", x_int8: np.ndarray, batch: int = 256) -> np.nd
     return np.concatenate(out, axis=0)
 
 
-def _labels(y, n: int, num_classes: int, where: str) -> np.ndarray:
+def check_labels(y, n: int | None, num_classes: int, where: str) -> np.ndarray:
+    """Labels as int64, checked: 1-D, ``n`` entries (if given), integers in [0, num_classes)."""
     y = np.asarray(y)
-    if y.ndim != 1 or len(y) != n:
-        raise ValueError(f"{where}: labels must be a 1-D array of {n} entries, got shape {y.shape}")
+    if y.ndim != 1 or (n is not None and len(y) != n):
+        want = "a 1-D array" if n is None else f"a 1-D array of {n} entries"
+        raise ValueError(f"{where}: labels must be {want}, got shape {y.shape}")
+    n = len(y)
     if n and not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{where}: labels must be integers, got {y.dtype}")
     y = y.astype(np.int64)
@@ -96,6 +99,9 @@ def _labels(y, n: int, num_classes: int, where: str) -> np.ndarray:
         bad = y[(y < 0) | (y >= num_classes)]
         raise ValueError(f"{where}: label {int(bad[0])} is outside [0, {num_classes})")
     return y
+
+
+_labels = check_labels
 
 
 def _probs_and_labels(model: "Model", x_int8, y, where: str) -> tuple[np.ndarray, np.ndarray]:

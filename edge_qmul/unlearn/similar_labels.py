@@ -219,18 +219,8 @@ class SimilarLabelTable:
 # --- building a table ------------------------------------------------------------------------------
 
 def _labels(y, n: int | None, num_classes: int, where: str) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1 or (n is not None and len(y) != n):
-        want = "a 1-D array" if n is None else f"a 1-D array of {n} entries"
-        raise ValueError(f"{where}: labels must be {want}, got shape {y.shape}")
-    n = len(y)
-    if n and not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{where}: labels must be integers, got {y.dtype}")
-    y = y.astype(np.int64)
-    if n and (y.min() < 0 or y.max() >= num_classes):
-        bad = y[(y < 0) | (y >= num_classes)]
-        raise ValueError(f"{where}: label {int(bad[0])} is outside [0, {num_classes})")
-    return y
+    from ..metrics import check_labels
+    return check_labels(y, n, num_classes, where)
 
 
 def similarity_matrix(model: "Model", x_int8: np.ndarray, y: np.ndarray,

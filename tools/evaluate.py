@@ -113,9 +113,15 @@ def run_method(split: dict, method: str, config: dict | None) -> dict:
     if split["class"] is not None and method not in ("retrain", "ft"):
         for key, value in CLASS_FORGETTING.items():  # a forgotten class has no held-out level to meet
             cfg[key] = value
+    table = None
+    if cfg.get("labels") == "table":  # the host's table: built from the original model on retain data
+        from edge_qmul.unlearn.similar_labels import build_table
+        if "table" not in split:
+            split["table"] = build_table(split["model"], *split["retain"], k=3)
+        table = split["table"]
     t0 = time.perf_counter()
     result = unlearn(split["model"], split["forget"], split["retain"], method=method, config=cfg,
-                     validation=split["validation"])
+                     validation=split["validation"], table=table)
     wall = time.perf_counter() - t0
     m = metrics.evaluate(result.model, split["forget"], split["retain"], split["test"])
     m.update({"RTE_s": wall, "changed": 100.0 * metrics.changed_fraction(split["model"], result.model),

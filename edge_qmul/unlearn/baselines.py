@@ -69,11 +69,21 @@ def ga(model: Model, forget: Split, retain: Split, validation: Split | None, con
     return drive(model, forget, retain, validation, config, step, progress, "ga")
 
 
-def agr_weights(g_f, g_r) -> tuple[float, float]:
-    """Adaptive Gradient Reweighting: w_f = |g_r| / (|g_f| + |g_r|), w_r = |g_f| / (|g_f| + |g_r|),
-    so both terms contribute equally to the update (norms: scalar reductions of the int32 sums)."""
+def agr_weights(g_f, g_r, rule: str = "harmonic") -> tuple[float, float]:
+    """Adaptive Gradient Reweighting: weights that make the forget and retain terms contribute
+    equally to the update (norms are scalar reductions of the int32 sums).
+
+    ``harmonic`` (DESIGN.md §4): w_f = |g_r| / (|g_f| + |g_r|), w_r = |g_f| / (|g_f| + |g_r|): each
+    term's norm becomes |g_f||g_r| / (|g_f| + |g_r|), which vanishes when either gradient does.
+    ``mean``: each term rescaled to the mean norm (|g_f| + |g_r|) / 2 — the same direction, a step
+    that does not vanish on a model that already fits its retain set (|g_r| ~ 0).
+    """
     nf, nr = g_f.norm(), g_r.norm()
     total = nf + nr
     if total == 0.0 or not math.isfinite(total):
         return 0.5, 0.5
+    if rule == "mean":
+        if nf == 0.0 or nr == 0.0:
+            return (1.0, 0.0) if nr == 0.0 else (0.0, 1.0)
+        return total / (2 * nf), total / (2 * nr)
     return nr / total, nf / total

@@ -35,6 +35,7 @@ class UnlearnConfig:
     trainable: object = None     # Trainer(trainable=...): None = every op with parameters
     seed: int = 0
     target_acc: float | None = None  # stop when forget accuracy <= this; None: validation accuracy
+    agr: str = "mean"            # Adaptive Gradient Reweighting rule: "mean" or "harmonic" (DESIGN.md)
     labels: str = "model"        # similar labels: "model" (best wrong class) or "table"
     table_mode: str = "top1"     # with a table: "top1", "sample" or "soft"
 

@@ -6,10 +6,7 @@ import hashlib
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-
-import numpy as np
 
 from . import __version__
 from .errors import ModelError
@@ -17,10 +14,6 @@ from .errors import ModelError
 
 class CLIError(Exception):
     """A user-facing failure: printed as one line, exit status 2."""
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -98,152 +91,41 @@ def _selector(args) -> dict:
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-    from . import metrics
-    from .store import Store, StoreError, sha256_id
-    from .tflite import load_tflite, save_tflite
-    from .unlearn import make_config, unlearn
-    from .unlearn.similar_labels import SimilarLabelTable, TableError, check_table
+    from .fsutil import atomic_write
+    from .forget import commit, run_forget
+    from .store import Store
 
     model_path, out_path = Path(args.model), Path(args.out)
     if out_path.resolve() == model_path.resolve():
         raise CLIError("--out must differ from --model: the original model stays as it is")
-    model = load_tflite(model_path)
-    model_before = _sha256_file(model_path)
     selector = _selector(args)
     if not Path(args.store).is_file():
         raise CLIError(f"--store {args.store}: no such file")
+    if not model_path.is_file():
+        raise CLIError(f"--model {model_path}: no such file")
     overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("seed", args.seed)) if v is not None}
-    table = None
-    if args.table:
-        try:
-            table = SimilarLabelTable.load(args.table)
-            check_table(table, metrics.model_sha256(model), metrics._num_classes(model),
-                        allow_model_mismatch=args.allow_table_mismatch)
-        except TableError as e:
-            raise CLIError(str(e)) from None
-        overrides["labels"] = "table"
-    if "label" in selector and args.method not in ("retrain", "ft"):
-        from .unlearn import CLASS_FORGETTING
-        for key, value in CLASS_FORGETTING.items():
-            overrides.setdefault(key, value)  # a forgotten class has no held-out accuracy to meet
-    config = make_config(args.method, overrides)
-
+    progress = Progress()
     with Store(args.store) as store:
-        # every check before the first write: bad input leaves the store byte for byte as it was
-        q = model.tensors[model.core_inputs[0]].quant
-        if store.input_shape is not None and tuple(store.input_shape) != tuple(model.tensors[model.core_inputs[0]].shape[1:]):
-            raise CLIError(f"the store's samples are {list(store.input_shape)}, the model takes "
-                           f"{list(model.tensors[model.core_inputs[0]].shape[1:])}")
-        if store.quant is not None and store.quant != q:
-            raise CLIError(f"the store's samples were quantized with {store.quant}, the model's input is {q}")
-        forget_ids = store.select(**selector, role="train")
-        all_forget_ids = store.select(**selector, role=None)
-        if not forget_ids:
-            raise CLIError(f"the selection {_describe(selector)} names no training sample: nothing to forget")
-        if len(forget_ids) >= store.count(role="train"):
-            raise CLIError(f"the selection {_describe(selector)} is the whole store: nothing would remain "
-                           "to keep the model useful; retrain from scratch instead")
-        forget_validation = set(all_forget_ids) - set(forget_ids)
-        retain_ids = store.retain_sample(exclude_ids=forget_ids, max_n=args.retain_max, seed=config.seed)
-        validation_ids = [i for i in store.retain_sample(role="validation") if i not in forget_validation]
-        forget = store.load(forget_ids)
-        retain = store.load(retain_ids)
-        validation = store.load(validation_ids) if validation_ids else None
-        if validation is None and "label" not in selector:
-            print("edge-qmul: warning: the store has no validation slice; the stopping rule has no "
-                  "reference and the methods run to their epoch cap", file=sys.stderr)
-
-        request_id = store.create_request(selector, args.method, config.to_dict())
-        store.set_status(request_id, "running")
-        try:
-            before = _metrics(model, forget, retain, validation)
-            progress = Progress()
-            t0 = time.perf_counter()
-            result = unlearn(model, forget, retain, method=args.method, config=config, validation=validation,
-                             table=table, progress=progress)
-            wall = time.perf_counter() - t0
-            progress.close()
-            after = _metrics(result.model, forget, retain, validation)
-            save_tflite(result.model, out_path)
-            model_after = _sha256_file(out_path)
-            litert_check = _litert_agrees(out_path, result.model, forget[0], retain[0][:256])
-            summary = {"UA": after["UA"], "RA": after["RA"], "VA": after["VA"], "MIA": after["MIA"]}
-            store.set_status(request_id, "done", {"model_after": model_after, **summary})
-        except BaseException as e:
-            store.set_status(request_id, "failed", {"error": f"{type(e).__name__}: {e}"})
-            raise
-        committed = None
+        cert = run_forget(model_path, store, selector, args.method, overrides, args.table,
+                          args.allow_table_mismatch, args.retain_max, out_path, progress,
+                          warn=lambda m: print(f"edge-qmul: {m}", file=sys.stderr))
+        progress.close()
         if args.commit:
-            committed = store.commit_forget(request_id, all_forget_ids, model_after)
-
-    certificate = {
-        "request_id": request_id,
-        "selector": {k: (v if k == "label" else None) for k, v in selector.items()},
-        "forgotten_sample_id_hashes": sorted(sha256_id(i) for i in all_forget_ids),
-        "n_forgotten": len(all_forget_ids),
-        "method": args.method,
-        "params": config.to_dict(),
-        "model_before_sha256": model_before,
-        "model_after_sha256": model_after,
-        "metrics_before": before,
-        "metrics_after": after,
-        "wall_s": wall,
-        "steps": result.steps,
-        "stopped_by_rule": result.stopped_by_rule,
-        "litert_agrees_with_engine": litert_check,
-        "committed": committed is not None,
-        "samples_deleted_at": committed["deleted_at"] if committed else None,
-        "audit_hash": committed.get("audit_hash") if committed else None,
-        "engine_version": __version__,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-    }
+            cert = commit(store, cert)
+        else:
+            cert.pop("_forget_ids")
     if args.report:
-        from .fsutil import atomic_write
-        atomic_write(args.report, (json.dumps(certificate, indent=1, sort_keys=True) + "\n").encode())
-    print(f"forgot {len(all_forget_ids)} samples with {args.method} in {wall:.2f} s ({result.steps} steps"
-          f"{', stopped by the held-out rule' if result.stopped_by_rule else ''})")
+        atomic_write(args.report, (json.dumps(cert, indent=1, sort_keys=True) + "\n").encode())
+    print(f"forgot {cert['n_forgotten']} samples with {args.method} in {cert['wall_s']:.2f} s "
+          f"({cert['steps']} steps{', stopped by the held-out rule' if cert['stopped_by_rule'] else ''})")
     for key in ("UA", "RA", "VA", "MIA"):
-        b, a = before[key], after[key]
+        b, a = cert["metrics_before"][key], cert["metrics_after"][key]
         if a is not None:
             print(f"  {key}: {b:.2f} -> {a:.2f}")
-    print(f"  model {model_before[:12]} -> {model_after[:12]} written to {out_path}")
-    print("  samples deleted from the store" if committed else
+    print(f"  model {cert['model_before_sha256'][:12]} -> {cert['model_after_sha256'][:12]} written to {out_path}")
+    print("  samples deleted from the store" if cert["committed"] else
           "  samples still in the store: run again with --commit to delete them")
     return 0
-
-
-def _describe(selector: dict) -> str:
-    if "owner" in selector:
-        return f"owner {selector['owner']!r}"
-    if "label" in selector:
-        return f"class {selector['label']}"
-    return f"{len(selector['ids'])} listed ids"
-
-
-def _metrics(model, forget, retain, validation) -> dict:
-    from . import metrics
-    from .unlearn import accuracy
-    out = {"UA": 100.0 - accuracy(model, forget), "RA": accuracy(model, retain),
-           "VA": accuracy(model, validation) if validation is not None else None, "MIA": None}
-    if validation is not None:
-        try:
-            out["MIA"] = metrics.mia_efficacy(model, retain, validation, forget)
-        except ImportError:
-            pass  # scikit-learn is a host dependency: the device reports accuracies only
-    return out
-
-
-def _litert_agrees(path: Path, model, *batches) -> bool | None:
-    """Does LiteRT, running the written file, predict what the engine reported? None without LiteRT."""
-    try:
-        from . import litert
-        data = path.read_bytes()
-        for x in batches:
-            if len(x) and not np.array_equal(litert.run(data, x).argmax(axis=1), model.forward(x).argmax(axis=1)):
-                return False
-        return True
-    except ImportError:
-        return None
 
 
 # --- store ---------------------------------------------------------------------------------------
@@ -336,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     from .unlearn.similar_labels import TableError
     try:
         return args.func(args)
-    except (ModelError, StoreError, TableError, CLIError) as e:
+    except (ModelError, StoreError, TableError, CLIError) as e:  # ForgetError is a ModelError
         print(f"edge-qmul: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,173 @@
+"""A forget job from start to certificate: the one code path the CLI and the device agent share.
+
+Everything is checked before the first write (bad input leaves the model file and the store byte for
+byte unchanged); then the request is recorded, the method runs, the new model is written (atomic,
+content-addressed by the caller's choice of path), checked in LiteRT, and the certificate is built.
+Committing (deleting the samples, switching the active model) is a separate, explicit step.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import ModelError
+
+
+class ForgetError(ModelError):
+    """A forget request that cannot run as given (the message says why); nothing was changed."""
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def describe(selector: dict) -> str:
+    if "owner" in selector:
+        return f"owner {selector['owner']!r}"
+    if "label" in selector:
+        return f"class {selector['label']}"
+    return f"{len(selector['ids'])} listed ids"
+
+
+def run_forget(model_path: Path, store, selector: dict, method: str, overrides: dict | None = None,
+               table_path: str | None = None, allow_table_mismatch: bool = False,
+               retain_max: int | None = None, out_path: Path | None = None, progress=None,
+               request_id: str | None = None, warn=print) -> dict:
+    """Run one forget request against an open Store; returns the certificate (not committed).
+
+    ``out_path`` receives the new model (default: next to the old one, named by its hash).
+    """
+    from . import metrics
+    from .store import sha256_id
+    from .tflite import load_tflite, save_tflite
+    from .unlearn import CLASS_FORGETTING, make_config, unlearn
+    from .unlearn.similar_labels import SimilarLabelTable, TableError, check_table
+
+    model_path = Path(model_path)
+    model = load_tflite(model_path)
+    model_before = sha256_file(model_path)
+    overrides = dict(overrides or {})
+    table = None
+    if table_path:
+        try:
+            table = SimilarLabelTable.load(table_path)
+            check_table(table, metrics.model_sha256(model), metrics._num_classes(model),
+                        allow_model_mismatch=allow_table_mismatch)
+        except TableError as e:
+            raise ForgetError(str(e)) from None
+        overrides["labels"] = "table"
+    if "label" in selector and method not in ("retrain", "ft"):
+        for key, value in CLASS_FORGETTING.items():
+            overrides.setdefault(key, value)  # a forgotten class has no held-out accuracy to meet
+    config = make_config(method, overrides)
+
+    q = model.tensors[model.core_inputs[0]].quant
+    shape = tuple(model.tensors[model.core_inputs[0]].shape[1:])
+    if store.input_shape is not None and tuple(store.input_shape) != shape:
+        raise ForgetError(f"the store's samples are {list(store.input_shape)}, the model takes {list(shape)}")
+    if store.quant is not None and store.quant != q:
+        raise ForgetError(f"the store's samples were quantized with {store.quant}, the model's input is {q}")
+    forget_ids = store.select(**selector, role="train")
+    all_forget_ids = store.select(**selector, role=None)
+    if not forget_ids:
+        raise ForgetError(f"the selection {describe(selector)} names no training sample: nothing to forget")
+    if len(forget_ids) >= store.count(role="train"):
+        raise ForgetError(f"the selection {describe(selector)} is the whole store: nothing would remain "
+                          "to keep the model useful; retrain from scratch instead")
+    forget_validation = set(all_forget_ids) - set(forget_ids)
+    retain_ids = store.retain_sample(exclude_ids=forget_ids, max_n=retain_max, seed=config.seed)
+    validation_ids = [i for i in store.retain_sample(role="validation") if i not in forget_validation]
+    forget = store.load(forget_ids)
+    retain = store.load(retain_ids)
+    validation = store.load(validation_ids) if validation_ids else None
+    if validation is None and "label" not in selector:
+        warn("warning: the store has no validation slice; the stopping rule has no reference and "
+             "the method runs to its epoch cap")
+
+    request_id = store.create_request(selector, method, config.to_dict(), request_id=request_id)
+    if store.get_request(request_id)["status"] == "pending":
+        store.set_status(request_id, "running")
+    try:
+        before = measure(model, forget, retain, validation)
+        t0 = time.perf_counter()
+        result = unlearn(model, forget, retain, method=method, config=config, validation=validation,
+                         table=table, progress=progress)
+        wall = time.perf_counter() - t0
+        after = measure(result.model, forget, retain, validation)
+        if out_path is None:
+            from .tflite import to_bytes
+            digest = hashlib.sha256(to_bytes(result.model)).hexdigest()
+            out_path = model_path.parent / f"{digest}.tflite"
+        save_tflite(result.model, out_path)
+        model_after = sha256_file(out_path)
+        litert_check = litert_agrees(out_path, result.model, forget[0], retain[0][:256])
+        store.set_status(request_id, "done", {"model_after": model_after, "UA": after["UA"], "RA": after["RA"],
+                                              "VA": after["VA"], "MIA": after["MIA"]})
+    except BaseException as e:
+        store.set_status(request_id, "failed", {"error": f"{type(e).__name__}: {e}"})
+        raise
+    return {
+        "request_id": request_id,
+        "selector": {k: (v if k == "label" else None) for k, v in selector.items()},
+        "forgotten_sample_id_hashes": sorted(sha256_id(i) for i in all_forget_ids),
+        "n_forgotten": len(all_forget_ids),
+        "method": method,
+        "params": config.to_dict(),
+        "model_before_sha256": model_before,
+        "model_after_sha256": model_after,
+        "model_after_path": str(out_path),
+        "metrics_before": before,
+        "metrics_after": after,
+        "wall_s": wall,
+        "steps": result.steps,
+        "stopped_by_rule": result.stopped_by_rule,
+        "litert_agrees_with_engine": litert_check,
+        "committed": False,
+        "samples_deleted_at": None,
+        "audit_hash": None,
+        "engine_version": __version__,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "_forget_ids": all_forget_ids,
+    }
+
+
+def commit(store, certificate: dict) -> dict:
+    """Delete the forgotten samples and switch the active model (one transaction); returns the
+    certificate completed with the deletion time and the audit hash."""
+    ids = certificate.pop("_forget_ids")
+    done = store.commit_forget(certificate["request_id"], ids, certificate["model_after_sha256"])
+    certificate.update({"committed": True, "samples_deleted_at": done["deleted_at"],
+                        "audit_hash": done.get("audit_hash")})
+    return certificate
+
+
+def measure(model, forget, retain, validation) -> dict:
+    """UA, RA, VA (held-out accuracy) and, where scikit-learn is installed, MIA."""
+    from . import metrics
+    from .unlearn import accuracy
+    out = {"UA": 100.0 - accuracy(model, forget), "RA": accuracy(model, retain),
+           "VA": accuracy(model, validation) if validation is not None else None, "MIA": None}
+    if validation is not None:
+        try:
+            out["MIA"] = metrics.mia_efficacy(model, retain, validation, forget)
+        except ImportError:
+            pass  # scikit-learn is a host dependency: the device reports accuracies only
+    return out
+
+
+def litert_agrees(path: Path, model, *batches) -> bool | None:
+    """Does LiteRT, running the written file, predict what the engine reported? None without LiteRT."""
+    try:
+        from . import litert
+        data = Path(path).read_bytes()
+        for x in batches:
+            if len(x) and not np.array_equal(litert.run(data, x).argmax(axis=1), model.forward(x).argmax(axis=1)):
+                return False
+        return True
+    except ImportError:
+        return None

@@ -164,6 +164,37 @@ def _store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    from firmware_bridge.device import Agent, read_key, serve
+    from firmware_bridge.transport import SerialTransport, TcpListener
+    logging.basicConfig(level=logging.INFO, format='{"time": "%(asctime)s", "level": "%(levelname)s", '
+                        '"logger": "%(name)s", "message": "%(message)s"}')
+    key = read_key(args.key_file)
+    agent = Agent(args.state)
+    if args.serial:
+        serve(SerialTransport(args.serial), agent, key)
+        return 0
+    host, _, port = args.listen.rpartition(":")
+    if not port.isdigit():
+        raise CLIError(f"--listen {args.listen!r}: expected HOST:PORT")
+    listener = TcpListener(host or "127.0.0.1", int(port))
+    print(f"listening on {listener.address[0]}:{listener.address[1]}", flush=True)
+    while True:  # one host at a time; the next connection gets the same state
+        transport = listener.accept(timeout=None)
+        serve(transport, agent, key)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from firmware_bridge.device import write_key
+    try:
+        path = write_key(args.key_file)
+    except FileExistsError:
+        raise CLIError(f"{args.key_file} exists: a key is never overwritten") from None
+    print(f"wrote a 32-byte key to {path} (mode 600)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-qmul", description="On-device unlearning for int8 models.")
     p.add_argument("--version", action="version", version=f"edge-qmul {__version__}")
@@ -193,6 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--commit", action="store_true",
                     help="delete the forgotten samples and record the new model as active")
     un.set_defaults(func=_unlearn)
+
+    sv = sub.add_parser("serve", help="run the device agent (firmware_bridge) on a serial line or TCP")
+    where = sv.add_mutually_exclusive_group(required=True)
+    where.add_argument("--serial", help="a pyserial URL or device, e.g. /dev/ttyUSB0")
+    where.add_argument("--listen", help="HOST:PORT to listen on (TCP)")
+    sv.add_argument("--state", required=True, help="the device's state directory")
+    sv.add_argument("--key-file", required=True, help="the 32-byte pre-shared key (mode 0600)")
+    sv.set_defaults(func=_serve)
+    kg = sub.add_parser("keygen", help="write a new 32-byte pre-shared key with mode 0600")
+    kg.add_argument("key_file")
+    kg.set_defaults(func=_keygen)
 
     st = sub.add_parser("store", help="the sample store: import, list, stats, verify")
     st_sub = st.add_subparsers(dest="store_command", required=True)

@@ -1,0 +1,253 @@
+"""Request / response over sealed frames: HELLO handshake, request ids, retries, idempotent replies.
+
+The host sends ``{"rid": <16 bytes>, "body": {...}}`` in a frame of the request's type; the device
+answers ``REPLY {"rid", "body"}`` or ``ERROR {"rid", "code", "message"}``. A lost request or reply
+is retried with the same rid (a fresh frame counter); the device keeps its recent replies by rid and
+answers a retry with the stored reply instead of running the handler again, so a retried FORGET runs
+one job. Invalid frames are dropped and counted, never answered: garbage gets silence.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+from .frames import (DIRECTION_DEVICE_TO_HOST, DIRECTION_HOST_TO_DEVICE, FrameError, FrameReader, MsgType,
+                     Opener, Sealer, derive_session_keys, hello_opener, hello_sealer, peek_header)
+from .transport import Transport, TransportClosed
+
+log = logging.getLogger("firmware_bridge.channel")
+
+HOST_TO_DEVICE, DEVICE_TO_HOST = DIRECTION_HOST_TO_DEVICE, DIRECTION_DEVICE_TO_HOST
+DEFAULT_MTU = 16384
+MIN_MTU = 256
+REPLY_CACHE = 256  # replies kept for retried requests
+
+
+class ChannelError(Exception):
+    """The link failed: no answer after every retry, or the handshake was refused."""
+
+
+class RemoteError(Exception):
+    """The device answered ERROR: ``code`` (machine readable) and a human message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass
+class Session:
+    session_id: int
+    sealer: Sealer
+    opener: Opener
+    mtu: int
+
+
+class Client:
+    """The host's end: ``connect()`` then ``request(type, body)``; reconnects when the device restarts."""
+
+    def __init__(self, transport: Transport, psk: bytes, mtu: int = DEFAULT_MTU, timeout: float = 1.0,
+                 retries: int = 10) -> None:
+        if len(psk) != 32:
+            raise ValueError("the pre-shared key must be 32 bytes")
+        self.transport, self._psk = transport, bytes(psk)
+        self.requested_mtu, self.timeout, self.retries = int(mtu), float(timeout), int(retries)
+        self.session: Session | None = None
+        self.reader = FrameReader(max(mtu, MIN_MTU) * 2)
+        self.stats = {"sent": 0, "retries": 0, "reconnects": 0, "dropped": 0}
+
+    def __repr__(self) -> str:
+        return f"Client({self.transport.name!r}, session={self.session.session_id if self.session else None})"
+
+    # --- handshake ---
+    def connect(self) -> Session:
+        for attempt in range(self.retries):
+            nonce = os.urandom(16)
+            sealer = hello_sealer(self._psk, HOST_TO_DEVICE, max_frame=4096)
+            self.transport.write(sealer.seal(MsgType.HELLO, {"nonce": nonce, "mtu": self.requested_mtu,
+                                                             "version": 1}))
+            deadline = time.monotonic() + self.timeout
+            opener = hello_opener(self._psk, DEVICE_TO_HOST, max_frame=4096)
+            while time.monotonic() < deadline:
+                for chunk in self._read(deadline):
+                    try:
+                        frame = opener.open(chunk)
+                    except FrameError:
+                        self.stats["dropped"] += 1
+                        continue
+                    body = frame.payload
+                    if frame.type != MsgType.HELLO_ACK or body.get("host_nonce") != nonce:
+                        continue
+                    keys = derive_session_keys(self._psk, nonce, body["nonce"], body["session_id"])
+                    mtu = max(MIN_MTU, min(int(body["mtu"]), self.requested_mtu))
+                    self.session = Session(body["session_id"],
+                                           Sealer(keys.host_to_device, body["session_id"], HOST_TO_DEVICE, mtu),
+                                           Opener(keys.device_to_host, body["session_id"], DEVICE_TO_HOST, mtu),
+                                           mtu)
+                    self.reader = FrameReader(mtu * 2)
+                    return self.session
+        raise ChannelError(f"no HELLO_ACK from {self.transport.name} after {self.retries} tries "
+                           "(device down, or a different key)")
+
+    def _read(self, deadline: float) -> list[bytes]:
+        wait = max(0.0, min(0.05, deadline - time.monotonic()))
+        data = self.transport.read(65536, timeout=wait)
+        return self.reader.feed(data) if data else []
+
+    # --- requests ---
+    def request(self, msg_type: MsgType, body: dict | None = None, timeout: float | None = None,
+                retries: int | None = None) -> dict:
+        """Send a request and return the device's REPLY body; RemoteError for an ERROR reply."""
+        rid = os.urandom(16)
+        timeout = self.timeout if timeout is None else timeout
+        retries = self.retries if retries is None else retries
+        misses = 0
+        for attempt in range(retries):
+            if self.session is None:
+                self.connect()
+                self.stats["reconnects"] += attempt > 0
+            if attempt:
+                self.stats["retries"] += 1
+            self.transport.write(self.session.sealer.seal(msg_type, {"rid": rid, "body": body or {}}))
+            self.stats["sent"] += 1
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for chunk in self._read(deadline):
+                    try:
+                        frame = self.session.opener.open(chunk)
+                    except FrameError:
+                        self.stats["dropped"] += 1
+                        continue
+                    payload = frame.payload
+                    if payload.get("rid") != rid:
+                        continue  # a late reply to an earlier request
+                    if frame.type == MsgType.ERROR:
+                        if payload.get("code") == "session":  # the device restarted: new handshake
+                            self.session = None
+                            break
+                        raise RemoteError(str(payload.get("code")), str(payload.get("message")))
+                    return payload.get("body", {})
+                if self.session is None:
+                    break
+            misses += 1
+            if misses >= 3 and self.session is not None:
+                # several silent tries: the device may have restarted and lost the session
+                self.session = None
+                misses = 0
+        raise ChannelError(f"{msg_type.name}: no answer from {self.transport.name} after {retries} tries")
+
+
+class Server:
+    """The device's end: reads frames, answers HELLO, dispatches requests to ``handle(type, body)``.
+
+    ``handle`` returns the reply body, or raises RemoteError (answered as ERROR). Replies are cached
+    by request id so that a retry is answered without running the handler again.
+    """
+
+    def __init__(self, transport: Transport, psk: bytes, handle: Callable[[MsgType, dict], dict],
+                 max_mtu: int = DEFAULT_MTU) -> None:
+        if len(psk) != 32:
+            raise ValueError("the pre-shared key must be 32 bytes")
+        self.transport, self._psk, self.handle = transport, bytes(psk), handle
+        self.max_mtu = int(max_mtu)
+        self.session: Session | None = None
+        self.reader = FrameReader(self.max_mtu * 2)
+        self.replies: OrderedDict[bytes, tuple[MsgType, dict]] = OrderedDict()
+        self.stats = {"frames": 0, "handled": 0, "replayed_replies": 0, "rejected": {}}
+
+    def __repr__(self) -> str:
+        return f"Server({self.transport.name!r}, session={self.session.session_id if self.session else None})"
+
+    def _reject(self, reason: str) -> None:
+        self.stats["rejected"][reason] = self.stats["rejected"].get(reason, 0) + 1
+
+    def poll(self, timeout: float = 0.1) -> int:
+        """Process what arrives within ``timeout``; returns the number of frames handled."""
+        data = self.transport.read(65536, timeout=timeout)
+        handled = 0
+        for chunk in self.reader.feed(data) if data else []:
+            self.stats["frames"] += 1
+            try:
+                header = peek_header(chunk)
+            except FrameError as e:
+                self._reject(e.reason)
+                continue
+            if header.type == MsgType.HELLO and header.session_id == 0:
+                self._hello(chunk)
+            else:
+                self._request(chunk, header)
+            handled += 1
+        return handled
+
+    def serve(self, stop=lambda: False) -> None:
+        """Poll until ``stop()`` is true or the transport closes."""
+        try:
+            while not stop():
+                self.poll(0.1)
+        except TransportClosed:
+            pass
+
+    def _hello(self, chunk: bytes) -> None:
+        try:
+            frame = hello_opener(self._psk, HOST_TO_DEVICE, max_frame=4096).open(chunk)
+            host_nonce = bytes(frame.payload["nonce"])
+            mtu = max(MIN_MTU, min(int(frame.payload.get("mtu", DEFAULT_MTU)), self.max_mtu))
+            if len(host_nonce) != 16:
+                raise FrameError("malformed")
+        except FrameError as e:
+            self._reject(e.reason)
+            return
+        except (KeyError, TypeError, ValueError):
+            self._reject("malformed")
+            return
+        nonce = os.urandom(16)
+        session_id = int.from_bytes(os.urandom(4), "little") or 1
+        keys = derive_session_keys(self._psk, host_nonce, nonce, session_id)
+        self.session = Session(session_id, Sealer(keys.device_to_host, session_id, DEVICE_TO_HOST, mtu),
+                               Opener(keys.host_to_device, session_id, HOST_TO_DEVICE, mtu), mtu)
+        self.reader = FrameReader(mtu * 2)
+        ack = hello_sealer(self._psk, DEVICE_TO_HOST, max_frame=4096)
+        self.transport.write(ack.seal(MsgType.HELLO_ACK, {"nonce": nonce, "host_nonce": host_nonce,
+                                                          "session_id": session_id, "mtu": mtu}))
+        log.info("session %08x opened, mtu %d", session_id, mtu)
+
+    def _request(self, chunk: bytes, header) -> None:
+        if self.session is None or header.session_id != self.session.session_id:
+            self._reject("session")
+            return
+        try:
+            frame = self.session.opener.open(chunk)
+        except FrameError as e:
+            self._reject(e.reason)
+            return
+        payload = frame.payload
+        rid = payload.get("rid") if isinstance(payload, dict) else None
+        if not isinstance(rid, (bytes, bytearray)) or len(rid) != 16 or not isinstance(payload.get("body"), dict):
+            self._reject("malformed")
+            return
+        rid = bytes(rid)
+        if rid in self.replies:
+            self.stats["replayed_replies"] += 1
+            reply_type, reply = self.replies[rid]
+        else:
+            try:
+                reply_type, reply = MsgType.REPLY, {"rid": rid, "body": self.handle(frame.type, payload["body"])}
+            except RemoteError as e:
+                reply_type, reply = MsgType.ERROR, {"rid": rid, "code": e.code, "message": e.message}
+            except Exception as e:  # a handler bug must not kill the agent
+                log.exception("handler for %s failed", frame.type.name)
+                reply_type, reply = MsgType.ERROR, {"rid": rid, "code": "internal",
+                                                    "message": f"{type(e).__name__}: {e}"}
+            self.stats["handled"] += 1
+            self.replies[rid] = (reply_type, reply)
+            while len(self.replies) > REPLY_CACHE:
+                self.replies.popitem(last=False)
+        try:
+            self.transport.write(self.session.sealer.seal(reply_type, reply))
+        except FrameError:
+            err = {"rid": rid, "code": "too_large", "message": "reply exceeds the negotiated MTU"}
+            self.transport.write(self.session.sealer.seal(MsgType.ERROR, err))

@@ -1,0 +1,376 @@
+"""The device agent: ``edge-qmul serve (--serial URL | --listen HOST:PORT) --state DIR --key-file F``.
+
+The state directory (DESIGN.md §5)::
+
+    models/<sha256>.tflite     content-addressed models (uploads and job results)
+    tables/<sha256>.json       similar-label tables
+    samples/<sha256>.npz       uploaded sample batches (imported into the store)
+    incoming/<sha256>.part     uploads in progress (resumed after a restart)
+    jobs/<job_id>.json         forget certificates
+    store.db                   the SQLite sample store; its meta row names the active model
+    current.tflite             what the device's own app loads, derived from the store after a commit
+                               and again at start-up
+
+One forget job runs at a time, in a worker thread; its status (phase, progress, ETA) is answered by
+JOB_STATUS while it runs. At start-up, a job that was running when the agent died is marked failed
+(its candidate model was never made active, its samples never deleted), and ``current.tflite`` is
+re-derived from the store.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from pathlib import Path
+
+from edge_qmul import __version__
+from edge_qmul.fsutil import atomic_write, fsync_dir
+
+from .channel import RemoteError, Server
+from .frames import MsgType
+from .transfer import TransferArea
+
+log = logging.getLogger("firmware_bridge.device")
+
+
+def read_key(path: str | os.PathLike) -> bytes:
+    """The 32-byte pre-shared key; refused if the file is readable by others than its owner."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise SystemExit(f"key file {path}: {e.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SystemExit(f"key file {path}: readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                         "chmod 600 it")
+    data = path.read_bytes()
+    if len(data) != 32:
+        raise SystemExit(f"key file {path}: holds {len(data)} bytes, expected 32")
+    return data
+
+
+def write_key(path: str | os.PathLike) -> Path:
+    """A fresh random 32-byte key with mode 0600 (never overwrites an existing key)."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent if str(path.parent) else Path("."))
+    return path
+
+
+class Agent:
+    """Handlers for every message, the state directory and the job worker."""
+
+    def __init__(self, state: str | os.PathLike) -> None:
+        self.state = Path(state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "jobs").mkdir(exist_ok=True)
+        self.transfers = TransferArea(self.state)
+        self.jobs: dict[str, dict] = {}
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.lock = threading.Lock()
+        self.recover()
+        self.worker = threading.Thread(target=self._work, name="forget-worker", daemon=True)
+        self.worker.start()
+
+    # --- state ---
+    @property
+    def store_path(self) -> Path:
+        return self.state / "store.db"
+
+    def _store(self, create: bool = False):
+        from edge_qmul.store import Store
+        if not create and not self.store_path.exists():
+            raise RemoteError("no_store", "the device holds no samples yet (push-samples first)")
+        return Store(self.store_path, create=create)
+
+    def active_model(self) -> str | None:
+        if not self.store_path.exists():
+            return None
+        with self._store() as s:
+            return s.active_model
+
+    def derive_current(self) -> None:
+        """current.tflite = the store's active model (copy + fsync + rename)."""
+        sha = self.active_model()
+        if sha is None:
+            return
+        src = self.state / "models" / f"{sha}.tflite"
+        cur = self.state / "current.tflite"
+        if cur.exists() and _sha(cur) == sha:
+            return
+        atomic_write(cur, src.read_bytes())
+
+    def recover(self) -> None:
+        """After a crash: interrupted jobs are failed (nothing of theirs was committed), current.tflite
+        matches the store, stray temp files go."""
+        for tmp in self.state.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        if self.store_path.exists():
+            with self._store() as s:
+                for req in s.requests("running"):
+                    s.set_status(req["id"], "failed", {"error": "interrupted: the agent restarted"})
+            self.derive_current()
+        for path in (self.state / "jobs").glob("*.json"):
+            try:
+                job = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            self.jobs[job["job_id"]] = job
+
+    # --- dispatch ---
+    def handle(self, msg_type: MsgType, body: dict) -> dict:
+        handler = {
+            MsgType.PING: lambda b: {"time": time.time()},
+            MsgType.INFO: self.info,
+            MsgType.PUT_BEGIN: self.transfers.begin,
+            MsgType.PUT_CHUNK: self.transfers.chunk,
+            MsgType.PUT_END: self.put_end,
+            MsgType.GET: lambda b: self.transfers.get(b, self.resolve),
+            MsgType.FORGET: self.forget,
+            MsgType.JOB_STATUS: self.job_status,
+            MsgType.JOB_RESULT: self.job_result,
+            MsgType.COMMIT: self.commit,
+            MsgType.ROLLBACK: self.rollback,
+            MsgType.BENCH: self.bench,
+        }.get(msg_type)
+        if handler is None:
+            raise RemoteError("bad_request", f"{msg_type.name} is not a request")
+        return handler(body)
+
+    def resolve(self, name) -> Path:
+        if name == "current":
+            path = self.state / "current.tflite"
+        elif isinstance(name, str) and name.count("/") == 1 and name.split("/")[0] in ("models", "tables", "jobs"):
+            path = self.state / name
+        else:
+            raise RemoteError("bad_request", f"unknown file {name!r}")
+        if ".." in Path(name).parts or not path.is_file():
+            raise RemoteError("not_found", f"{name}: no such file on the device")
+        return path
+
+    def info(self, body: dict) -> dict:
+        out = {"engine_version": __version__, "model_sha256": self.active_model(),
+               "free_memory_bytes": _free_memory(), "jobs": len(self.jobs)}
+        if self.store_path.exists():
+            with self._store() as s:
+                out["samples"] = s.count()
+        return out
+
+    def put_end(self, body: dict) -> dict:
+        reply = self.transfers.end(body)
+        kind, sha = body["kind"], body["sha256"]
+        if kind == "model" and body.get("activate"):
+            from edge_qmul.tflite import load_tflite
+            try:
+                load_tflite(self.state / reply["path"])
+            except Exception as e:  # noqa: BLE001 - any bad model is refused before activation
+                raise RemoteError("bad_model", str(e)) from None
+            with self._store(create=True) as s:
+                s.set_active_model(sha)
+            self.derive_current()
+            reply["active"] = True
+        if kind == "samples":
+            reply["imported"] = self._import_samples(self.state / reply["path"], body)
+        return reply
+
+    def _import_samples(self, path: Path, body: dict) -> int:
+        """Import an uploaded npz once: a repeated PUT_END (a retry after a restart) gets the count
+        of the first import instead of a second copy of the samples."""
+        marker = path.with_suffix(".imported")
+        if marker.exists():
+            return int(marker.read_text() or 0)
+        from edge_qmul.tflite import load_tflite
+        sha = self.active_model()
+        if sha is None:
+            raise RemoteError("no_model", "push a model first: samples are quantized with its input")
+        model = load_tflite(self.state / "models" / f"{sha}.tflite")
+        q = model.tensors[model.core_inputs[0]].quant
+        role = body.get("role", "train")
+        with self._store(create=True) as s:
+            if s.quant is None:
+                s.configure(input_shape=model.tensors[model.core_inputs[0]].shape[1:], quant=q,
+                            num_classes=int(model.tensors[model.core_outputs[0]].shape[-1]))
+            from edge_qmul.store import StoreError
+            try:
+                n = len(s.import_npz(path, q, owner=body.get("owner"), role=role))
+            except StoreError as e:
+                raise RemoteError("bad_samples", str(e)) from None
+        atomic_write(marker, str(n).encode())
+        return n
+
+    # --- jobs ---
+    def forget(self, body: dict) -> dict:
+        selector, method = body.get("selector"), body.get("method", "oeu")
+        if not isinstance(selector, dict) or len(selector) != 1 or next(iter(selector)) not in ("owner", "ids", "label"):
+            raise RemoteError("bad_request", "selector must be one of {owner}, {ids}, {label}")
+        from edge_qmul.unlearn import METHODS
+        if method not in METHODS:
+            raise RemoteError("bad_request", f"unknown method {method!r}")
+        if self.active_model() is None:
+            raise RemoteError("no_model", "the device has no active model")
+        table = body.get("table")
+        if table is not None and not (self.state / "tables" / f"{table}.json").is_file():
+            raise RemoteError("not_found", f"table {table} was not uploaded")
+        with self._store() as s:  # check the selection now, so a bad request fails at once
+            from edge_qmul.store import StoreError
+            try:
+                s.select(**selector, role=None)
+            except StoreError as e:
+                raise RemoteError("bad_selector", str(e)) from None
+        job_id = os.urandom(8).hex()
+        job = {"job_id": job_id, "status": "queued", "phase": "queued", "progress": 0.0, "eta_s": None,
+               "selector": selector, "method": method, "params": body.get("params") or {}, "table": table,
+               "retain_max": body.get("retain_max"), "created": time.time()}
+        with self.lock:
+            self.jobs[job_id] = job
+        self._save_job(job)
+        self.queue.put(job_id)
+        return {"job_id": job_id}
+
+    def _save_job(self, job: dict) -> None:
+        atomic_write(self.state / "jobs" / f"{job['job_id']}.json",
+                     (json.dumps(job, sort_keys=True, default=str) + "\n").encode())
+
+    def _work(self) -> None:
+        while True:
+            job_id = self.queue.get()
+            job = self.jobs[job_id]
+            try:
+                self._run(job)
+            except Exception as e:  # noqa: BLE001 - a failed job is reported, the agent goes on
+                log.exception("job %s failed", job_id)
+                job.update(status="failed", phase="failed", error=f"{type(e).__name__}: {e}")
+            self._save_job(job)
+
+    def _run(self, job: dict) -> None:
+        from edge_qmul.forget import run_forget
+        start = time.monotonic()
+        job.update(status="running", phase="loading")
+
+        def progress(info: dict) -> None:
+            total = max(1, info.get("steps", 1) * info.get("epochs", 1))
+            done = info.get("epoch", 0) * info.get("steps", 0) + info.get("step", 0)
+            fraction = min(1.0, done / total)
+            elapsed = time.monotonic() - start
+            job.update(phase=info.get("phase", "unlearning"), progress=fraction,
+                       eta_s=elapsed / fraction - elapsed if fraction > 0 else None)
+
+        model = self.state / "models" / f"{self.active_model()}.tflite"
+        table = str(self.state / "tables" / f"{job['table']}.json") if job.get("table") else None
+        with self._store() as s:
+            cert = run_forget(model, s, job["selector"], job["method"], job["params"], table,
+                              retain_max=job.get("retain_max"), out_path=None, progress=progress,
+                              request_id=job["job_id"], warn=log.warning)
+        ids = cert.pop("_forget_ids")
+        (self.state / "jobs" / f"{job['job_id']}.ids").write_text("\n".join(ids))  # for COMMIT; never sent
+        job.update(status="done", phase="done", progress=1.0, eta_s=0.0, certificate=cert)
+
+    def _job(self, body: dict) -> dict:
+        job = self.jobs.get(body.get("job_id"))
+        if job is None:
+            raise RemoteError("not_found", f"unknown job {body.get('job_id')!r}")
+        return job
+
+    def job_status(self, body: dict) -> dict:
+        job = self._job(body)
+        return {k: job.get(k) for k in ("job_id", "status", "phase", "progress", "eta_s", "error")}
+
+    def job_result(self, body: dict) -> dict:
+        job = self._job(body)
+        if job["status"] not in ("done", "committed", "rolled_back", "failed"):
+            raise RemoteError("not_ready", f"job {job['job_id']} is {job['status']}")
+        return {"status": job["status"], "certificate": job.get("certificate"), "error": job.get("error")}
+
+    def commit(self, body: dict) -> dict:
+        from edge_qmul.forget import commit
+        job = self._job(body)
+        if job["status"] == "committed":
+            return {"certificate": job["certificate"]}
+        if job["status"] != "done":
+            raise RemoteError("not_ready", f"job {job['job_id']} is {job['status']}")
+        ids_path = self.state / "jobs" / f"{job['job_id']}.ids"
+        cert = dict(job["certificate"], _forget_ids=ids_path.read_text().split("\n"))
+        with self._store() as s:
+            cert = commit(s, cert)
+        job.update(status="committed", certificate=cert)
+        self._save_job(job)
+        ids_path.unlink(missing_ok=True)
+        self.derive_current()
+        self.collect_models()
+        return {"certificate": cert}
+
+    def rollback(self, body: dict) -> dict:
+        job = self._job(body)
+        if job["status"] == "rolled_back":
+            return {"status": "rolled_back"}
+        if job["status"] != "done":
+            raise RemoteError("not_ready", f"job {job['job_id']} is {job['status']}")
+        with self._store() as s:
+            s.set_status(job["job_id"], "rolled_back")
+        job.update(status="rolled_back")
+        self._save_job(job)
+        (self.state / "jobs" / f"{job['job_id']}.ids").unlink(missing_ok=True)
+        self.collect_models()
+        return {"status": "rolled_back"}
+
+    def collect_models(self) -> None:
+        """Delete model files nothing refers to (after a commit or rollback, never during a job)."""
+        keep = {self.active_model()}
+        keep |= {j.get("certificate", {}).get("model_after_sha256") for j in self.jobs.values()
+                 if j.get("status") in ("queued", "running", "done")}
+        for path in (self.state / "models").glob("*.tflite"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+
+    def bench(self, body: dict) -> dict:
+        import numpy as np
+        from edge_qmul.tflite import load_tflite
+        sha = self.active_model()
+        if sha is None:
+            raise RemoteError("no_model", "the device has no active model")
+        model = load_tflite(self.state / "models" / f"{sha}.tflite")
+        t = model.tensors[model.core_inputs[0]]
+        batch = int(body.get("batch", 8))
+        x = np.random.default_rng(0).integers(-128, 128, (batch,) + tuple(t.shape[1:])).astype(np.int8)
+        model.forward(x)  # compile / warm
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            model.forward(x)
+            times.append(time.perf_counter() - t0)
+        return {"batch": batch, "forward_s_median": sorted(times)[2], "model_sha256": sha}
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _free_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def serve(transport, state: "str | os.PathLike | Agent", psk: bytes, stop=lambda: False) -> None:
+    """Run the agent (or a new one on ``state``) on one transport until ``stop()`` or the link closes."""
+    agent = state if isinstance(state, Agent) else Agent(state)
+    server = Server(transport, psk, agent.handle)
+    log.info("serving %s, state %s, model %s", transport.name, agent.state, agent.active_model())
+    server.serve(stop)
+
+
+__all__ = ["Agent", "read_key", "serve", "write_key"]

@@ -1,0 +1,205 @@
+"""The host's side: a Python client for a device, and the ``edge-qmul-host`` command.
+
+    edge-qmul-host --device tcp://10.0.0.7:7070 --key-file device.key info
+    edge-qmul-host --device serial:///dev/ttyUSB0 --key-file device.key push-model model.tflite
+    edge-qmul-host ... forget --owner alice --method qmul --wait
+    edge-qmul-host ... pull-model --out new.tflite
+
+Exit status 0 on success; otherwise non-zero with a one-line reason on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from .channel import ChannelError, Client, RemoteError
+from .frames import MsgType
+from .transfer import get, put
+
+
+class DeviceClient:
+    """Typed calls for every device operation, over a connected channel Client."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def info(self) -> dict:
+        return self.client.request(MsgType.INFO)
+
+    def ping(self) -> dict:
+        return self.client.request(MsgType.PING)
+
+    def push(self, kind: str, data: bytes, progress=None, **end_fields) -> dict:
+        return put(self.client, kind, data, progress, end_fields)
+
+    def push_model(self, path: Path, activate: bool = True, progress=None) -> dict:
+        return self.push("model", Path(path).read_bytes(), progress, activate=activate)
+
+    def push_table(self, path: Path, progress=None) -> dict:
+        return self.push("table", Path(path).read_bytes(), progress)
+
+    def push_samples(self, path: Path, owner: str | None = None, role: str = "train", progress=None) -> dict:
+        fields = {"owner": owner, "role": role} if owner else {"role": role}
+        return self.push("samples", Path(path).read_bytes(), progress, **fields)
+
+    def forget(self, selector: dict, method: str = "oeu", params: dict | None = None, table: str | None = None,
+               retain_max: int | None = None) -> str:
+        body = {"selector": selector, "method": method, "params": params or {}, "table": table,
+                "retain_max": retain_max}
+        return self.client.request(MsgType.FORGET, body)["job_id"]
+
+    def status(self, job_id: str) -> dict:
+        return self.client.request(MsgType.JOB_STATUS, {"job_id": job_id})
+
+    def wait(self, job_id: str, progress=None, poll_s: float = 0.2, timeout_s: float = 3600.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            st = self.status(job_id)
+            if progress is not None:
+                progress(st)
+            if st["status"] in ("done", "failed", "committed", "rolled_back"):
+                return self.result(job_id)
+            time.sleep(poll_s)
+        raise ChannelError(f"job {job_id} did not finish within {timeout_s} s")
+
+    def result(self, job_id: str) -> dict:
+        return self.client.request(MsgType.JOB_RESULT, {"job_id": job_id})
+
+    def commit(self, job_id: str) -> dict:
+        return self.client.request(MsgType.COMMIT, {"job_id": job_id}, timeout=10.0)
+
+    def rollback(self, job_id: str) -> dict:
+        return self.client.request(MsgType.ROLLBACK, {"job_id": job_id})
+
+    def pull(self, name: str = "current", progress=None) -> bytes:
+        return get(self.client, name, progress)
+
+    def bench(self, batch: int = 8) -> dict:
+        return self.client.request(MsgType.BENCH, {"batch": batch}, timeout=30.0)
+
+
+def connect(url: str, key: bytes, timeout: float = 1.0, retries: int = 10) -> DeviceClient:
+    from .transport import open_transport
+    client = Client(open_transport(url), key, timeout=timeout, retries=retries)
+    client.connect()
+    return DeviceClient(client)
+
+
+def _bar(label: str):
+    """A tqdm bar on a terminal, else nothing (the final line still reports)."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    bar = tqdm(desc=label, unit="B", unit_scale=True, file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return update
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="edge-qmul-host", description="Talk to an edge-qmul device.")
+    ap.add_argument("--device", required=True, help="tcp://HOST:PORT or serial:///dev/ttyUSB0 (any pyserial URL)")
+    ap.add_argument("--key-file", required=True)
+    ap.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for one reply")
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("info")
+    sub.add_parser("ping")
+    pm = sub.add_parser("push-model")
+    pm.add_argument("model")
+    pm.add_argument("--no-activate", action="store_true")
+    pt = sub.add_parser("push-table")
+    pt.add_argument("table")
+    ps = sub.add_parser("push-samples")
+    ps.add_argument("npz")
+    ps.add_argument("--owner")
+    ps.add_argument("--role", default="train", choices=("train", "validation"))
+    fg = sub.add_parser("forget")
+    fg.add_argument("--owner")
+    fg.add_argument("--ids")
+    fg.add_argument("--class", dest="label", type=int)
+    fg.add_argument("--method", default="oeu")
+    fg.add_argument("--table", help="sha256 of a pushed table")
+    fg.add_argument("--wait", action="store_true")
+    fg.add_argument("--commit", action="store_true", help="with --wait: commit when done")
+    for name in ("status", "result", "commit", "rollback"):
+        p = sub.add_parser(name)
+        p.add_argument("job_id")
+    pl = sub.add_parser("pull-model")
+    pl.add_argument("--out", required=True)
+    pl.add_argument("--name", default="current")
+    bn = sub.add_parser("bench")
+    bn.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args(argv)
+
+    from edge_qmul.fsutil import atomic_write
+    from .device import read_key
+    from .transport import TransportError
+    try:
+        device = connect(args.device, read_key(args.key_file), timeout=args.timeout)
+        cmd = args.command
+        if cmd in ("info", "ping"):
+            out = getattr(device, cmd)()
+        elif cmd == "push-model":
+            out = device.push_model(Path(args.model), activate=not args.no_activate, progress=_bar("push-model"))
+        elif cmd == "push-table":
+            out = device.push_table(Path(args.table), progress=_bar("push-table"))
+        elif cmd == "push-samples":
+            out = device.push_samples(Path(args.npz), owner=args.owner, role=args.role, progress=_bar("push-samples"))
+        elif cmd == "forget":
+            chosen = [(k, v) for k, v in (("owner", args.owner), ("ids", args.ids), ("label", args.label)) if v is not None]
+            if len(chosen) != 1:
+                raise ValueError("give exactly one of --owner, --ids FILE, --class K")
+            key, value = chosen[0]
+            if key == "ids":
+                value = [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
+            job = device.forget({key: value}, args.method, table=args.table)
+            if not args.wait:
+                out = {"job_id": job}
+            else:
+                def show(st):
+                    if sys.stderr.isatty():
+                        eta = st.get("eta_s")
+                        print(f"\r[{st['phase']}] {100 * (st.get('progress') or 0):5.1f}%"
+                              + (f" eta {eta:.1f}s" if eta else ""), end="", file=sys.stderr, flush=True)
+                out = device.wait(job, show)
+                if args.commit and out["status"] == "done":
+                    out = {"status": "committed", **device.commit(job)}
+        elif cmd == "status":
+            out = device.status(args.job_id)
+        elif cmd == "result":
+            out = device.result(args.job_id)
+        elif cmd == "commit":
+            out = device.commit(args.job_id)
+        elif cmd == "rollback":
+            out = device.rollback(args.job_id)
+        elif cmd == "pull-model":
+            data = device.pull(args.name, progress=_bar("pull-model"))
+            atomic_write(args.out, data)
+            out = {"path": args.out, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        elif cmd == "bench":
+            out = device.bench(args.batch)
+        print(json.dumps(out, indent=1, sort_keys=True, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+        return 0
+    except RemoteError as e:
+        print(f"edge-qmul-host: device error {e.code}: {e.message}", file=sys.stderr)
+        return 3
+    except (ChannelError, TransportError, OSError, ValueError) as e:
+        print(f"edge-qmul-host: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # read_key's refusals
+        print(f"edge-qmul-host: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

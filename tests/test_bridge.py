@@ -1,0 +1,93 @@
+"""firmware_bridge end to end: a host pushes a model, samples and a table to a device agent, forgets
+an owner, and pulls the new model — over a real pty pair (pyserial) and real TCP on 127.0.0.1."""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from edge_qmul import datasets, litert, load_tflite, models, save_tflite
+from edge_qmul.quant import quantize
+from edge_qmul.train import Trainer, fit
+from firmware_bridge.channel import Client
+from firmware_bridge.device import Agent, serve
+from firmware_bridge.host import DeviceClient
+from firmware_bridge.transport import TcpListener, connect_tcp, pty_pair
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture(scope="module")
+def host_files(tmp_path_factory):
+    """A trained digits model, and samples with owners and a validation slice, as files."""
+    root = tmp_path_factory.mktemp("host")
+    ds = datasets.load("digits", seed=0)
+    rng = np.random.default_rng(0)
+    n = len(ds.y_train)
+    val = np.zeros(n, bool)
+    val[rng.choice(n, n // 10, replace=False)] = True
+    model = models.build("digits_cnn", ds.input_shape, 10, seed=0, calib_x=ds.x_train[~val][:256])
+    q = model.tensors[model.core_inputs[0]].quant
+    fit(Trainer(model, lr=0.05, momentum=0.9), quantize(ds.x_train[~val], q), ds.y_train[~val], epochs=6)
+    save_tflite(model, root / "model.tflite")
+    owners = np.array([f"user{i % 9}" for i in range(n)])
+    owners[:30] = "alice"
+    np.savez(root / "train.npz", x=ds.x_train[~val], y=ds.y_train[~val], owners=owners[~val])
+    np.savez(root / "val.npz", x=ds.x_train[val], y=ds.y_train[val], owners=owners[val])
+    return root
+
+
+def _start_device(kind: str, state):
+    """(host transport, stop function) with an agent serving in a thread."""
+    stop = threading.Event()
+    agent = Agent(state)
+    if kind == "tcp":
+        listener = TcpListener("127.0.0.1", 0)
+
+        def run():
+            transport = listener.accept(timeout=10)
+            serve(transport, agent, KEY, stop.is_set)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        host = connect_tcp(*listener.address)
+    else:
+        device_end, host = pty_pair()
+        thread = threading.Thread(target=serve, args=(device_end, agent, KEY, stop.is_set), daemon=True)
+        thread.start()
+
+    def shutdown():
+        stop.set()
+        thread.join(5)
+        host.close()
+    return host, shutdown
+
+
+@pytest.mark.parametrize("kind", ["tcp", "pty"])
+def test_push_forget_pull(host_files, tmp_path, kind):
+    host, shutdown = _start_device(kind, tmp_path / "state")
+    try:
+        device = DeviceClient(Client(host, KEY, timeout=2.0))
+        device.client.connect()
+        model_bytes = (host_files / "model.tflite").read_bytes()
+        reply = device.push_model(host_files / "model.tflite")
+        assert reply["active"] and reply["sha256"] == hashlib.sha256(model_bytes).hexdigest()
+        assert device.push_samples(host_files / "train.npz")["imported"] > 1000
+        assert device.push_samples(host_files / "val.npz", role="validation")["imported"] > 100
+        assert device.info()["model_sha256"] == reply["sha256"]
+        job = device.forget({"owner": "alice"}, method="qmul")
+        seen = []
+        result = device.wait(job, progress=seen.append, poll_s=0.05)
+        assert result["status"] == "done", result
+        assert seen and seen[-1]["status"] == "done"
+        cert = device.commit(job)["certificate"]
+        assert cert["committed"] and cert["n_forgotten"] == 30
+        new = device.pull("current")
+        assert hashlib.sha256(new).hexdigest() == cert["model_after_sha256"] != reply["sha256"]
+        x = quantize(datasets.load("digits").x_test[:16], load_tflite(new).tensors[0].quant)
+        np.testing.assert_array_equal(litert.run(new, x), load_tflite(new).forward(x))
+        assert device.info()["model_sha256"] == cert["model_after_sha256"]
+    finally:
+        shutdown()

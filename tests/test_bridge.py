@@ -91,3 +91,62 @@ def test_push_forget_pull(host_files, tmp_path, kind):
         assert device.info()["model_sha256"] == cert["model_after_sha256"]
     finally:
         shutdown()
+
+
+def _lossy_pair(kind: str, state, loss: float, seed: int):
+    """Host and device ends, both wrapped in seeded fault injectors: `loss` of the frames dropped,
+    bit flips at 1e-6 per byte (about 0.1% of 1 KB frames), 0.5% duplicated, 0.5% truncated."""
+    from firmware_bridge.transport import FaultyTransport
+    stop = threading.Event()
+    agent = Agent(state)
+    faults = dict(drop=loss, flip=1e-6, duplicate=0.005, truncate=0.005)
+    if kind == "tcp":
+        listener = TcpListener("127.0.0.1", 0)
+        holder = {}
+
+        def run():
+            transport = FaultyTransport(listener.accept(timeout=10), seed + 1, **faults)
+            holder["device"] = transport
+            serve(transport, agent, KEY, stop.is_set)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        host = FaultyTransport(connect_tcp(*listener.address), seed, **faults)
+    else:
+        device_end, host_end = pty_pair()
+        device_end = FaultyTransport(device_end, seed + 1, **faults)
+        thread = threading.Thread(target=serve, args=(device_end, agent, KEY, stop.is_set), daemon=True)
+        thread.start()
+        host = FaultyTransport(host_end, seed, **faults)
+
+    def shutdown():
+        stop.set()
+        thread.join(5)
+        host.close()
+    return host, agent, shutdown
+
+
+@pytest.mark.parametrize("loss", [0.01, 0.05])
+@pytest.mark.parametrize("kind", ["tcp", "pty"])
+def test_lossy_link_transfer_and_forget(host_files, tmp_path, kind, loss):
+    host, agent, shutdown = _lossy_pair(kind, tmp_path / "state", loss, seed=int(loss * 1000))
+    try:
+        device = DeviceClient(Client(host, KEY, mtu=4096, timeout=0.15, retries=40))
+        device.client.connect()
+        blob = np.random.default_rng(7).bytes(2 * 1024 * 1024)
+        reply = device.push("table", blob)  # any kind: 2 MB of bytes, verified on arrival
+        assert reply["sha256"] == hashlib.sha256(blob).hexdigest()
+        stored = tmp_path / "state" / reply["path"]
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == reply["sha256"]
+        device.push_model(host_files / "model.tflite")
+        device.push_samples(host_files / "train.npz")
+        device.push_samples(host_files / "val.npz", role="validation")
+        job = device.forget({"owner": "alice"}, method="qmul")
+        result = device.wait(job, poll_s=0.05)
+        assert result["status"] == "done", result
+        assert len(agent.jobs) == 1  # retries never started a second job
+        cert = device.commit(job)["certificate"]
+        new = device.pull("current")
+        assert hashlib.sha256(new).hexdigest() == cert["model_after_sha256"]
+        assert device.client.stats["retries"] > 0  # the link really lost frames
+    finally:
+        shutdown()

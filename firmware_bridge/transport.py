@@ -442,7 +442,7 @@ def connect_tcp(host: str, port: int, timeout: float = 5.0, *,
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        raise TransportError(f"cannot connect to {url}: {e}") from e
+        raise TransportError(f"cannot connect to {url!r}: {e}") from e
     return TcpTransport(sock, timeout=read_timeout, name=url)
 
 
@@ -511,7 +511,12 @@ def open_transport(url: str, *, timeout: float | None = DEFAULT_READ_TIMEOUT) ->
     scheme = scheme.lower()
     if scheme == "tcp":
         host, port = _parse_tcp(url)
-        return connect_tcp(host, port, read_timeout=timeout)
+        try:
+            t = connect_tcp(host, port, read_timeout=timeout)
+        except TransportError as e:
+            raise TransportError(f"cannot connect to {url!r}: {e.__cause__ or e}") from e.__cause__
+        t.name = url
+        return t
     if scheme == "serial":
         device, _, query = rest.partition("?")
         if not device:
@@ -528,7 +533,10 @@ def open_transport(url: str, *, timeout: float | None = DEFAULT_READ_TIMEOUT) ->
             except ValueError:
                 raise TransportError(f"{url!r}: baudrate must be a positive integer, "
                                      f"not {values[-1]!r}") from None
-        t = SerialTransport(device, baudrate, timeout=timeout)
+        try:
+            t = SerialTransport(device, baudrate, timeout=timeout)
+        except TransportError as e:
+            raise TransportError(f"cannot open {url!r}: {e.__cause__ or e}") from e.__cause__
         t.name = url
         return t
     return SerialTransport(url, timeout=timeout)  # pyserial's own URL schemes
@@ -591,9 +599,11 @@ class FaultyTransport(Transport):
     Reads pass through unchanged; wrap both ends to damage both directions. Bytes after the last
     0x00 wait for the rest of their frame; `pending` counts them and `close()` discards them.
 
-    Each fault draws from its own random.Random seeded with (seed, fault), so the outcome depends
-    only on the seed and the sequence of frames, not on how writes were split, and changing one
-    probability does not reshuffle the other faults. `stats` counts everything done.
+    Each fault draws from its own random.Random seeded with (seed, fault), and every frame draws
+    the same numbers for drop, truncate and duplicate whatever happens to it. So the outcome
+    depends only on the seed and the sequence of frames, not on how writes were split; raising
+    one probability adds faults of that kind without moving the others (except that flips land
+    differently once truncation changes a frame's length). `stats` counts everything done.
     """
 
     def __init__(self, inner: Transport, seed: int, drop: float = 0.0, duplicate: float = 0.0,
@@ -601,7 +611,8 @@ class FaultyTransport(Transport):
         for what, p in (("drop", drop), ("duplicate", duplicate), ("flip", flip),
                         ("truncate", truncate)):
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"FaultyTransport: {what} must be a probability in [0, 1], not {p}")
+                raise ValueError(f"FaultyTransport: {what} must be a probability in [0, 1], "
+                                 f"not {p}")
         self.inner = inner
         self.seed = seed
         self.drop, self.duplicate, self.flip, self.truncate = drop, duplicate, flip, truncate
@@ -649,19 +660,23 @@ class FaultyTransport(Transport):
         s = self.stats
         s.frames_in += 1
         s.bytes_in += len(frame)
-        if self._rng["drop"].random() < self.drop:
+        # Every frame draws the same numbers from the drop, truncate and duplicate streams, whatever
+        # happens to it, so each decision depends only on the seed and the frame's position.
+        body = len(frame) - 1
+        drop_u = self._rng["drop"].random()
+        trunc_u, cut = self._rng["truncate"].random(), self._rng["truncate"].randrange(max(body, 1))
+        dup_u = self._rng["dup"].random()
+        if drop_u < self.drop:
             s.dropped += 1
             return b""
         buf = bytearray(frame)
-        body = len(buf) - 1
-        u, cut = self._rng["truncate"].random(), self._rng["truncate"].randrange(max(body, 1))
-        if u < self.truncate and body > 0:
+        if trunc_u < self.truncate and body > 0:
             buf = buf[:cut] + b"\x00"
             s.truncated += 1
         flips = self._flip(buf, len(buf) if self.flip_delimiters else len(buf) - 1)
         if flips:
             s.corrupted += 1
-        copies = 2 if self._rng["dup"].random() < self.duplicate else 1
+        copies = 2 if dup_u < self.duplicate else 1
         s.duplicated += copies - 1
         s.frames_out += copies
         s.bits_flipped += flips

@@ -3,8 +3,8 @@ an owner, and pulls the new model — over a real pty pair (pyserial) and real T
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,13 +71,19 @@ def test_push_forget_pull(host_files, tmp_path, kind):
     try:
         device = DeviceClient(Client(host, KEY, timeout=2.0))
         device.client.connect()
-        model_bytes = (host_files / "model.tflite").read_bytes()
-        reply = device.push_model(host_files / "model.tflite")
+        fixture = Path(__file__).parent / "fixtures" / "digits_cnn.tflite"  # TensorFlow-converted
+        model_bytes = fixture.read_bytes()
+        reply = device.push_model(fixture)
         assert reply["active"] and reply["sha256"] == hashlib.sha256(model_bytes).hexdigest()
         assert device.push_samples(host_files / "train.npz")["imported"] > 1000
         assert device.push_samples(host_files / "val.npz", role="validation")["imported"] > 100
         assert device.info()["model_sha256"] == reply["sha256"]
-        job = device.forget({"owner": "alice"}, method="qmul")
+        from edge_qmul.unlearn.similar_labels import build_table
+        model = load_tflite(fixture)
+        ds = datasets.load("digits")
+        build_table(model, quantize(ds.x_test, model.tensors[0].quant), ds.y_test).save(tmp_path / "t.json")
+        table = device.push_table(tmp_path / "t.json")["sha256"]
+        job = device.forget({"owner": "alice"}, method="qmul", table=table)
         seen = []
         result = device.wait(job, progress=seen.append, poll_s=0.05)
         assert result["status"] == "done", result

@@ -112,19 +112,46 @@ class Agent:
     def recover(self) -> None:
         """After a crash: interrupted jobs are failed (nothing of theirs was committed), current.tflite
         matches the store, stray temp files go."""
-        for tmp in self.state.glob(".*.tmp"):
+        # Fix (power-cut test): atomic_write makes its temp file next to the target, so a cut leaves
+        # them in jobs/, models/, samples/ too, not only at the top: look everywhere.
+        for tmp in self.state.rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+        requests: dict[str, dict] = {}
         if self.store_path.exists():
             with self._store() as s:
-                for req in s.requests("running"):
+                # Fix: "pending" too (a cut between create_request and set_status("running")).
+                for req in s.requests("running") + s.requests("pending"):
                     s.set_status(req["id"], "failed", {"error": "interrupted: the agent restarted"})
-            self.derive_current()
+                requests = {r["id"]: r for r in s.requests()}
         for path in (self.state / "jobs").glob("*.json"):
             try:
                 job = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
+            req = requests.get(job["job_id"])
+            # Fix: the job file, not only the store, must say what happened, or JOB_STATUS answers
+            # "queued"/"running" for ever after a cut (the worker never sees the job again).
+            if job.get("status") in ("queued", "running"):
+                if req is not None and req["status"] == "done":
+                    # it finished, but the certificate (and the ids COMMIT needs) died with the
+                    # process: it can never be committed, so close the request
+                    with self._store() as s:
+                        s.set_status(req["id"], "rolled_back")
+                job.update(status="failed", phase="failed", error="interrupted: the agent restarted")
+                (self.state / "jobs" / f"{job['job_id']}.ids").unlink(missing_ok=True)
+                self._save_job(job)
+            elif job.get("status") == "done" and req is not None and req["status"] == "committed":
+                # the commit transaction went through but the cut came before the job file said so:
+                # the commit stands (as the store holds it); complete the certificate as commit() does
+                record = (req.get("result") or {}).get("commit") or {}
+                job.update(status="committed", certificate=dict(
+                    job.get("certificate") or {}, committed=True, samples_deleted_at=record.get("deleted_at"),
+                    audit_hash=record.get("audit_hash")))
+                (self.state / "jobs" / f"{job['job_id']}.ids").unlink(missing_ok=True)
+                self._save_job(job)
             self.jobs[job["job_id"]] = job
+        if self.store_path.exists():
+            self.derive_current()
 
     # --- dispatch ---
     def handle(self, msg_type: MsgType, body: dict) -> dict:
@@ -226,7 +253,15 @@ class Agent:
                 s.select(**selector, role=None)
             except StoreError as e:
                 raise RemoteError("bad_selector", str(e)) from None
-        job_id = os.urandom(8).hex()
+        # The host names the job (a random key reused by its retries): a FORGET retried after the
+        # agent restarted (its reply cache gone) finds the same job instead of starting another.
+        key = body.get("job_key")
+        if isinstance(key, str) and len(key) == 16 and all(c in "0123456789abcdef" for c in key):
+            if key in self.jobs:
+                return {"job_id": key}
+            job_id = key
+        else:
+            job_id = os.urandom(8).hex()
         job = {"job_id": job_id, "status": "queued", "phase": "queued", "progress": 0.0, "eta_s": None,
                "selector": selector, "method": method, "params": body.get("params") or {}, "table": table,
                "retain_max": body.get("retain_max"), "created": time.time()}
@@ -288,13 +323,14 @@ class Agent:
         job = self._job(body)
         if job["status"] not in ("done", "committed", "rolled_back", "failed"):
             raise RemoteError("not_ready", f"job {job['job_id']} is {job['status']}")
-        return {"status": job["status"], "certificate": job.get("certificate"), "error": job.get("error")}
+        return {"status": job["status"], "certificate": _compact(job.get("certificate")),
+                "certificate_file": f"jobs/{job['job_id']}.json", "error": job.get("error")}
 
     def commit(self, body: dict) -> dict:
         from edge_qmul.forget import commit
         job = self._job(body)
         if job["status"] == "committed":
-            return {"certificate": job["certificate"]}
+            return {"certificate": _compact(job["certificate"]), "certificate_file": f"jobs/{job['job_id']}.json"}
         if job["status"] != "done":
             raise RemoteError("not_ready", f"job {job['job_id']} is {job['status']}")
         ids_path = self.state / "jobs" / f"{job['job_id']}.ids"
@@ -306,7 +342,7 @@ class Agent:
         ids_path.unlink(missing_ok=True)
         self.derive_current()
         self.collect_models()
-        return {"certificate": cert}
+        return {"certificate": _compact(cert), "certificate_file": f"jobs/{job['job_id']}.json"}
 
     def rollback(self, body: dict) -> dict:
         job = self._job(body)
@@ -323,7 +359,10 @@ class Agent:
         return {"status": "rolled_back"}
 
     def collect_models(self) -> None:
-        """Delete model files nothing refers to (after a commit or rollback, never during a job)."""
+        """Delete model files nothing refers to (after a commit or rollback, never during a job:
+        a running job's new model is not yet named anywhere)."""
+        if any(j.get("status") in ("queued", "running") for j in self.jobs.values()):
+            return
         keep = {self.active_model()}
         keep |= {j.get("certificate", {}).get("model_after_sha256") for j in self.jobs.values()
                  if j.get("status") in ("queued", "running", "done")}
@@ -348,6 +387,18 @@ class Agent:
             model.forward(x)
             times.append(time.perf_counter() - t0)
         return {"batch": batch, "forward_s_median": sorted(times)[2], "model_sha256": sha}
+
+
+def _compact(cert: dict | None) -> dict | None:
+    """The certificate without its per-sample id hashes (they can outgrow a small MTU): a digest of
+    them stands in; the whole certificate is the job file, fetched with GET jobs/<id>.json."""
+    if not cert:
+        return cert
+    import hashlib
+    hashes = cert.get("forgotten_sample_id_hashes") or []
+    out = {k: v for k, v in cert.items() if k != "forgotten_sample_id_hashes"}
+    out["forgotten_sample_id_hashes_sha256"] = hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+    return out
 
 
 def _sha(path: Path) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ class DeviceClient:
     def forget(self, selector: dict, method: str = "oeu", params: dict | None = None, table: str | None = None,
                retain_max: int | None = None) -> str:
         body = {"selector": selector, "method": method, "params": params or {}, "table": table,
-                "retain_max": retain_max}
+                "retain_max": retain_max, "job_key": os.urandom(8).hex()}
         return self.client.request(MsgType.FORGET, body)["job_id"]
 
     def status(self, job_id: str) -> dict:
@@ -68,6 +69,10 @@ class DeviceClient:
 
     def result(self, job_id: str) -> dict:
         return self.client.request(MsgType.JOB_RESULT, {"job_id": job_id})
+
+    def certificate(self, job_id: str) -> dict:
+        """The whole certificate (with every forgotten id's hash), read from the device's job file."""
+        return json.loads(self.pull(f"jobs/{job_id}.json"))["certificate"]
 
     def commit(self, job_id: str) -> dict:
         return self.client.request(MsgType.COMMIT, {"job_id": job_id}, timeout=10.0)

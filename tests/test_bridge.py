@@ -90,6 +90,10 @@ def test_push_forget_pull(host_files, tmp_path, kind):
         assert seen and seen[-1]["status"] == "done"
         cert = device.commit(job)["certificate"]
         assert cert["committed"] and cert["n_forgotten"] == 30
+        full = device.certificate(job)  # the whole certificate, from the device's job file
+        assert len(full["forgotten_sample_id_hashes"]) == 30 and full["committed"]
+        assert hashlib.sha256("\n".join(full["forgotten_sample_id_hashes"]).encode()).hexdigest() == \
+            cert["forgotten_sample_id_hashes_sha256"]
         new = device.pull("current")
         assert hashlib.sha256(new).hexdigest() == cert["model_after_sha256"] != reply["sha256"]
         x = quantize(datasets.load("digits").x_test[:16], load_tflite(new).tensors[0].quant)

@@ -25,6 +25,7 @@ HOST_TO_DEVICE, DEVICE_TO_HOST = DIRECTION_HOST_TO_DEVICE, DIRECTION_DEVICE_TO_H
 DEFAULT_MTU = 16384
 MIN_MTU = 256
 REPLY_CACHE = 256  # replies kept for retried requests
+HELLO_NONCES = 1024  # host nonces of recent HELLOs, kept to drop a replayed HELLO
 
 
 class ChannelError(Exception):
@@ -71,11 +72,15 @@ class Client:
             self.transport.write(sealer.seal(MsgType.HELLO, {"nonce": nonce, "mtu": self.requested_mtu,
                                                              "version": 1}))
             deadline = time.monotonic() + self.timeout
-            opener = hello_opener(self._psk, DEVICE_TO_HOST, max_frame=4096)
             while time.monotonic() < deadline:
                 for chunk in self._read(deadline):
                     try:
-                        frame = opener.open(chunk)
+                        # A fresh opener for every HELLO_ACK: each one is sealed by its own hello
+                        # sealer starting at a random counter, so one opener for the attempt
+                        # dropped the right ACK as a "replay" (about half the time) when a late
+                        # ACK of an earlier attempt came first with a higher counter. Replays are
+                        # caught by the host_nonce check below (a fresh nonce per attempt).
+                        frame = hello_opener(self._psk, DEVICE_TO_HOST, max_frame=4096).open(chunk)
                     except FrameError:
                         self.stats["dropped"] += 1
                         continue
@@ -157,6 +162,7 @@ class Server:
         self.session: Session | None = None
         self.reader = FrameReader(self.max_mtu * 2)
         self.replies: OrderedDict[bytes, tuple[MsgType, dict]] = OrderedDict()
+        self.hello_nonces: OrderedDict[bytes, None] = OrderedDict()
         self.stats = {"frames": 0, "handled": 0, "replayed_replies": 0, "rejected": {}}
 
     def __repr__(self) -> str:
@@ -194,16 +200,27 @@ class Server:
     def _hello(self, chunk: bytes) -> None:
         try:
             frame = hello_opener(self._psk, HOST_TO_DEVICE, max_frame=4096).open(chunk)
-            host_nonce = bytes(frame.payload["nonce"])
-            mtu = max(MIN_MTU, min(int(frame.payload.get("mtu", DEFAULT_MTU)), self.max_mtu))
-            if len(host_nonce) != 16:
+            host_nonce, mtu = frame.payload.get("nonce"), frame.payload.get("mtu", DEFAULT_MTU)
+            # Exact types, no conversions: bytes(<int>) allocates that many bytes or raises
+            # OverflowError, and int(inf) raises OverflowError -- which escaped poll() and killed
+            # the agent on an (authenticated) HELLO carrying {"nonce": 2**63} or {"mtu": inf}.
+            if not isinstance(host_nonce, bytes) or len(host_nonce) != 16 or not isinstance(mtu, int):
                 raise FrameError("malformed")
+            mtu = max(MIN_MTU, min(mtu, self.max_mtu))
         except FrameError as e:
             self._reject(e.reason)
             return
-        except (KeyError, TypeError, ValueError):
-            self._reject("malformed")
+        # A replayed HELLO: every HELLO is opened by a fresh hello opener, so no counter catches a
+        # replay, and a recorded HELLO sent again replaced the live session (and was answered),
+        # against DESIGN §6 ("a replayed ... frame is dropped and counted, never acted on"). The
+        # host draws a new random nonce for every HELLO, so a repeated nonce is a replay. Only the
+        # last HELLO_NONCES are remembered (bounded memory), and not across restarts.
+        if host_nonce in self.hello_nonces:
+            self._reject("replay")
             return
+        self.hello_nonces[host_nonce] = None
+        while len(self.hello_nonces) > HELLO_NONCES:
+            self.hello_nonces.popitem(last=False)
         nonce = os.urandom(16)
         session_id = int.from_bytes(os.urandom(4), "little") or 1
         keys = derive_session_keys(self._psk, host_nonce, nonce, session_id)

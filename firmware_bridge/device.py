@@ -240,7 +240,7 @@ class Agent:
         if not isinstance(selector, dict) or len(selector) != 1 or next(iter(selector)) not in ("owner", "ids", "label"):
             raise RemoteError("bad_request", "selector must be one of {owner}, {ids}, {label}")
         from edge_qmul.unlearn import METHODS
-        if method not in METHODS:
+        if not isinstance(method, str) or method not in METHODS:  # (a list: TypeError, "internal")
             raise RemoteError("bad_request", f"unknown method {method!r}")
         if self.active_model() is None:
             raise RemoteError("no_model", "the device has no active model")
@@ -310,7 +310,10 @@ class Agent:
         job.update(status="done", phase="done", progress=1.0, eta_s=0.0, certificate=cert)
 
     def _job(self, body: dict) -> dict:
-        job = self.jobs.get(body.get("job_id"))
+        # A job id that is not a string (a list, a dict) made dict.get raise TypeError: an
+        # "internal" error with a logged traceback instead of "not_found" for a bad request.
+        job_id = body.get("job_id")
+        job = self.jobs.get(job_id) if isinstance(job_id, str) else None
         if job is None:
             raise RemoteError("not_found", f"unknown job {body.get('job_id')!r}")
         return job

@@ -50,7 +50,7 @@ class TransferArea:
 
     def begin(self, body: dict) -> dict:
         kind, sha, size = body.get("kind"), _check_sha(body.get("sha256")), body.get("size")
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise RemoteError("bad_request", f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
         if not isinstance(size, int) or not 0 <= size <= MAX_FILE:
             raise RemoteError("bad_request", f"size must be an integer in [0, {MAX_FILE}]")
@@ -83,7 +83,7 @@ class TransferArea:
 
     def end(self, body: dict) -> dict:
         kind, sha = body.get("kind"), _check_sha(body.get("sha256"))
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise RemoteError("bad_request", f"unknown kind {kind!r}")
         dest = self.destination(kind, sha)
         if dest.exists():

@@ -916,7 +916,7 @@ class Store:
     # -- imports --
 
     def import_npz(self, path: str | os.PathLike, quant: QuantParams, owner: str | None = None,
-                   owner_key: str | None = None, role: str = "train") -> list[str]:
+                   owner_key: str | None = None, role: str = "train", id_prefix: str | None = None) -> list[str]:
         """Import samples from an .npz: features under ``x`` (or ``x_train``), labels under ``y``
         (``y_train``); owners are ``owner`` for all, or the array under ``owner_key`` (default key
         ``owners`` if present). Float features are quantized with ``quant`` (LiteRT's rounding);
@@ -981,7 +981,10 @@ class Store:
             with self._tx() as conn:
                 if names is not None:
                     self._configure(conn, class_names=names)
-                return self._add(conn, q, y, owners, None, role, quant, xk)
+                # id_prefix makes the ids a function of the file (e.g. its sha256): importing the
+                # same upload twice then fails on the first id instead of adding a second copy
+                ids = None if id_prefix is None else [f"{id_prefix}-{i:07d}" for i in range(len(y))]
+                return self._add(conn, q, y, owners, ids, role, quant, xk)
         except StoreError as e:
             raise StoreError(f"{where}: {e}") from None
 

@@ -349,6 +349,61 @@ def pty_pair(baudrate: int = 115200, *, timeout: float | None = DEFAULT_READ_TIM
     return serial_end, FdTransport(master, f"pty://{path}", timeout=timeout)
 
 
+class SerialLink:
+    """For tests and demos: two serial ports joined by a null-modem cable, pyserial on both ends.
+
+    Two pty pairs; a relay thread copies each master's bytes to the other master, so whatever
+    pyserial writes on port `a` (a /dev/pts/N slave) comes out of port `b` (another slave), as
+    between a host's USB-serial adapter and a board's UART. Every byte value passes unchanged
+    (all four ends raw). `close()` stops the relay and closes the ports.
+    """
+
+    def __init__(self, baudrate: int = 115200, *, timeout: float | None = DEFAULT_READ_TIMEOUT) -> None:
+        import threading
+        self._fds = []
+        paths = []
+        for _ in range(2):
+            master, slave = os.openpty()
+            tty.setraw(master)
+            tty.setraw(slave)
+            paths.append(os.ttyname(slave))
+            self._fds.append((master, slave))
+        self.a = SerialTransport(paths[0], baudrate, timeout=timeout)
+        self.b = SerialTransport(paths[1], baudrate, timeout=timeout)
+        for _, slave in self._fds:  # pyserial holds its own descriptors now
+            os.close(slave)
+        self._stop = False
+        self._thread = threading.Thread(target=self._relay, name="serial-link", daemon=True)
+        self._thread.start()
+
+    def _relay(self) -> None:
+        ma, mb = self._fds[0][0], self._fds[1][0]
+        peer = {ma: mb, mb: ma}
+        while not self._stop:
+            try:
+                ready, _, _ = select.select([ma, mb], [], [], 0.05)
+                for fd in ready:
+                    data = os.read(fd, 65536)
+                    view = memoryview(data)
+                    while view:
+                        _, writable, _ = select.select([], [peer[fd]], [], 1.0)
+                        if writable:
+                            view = view[os.write(peer[fd], view):]
+            except OSError:  # a port closed: the cable is cut
+                return
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        for port in (self.a, self.b):
+            port.close()
+        for master, _ in self._fds:
+            try:
+                os.close(master)
+            except OSError:
+                pass
+
+
 # ------------------------------------------------------------------------------------------------
 # TCP.
 

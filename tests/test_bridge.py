@@ -1,5 +1,6 @@
 """firmware_bridge end to end: a host pushes a model, samples and a table to a device agent, forgets
-an owner, and pulls the new model — over a real pty pair (pyserial) and real TCP on 127.0.0.1."""
+an owner, and pulls the new model — over two real serial ports (ptys joined by a null-modem relay,
+pyserial on both ends) and over real TCP on 127.0.0.1."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ from edge_qmul.train import Trainer, fit
 from firmware_bridge.channel import Client
 from firmware_bridge.device import Agent, serve
 from firmware_bridge.host import DeviceClient
-from firmware_bridge.transport import TcpListener, connect_tcp, pty_pair
+from firmware_bridge.transport import SerialLink, TcpListener, connect_tcp
 
 KEY = bytes(range(32))
 
@@ -53,15 +54,18 @@ def _start_device(kind: str, state):
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         host = connect_tcp(*listener.address)
-    else:
-        device_end, host = pty_pair()
-        thread = threading.Thread(target=serve, args=(device_end, agent, KEY, stop.is_set), daemon=True)
+    else:  # two real serial ports (ptys) joined by a null-modem relay: pyserial on both ends
+        link = SerialLink()
+        host = link.a
+        thread = threading.Thread(target=serve, args=(link.b, agent, KEY, stop.is_set), daemon=True)
         thread.start()
 
     def shutdown():
         stop.set()
         thread.join(5)
         host.close()
+        if kind != "tcp":
+            link.close()
     return host, shutdown
 
 
@@ -122,16 +126,18 @@ def _lossy_pair(kind: str, state, loss: float, seed: int):
         thread.start()
         host = FaultyTransport(connect_tcp(*listener.address), seed, **faults)
     else:
-        device_end, host_end = pty_pair()
-        device_end = FaultyTransport(device_end, seed + 1, **faults)
+        link = SerialLink()
+        device_end = FaultyTransport(link.b, seed + 1, **faults)
         thread = threading.Thread(target=serve, args=(device_end, agent, KEY, stop.is_set), daemon=True)
         thread.start()
-        host = FaultyTransport(host_end, seed, **faults)
+        host = FaultyTransport(link.a, seed, **faults)
 
     def shutdown():
         stop.set()
         thread.join(5)
         host.close()
+        if kind != "tcp":
+            link.close()
     return host, agent, shutdown
 
 

@@ -23,3 +23,24 @@ def fixture_data(name: str) -> dict[str, np.ndarray]:
 @pytest.fixture(params=FIXTURE_MODELS)
 def fixture_name(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+    """A digits CNN trained in the engine on the training split minus a held-out validation slice
+    (the slice the unlearning stopping rule compares with), shared by the store / CLI / bridge tests.
+    Returns the dataset, the validation mask, the model and its .tflite path."""
+    from edge_qmul import datasets, models, save_tflite
+    from edge_qmul.quant import quantize
+    from edge_qmul.train import Trainer, fit
+    root = tmp_path_factory.mktemp("trained_digits")
+    ds = datasets.load("digits", seed=0)
+    rng = np.random.default_rng(0)
+    n = len(ds.y_train)
+    val = np.zeros(n, bool)
+    val[rng.choice(n, n // 10, replace=False)] = True
+    model = models.build("digits_cnn", ds.input_shape, 10, seed=0, calib_x=ds.x_train[~val][:256])
+    q = model.tensors[model.core_inputs[0]].quant
+    fit(Trainer(model, lr=0.05, momentum=0.9), quantize(ds.x_train[~val], q), ds.y_train[~val], epochs=8)
+    path = save_tflite(model, root / "model.tflite")
+    return {"ds": ds, "val": val, "model": model, "path": path}

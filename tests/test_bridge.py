@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_qmul import datasets, litert, load_tflite, models, save_tflite
+from edge_qmul import datasets, litert, load_tflite, save_tflite
 from edge_qmul.quant import quantize
-from edge_qmul.train import Trainer, fit
 from firmware_bridge.channel import Client
 from firmware_bridge.device import Agent, serve
 from firmware_bridge.host import DeviceClient
@@ -22,19 +21,12 @@ KEY = bytes(range(32))
 
 
 @pytest.fixture(scope="module")
-def host_files(tmp_path_factory):
-    """A trained digits model, and samples with owners and a validation slice, as files."""
+def host_files(trained_digits, tmp_path_factory):
+    """The trained digits model, and samples with owners and a validation slice, as files."""
     root = tmp_path_factory.mktemp("host")
-    ds = datasets.load("digits", seed=0)
-    rng = np.random.default_rng(0)
-    n = len(ds.y_train)
-    val = np.zeros(n, bool)
-    val[rng.choice(n, n // 10, replace=False)] = True
-    model = models.build("digits_cnn", ds.input_shape, 10, seed=0, calib_x=ds.x_train[~val][:256])
-    q = model.tensors[model.core_inputs[0]].quant
-    fit(Trainer(model, lr=0.05, momentum=0.9), quantize(ds.x_train[~val], q), ds.y_train[~val], epochs=6)
-    save_tflite(model, root / "model.tflite")
-    owners = np.array([f"user{i % 9}" for i in range(n)])
+    ds, val = trained_digits["ds"], trained_digits["val"]
+    save_tflite(trained_digits["model"], root / "model.tflite")
+    owners = np.array([f"user{i % 9}" for i in range(len(ds.y_train))])
     owners[:30] = "alice"
     np.savez(root / "train.npz", x=ds.x_train[~val], y=ds.y_train[~val], owners=owners[~val])
     np.savez(root / "val.npz", x=ds.x_train[val], y=ds.y_train[val], owners=owners[val])

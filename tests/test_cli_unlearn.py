@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_qmul import datasets, load_tflite, models, save_tflite
+from edge_qmul import datasets, load_tflite, save_tflite
 from edge_qmul.cli import main
 from edge_qmul.quant import quantize
 from edge_qmul.store import Store, sha256_id
-from edge_qmul.train import Trainer, fit
 
 PATTERN = bytes(range(100, 116))  # 16 bytes no digit image holds (values 100..115 in a row)
 
@@ -22,20 +21,14 @@ def sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def device(tmp_path_factory):
-    """A trained digits model and a store: 12 owners, a validation slice the model never saw, and
+def device(trained_digits, tmp_path_factory):
+    """The trained digits model and a store: 12 owners, a validation slice the model never saw, and
     one of alice's samples carrying a unique byte pattern."""
     root = tmp_path_factory.mktemp("device")
-    ds = datasets.load("digits", seed=0)
-    rng = np.random.default_rng(0)
+    ds, val, model = trained_digits["ds"], trained_digits["val"], trained_digits["model"]
     n = len(ds.y_train)
-    val = np.zeros(n, bool)
-    val[rng.choice(n, n // 10, replace=False)] = True
-    model = models.build("digits_cnn", ds.input_shape, 10, seed=0, calib_x=ds.x_train[~val][:256])
     q = model.tensors[model.core_inputs[0]].quant
     x = quantize(ds.x_train, q)
-    trainer = Trainer(model, lr=0.05, momentum=0.9)
-    fit(trainer, x[~val], ds.y_train[~val], epochs=8)
     owners = np.array(["alice"] + [f"user{i % 11}" for i in range(1, n)])
     owners[:40] = "alice"
     x[0].reshape(-1)[:16] = np.frombuffer(PATTERN, np.int8)

@@ -1,10 +1,10 @@
-# edge_qmul: `make install`, `make test`, `make test-slow`, `make bench`.
+# edge_qmul: `make install`, `make demo`, `make test`, `make test-slow`, `make bench`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow bench clean
+.PHONY: install test test-slow bench demo clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/forward.py --json benchmarks/results/forward.json
 	$(BIN)/python benchmarks/train_step.py --json benchmarks/results/train_step.json
 	$(BIN)/python benchmarks/train_accuracy.py --json benchmarks/results/train_accuracy.json
+
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py --out demo_out
 
 clean:
 	rm -rf $(VENV) .pytest_cache

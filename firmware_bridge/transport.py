@@ -358,7 +358,11 @@ class SerialLink:
     (all four ends raw). `close()` stops the relay and closes the ports.
     """
 
-    def __init__(self, baudrate: int = 115200, *, timeout: float | None = DEFAULT_READ_TIMEOUT) -> None:
+    def __init__(self, baudrate: int = 115200, *, timeout: float | None = DEFAULT_READ_TIMEOUT,
+                 open_b: bool = True) -> None:
+        """``open_b=False`` leaves port b's path (``b_path``) for another process to open (a
+        device agent run as its own process); its slave stays open here, unread, so the relay
+        never sees the hang-up of a slave nobody holds yet."""
         import threading
         self._fds = []
         paths = []
@@ -368,10 +372,13 @@ class SerialLink:
             tty.setraw(slave)
             paths.append(os.ttyname(slave))
             self._fds.append((master, slave))
+        self.a_path, self.b_path = paths
         self.a = SerialTransport(paths[0], baudrate, timeout=timeout)
-        self.b = SerialTransport(paths[1], baudrate, timeout=timeout)
-        for _, slave in self._fds:  # pyserial holds its own descriptors now
-            os.close(slave)
+        self.b = SerialTransport(paths[1], baudrate, timeout=timeout) if open_b else None
+        self._held = self._fds[1][1] if not open_b else None
+        for i, (_, slave) in enumerate(self._fds):  # pyserial holds its own descriptors now
+            if slave != self._held:
+                os.close(slave)
         self._stop = False
         self._thread = threading.Thread(target=self._relay, name="serial-link", daemon=True)
         self._thread.start()
@@ -396,7 +403,10 @@ class SerialLink:
         self._stop = True
         self._thread.join(2)
         for port in (self.a, self.b):
-            port.close()
+            if port is not None:
+                port.close()
+        if self._held is not None:
+            os.close(self._held)
         for master, _ in self._fds:
             try:
                 os.close(master)

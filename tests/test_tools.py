@@ -42,3 +42,17 @@ def test_evaluate_tool(tmp_path):
     assert data["methods"]["retrain"]["gap"]["mean"] == 0.0
     assert "| qmul |" in r.stdout
     assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo(tmp_path):
+    """`make demo`'s script: trains, serves over a serial pair, forgets, compares, writes demo_out/."""
+    out = tmp_path / "demo_out"
+    r = _run("tools/demo.py", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["metrics"]) == {"before", "after (device)", "retrain (host)"}
+    cert = json.loads((out / "certificate.json").read_text())
+    import hashlib
+    assert hashlib.sha256((out / "model_after.tflite").read_bytes()).hexdigest() == cert["model_after_sha256"]
+    assert (out / "per_class_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| after (device) |" in r.stdout

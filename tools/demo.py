@@ -162,9 +162,10 @@ def main(argv=None) -> int:
     ax.set_xticks(range(10))
     ax.set_xlabel("digit")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(80, 100.5)
+    low = min(min(v) for v in per_class.values())
+    ax.set_ylim(max(0.0, 5 * np.floor((low - 5) / 5)), 101)  # every bar visible, even a collapsed class
     ax.set_title(f"per-class test accuracy: before, after forgetting {args.owner}, retrained")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(out / "per_class_accuracy.png", dpi=110)
     plt.close(fig)

@@ -196,7 +196,16 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-qmul", description="On-device unlearning for int8 models.")
+    p = argparse.ArgumentParser(
+        prog="edge-qmul", description="On-device unlearning for int8 models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  edge-qmul info model.tflite\n"
+               "  edge-qmul store import store.db --model model.tflite --npz data.npz --owner alice\n"
+               "  edge-qmul unlearn --model model.tflite --store store.db --owner alice --out new.tflite "
+               "--report forget.json --commit\n"
+               "  edge-qmul keygen device.key\n"
+               "  edge-qmul serve --serial /dev/ttyUSB0 --state /var/lib/edge-qmul --key-file device.key")
     p.add_argument("--version", action="version", version=f"edge-qmul {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a .tflite model's ops, shapes, parameters, bytes and MACs")
@@ -263,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, StoreError, TableError, CLIError) as e:  # ForgetError is a ModelError
         print(f"edge-qmul: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("edge-qmul: interrupted; nothing was committed (files are written atomically)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -112,7 +112,15 @@ def _bar(label: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edge-qmul-host", description="Talk to an edge-qmul device.")
+    ap = argparse.ArgumentParser(
+        prog="edge-qmul-host", description="Talk to an edge-qmul device.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  edge-qmul-host --device tcp://board:7070 --key-file device.key info\n"
+               "  edge-qmul-host --device serial:///dev/ttyUSB0 --key-file device.key push-model m.tflite\n"
+               "  edge-qmul-host --device tcp://board:7070 --key-file device.key push-samples d.npz --owner alice\n"
+               "  edge-qmul-host --device tcp://board:7070 --key-file device.key forget --owner alice --wait --commit\n"
+               "  edge-qmul-host --device tcp://board:7070 --key-file device.key pull-model --out new.tflite")
     ap.add_argument("--device", required=True, help="tcp://HOST:PORT or serial:///dev/ttyUSB0 (any pyserial URL)")
     ap.add_argument("--key-file", required=True)
     ap.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for one reply")
@@ -204,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # read_key's refusals
         print(f"edge-qmul-host: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("edge-qmul-host: interrupted; the device keeps what it verified (an upload resumes "
+              "where it stopped when you run the command again)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

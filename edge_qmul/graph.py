@@ -7,7 +7,7 @@ the shapes the file declares (batch 1); the engine runs any batch size along axi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 
@@ -242,12 +242,3 @@ class Model:
         return Model([_copy.deepcopy(t) for t in self.tensors], [_copy.deepcopy(o) for o in self.ops],
                      self.inputs, self.outputs, self.metadata, self.description,
                      _copy.deepcopy(self.signature))
-
-
-def batch_shape(t: Tensor, n: int) -> tuple[int, ...]:
-    """The file's shape with the batch axis set to ``n``."""
-    return (n,) + tuple(t.shape[1:])
-
-
-def as_list(x: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -101,12 +101,10 @@ def check_labels(y, n: int | None, num_classes: int, where: str) -> np.ndarray:
     return y
 
 
-_labels = check_labels
-
 
 def _probs_and_labels(model: "Model", x_int8, y, where: str) -> tuple[np.ndarray, np.ndarray]:
     p = predict_proba(model, x_int8)
-    return p, _labels(y, len(p), p.shape[1], where)
+    return p, check_labels(y, len(p), p.shape[1], where)
 
 
 def _accuracy(p: np.ndarray, y: np.ndarray, where: str) -> float:

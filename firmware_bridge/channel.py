@@ -131,13 +131,8 @@ class Client:
                     if payload.get("rid") != rid:
                         continue  # a late reply to an earlier request
                     if frame.type == MsgType.ERROR:
-                        if payload.get("code") == "session":  # the device restarted: new handshake
-                            self.session = None
-                            break
                         raise RemoteError(str(payload.get("code")), str(payload.get("message")))
                     return payload.get("body", {})
-                if self.session is None:
-                    break
             misses += 1
             if misses >= 3 and self.session is not None:
                 # several silent tries: the device may have restarted and lost the session

@@ -132,12 +132,3 @@ def conv_requant(op, x, w, out, channels: int, activation: str) -> Requant:
     mult, shift = quantize_multipliers(real)
     lo, hi = activation_range(activation, out.quant)
     return Requant(mult, shift, out.quant.zp, lo, hi)
-
-
-def bias_or_zeros(model, op, slot: int, channels: int) -> np.ndarray:
-    b = tensor(model, op, slot, optional=True)
-    if b is None:
-        return np.zeros(channels, np.int32)
-    if np.dtype(b.dtype) != np.int32 or not b.is_constant or b.data.size != channels:
-        raise ModelError(f"{where(op)}: bias {b.name!r} must be a constant int32[{channels}]")
-    return b.data

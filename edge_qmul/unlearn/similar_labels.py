@@ -218,11 +218,6 @@ class SimilarLabelTable:
 
 # --- building a table ------------------------------------------------------------------------------
 
-def _labels(y, n: int | None, num_classes: int, where: str) -> np.ndarray:
-    from ..metrics import check_labels
-    return check_labels(y, n, num_classes, where)
-
-
 def similarity_matrix(model: "Model", x_int8: np.ndarray, y: np.ndarray,
                       class_names: list[str] | None = None) -> np.ndarray:
     """(C, C) float64: row c is the mean of p(. | x) over samples of true class c (diagonal kept).
@@ -231,7 +226,7 @@ def similarity_matrix(model: "Model", x_int8: np.ndarray, y: np.ndarray,
     """
     p = metrics.predict_proba(model, x_int8)
     num = p.shape[1]
-    y = _labels(y, len(p), num, "similarity_matrix")
+    y = metrics.check_labels(y, len(p), num, "similarity_matrix")
     counts = np.bincount(y, minlength=num)
     empty = np.flatnonzero(counts == 0)
     if empty.size:
@@ -310,7 +305,7 @@ def assign_from_table(table: SimilarLabelTable, labels: np.ndarray, mode: str = 
     if mode not in MODES:
         raise ValueError(f"assign_from_table: unknown mode {mode!r}; known: {', '.join(MODES)}")
     num = table.num_classes
-    y = _labels(labels, None, num, "assign_from_table")
+    y = metrics.check_labels(labels, None, num, "assign_from_table")
     if mode == "top1":
         return table.most_similar()[y]
     if mode == "soft":
@@ -333,7 +328,7 @@ def assign_from_model(model: "Model", x_int8: np.ndarray, y: np.ndarray) -> np.n
     p = metrics.predict_proba(model, x_int8)
     if p.shape[1] < 2:
         raise ValueError("assign_from_model: the model has fewer than 2 classes")
-    y = _labels(y, len(p), p.shape[1], "assign_from_model")
+    y = metrics.check_labels(y, len(p), p.shape[1], "assign_from_model")
     p[np.arange(len(y)), y] = -np.inf
     return np.argmax(p, axis=1).astype(np.int64)
 

@@ -166,11 +166,14 @@ def _store(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
-    from firmware_bridge.device import Agent, read_key, serve
+    from firmware_bridge.device import Agent, KeyFileError, read_key, serve
     from firmware_bridge.transport import SerialTransport, TcpListener
     logging.basicConfig(level=logging.INFO, format='{"time": "%(asctime)s", "level": "%(levelname)s", '
                         '"logger": "%(name)s", "message": "%(message)s"}')
-    key = read_key(args.key_file)
+    try:
+        key = read_key(args.key_file)
+    except KeyFileError as e:
+        raise CLIError(str(e)) from None
     agent = Agent(args.state)
     if args.serial:
         serve(SerialTransport(args.serial), agent, key)
@@ -195,6 +198,15 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_command(sub, name: str, help: str, example: str | list[str]) -> argparse.ArgumentParser:
+    """A sub-command whose ``--help`` ends with one or more examples."""
+    examples = [example] if isinstance(example, str) else example
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="example" + ("s" if len(examples) > 1 else "") + ":\n"
+                                 + "\n".join(f"  {e}" for e in examples))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edge-qmul", description="On-device unlearning for int8 models.",
@@ -208,12 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
                "  edge-qmul serve --serial /dev/ttyUSB0 --state /var/lib/edge-qmul --key-file device.key")
     p.add_argument("--version", action="version", version=f"edge-qmul {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print a .tflite model's ops, shapes, parameters, bytes and MACs")
+    info = add_command(sub, "info", "print a .tflite model's ops, shapes, parameters, bytes and MACs",
+                       "edge-qmul info model.tflite")
     info.add_argument("model", help="path to an int8 .tflite model")
     info.set_defaults(func=_info)
 
     from .unlearn import DEFAULT_METHOD, METHODS
-    un = sub.add_parser("unlearn", help="forget samples of the store from a model")
+    un = add_command(sub, "unlearn", "forget samples of the store from a model", [
+        "edge-qmul unlearn --model model.tflite --store store.db --owner alice --out new.tflite",
+        "edge-qmul unlearn --model model.tflite --store store.db --ids ids.txt --method qmul --table table.json "
+        "--out new.tflite --report forget.json --commit"])
     un.add_argument("--model", required=True, help="the int8 .tflite the device runs")
     un.add_argument("--store", required=True, help="the sample store (SQLite)")
     un.add_argument("--owner", help="forget every sample of this owner")
@@ -234,28 +250,37 @@ def build_parser() -> argparse.ArgumentParser:
                     help="delete the forgotten samples and record the new model as active")
     un.set_defaults(func=_unlearn)
 
-    sv = sub.add_parser("serve", help="run the device agent (firmware_bridge) on a serial line or TCP")
+    sv = add_command(sub, "serve", "run the device agent (firmware_bridge) on a serial line or TCP", [
+        "edge-qmul serve --serial /dev/ttyUSB0 --state /var/lib/edge-qmul --key-file device.key",
+        "edge-qmul serve --listen 0.0.0.0:7070 --state /var/lib/edge-qmul --key-file device.key"])
     where = sv.add_mutually_exclusive_group(required=True)
     where.add_argument("--serial", help="a pyserial URL or device, e.g. /dev/ttyUSB0")
     where.add_argument("--listen", help="HOST:PORT to listen on (TCP)")
     sv.add_argument("--state", required=True, help="the device's state directory")
     sv.add_argument("--key-file", required=True, help="the 32-byte pre-shared key (mode 0600)")
     sv.set_defaults(func=_serve)
-    kg = sub.add_parser("keygen", help="write a new 32-byte pre-shared key with mode 0600")
+    kg = add_command(sub, "keygen", "write a new 32-byte pre-shared key with mode 0600",
+                     "edge-qmul keygen device.key   # then copy it to the host over a channel you trust")
     kg.add_argument("key_file")
     kg.set_defaults(func=_keygen)
 
-    st = sub.add_parser("store", help="the sample store: import, list, stats, verify")
+    st = add_command(sub, "store", "the sample store: import, list, stats, verify",
+                     ["edge-qmul store import store.db --model model.tflite --npz data.npz",
+                      "edge-qmul store stats store.db"])
     st_sub = st.add_subparsers(dest="store_command", required=True)
-    imp = st_sub.add_parser("import", help="import samples (quantized with the model's input parameters)")
+    imp = add_command(st_sub, "import", "import samples (quantized with the model's input parameters)", [
+        "edge-qmul store import store.db --model model.tflite --npz data.npz   # owners from the file",
+        "edge-qmul store import store.db --model model.tflite --images photos/ --owner alice"])
     imp.add_argument("store")
     imp.add_argument("--model", required=True, help="the model whose input quantization to use")
     imp.add_argument("--npz", help="x / y (or x_train / y_train), optional owners")
     imp.add_argument("--images", help="image folder: one subfolder per class")
     imp.add_argument("--owner", help="owner of every imported sample")
     imp.add_argument("--role", default="train", choices=("train", "validation"))
-    for name in ("list", "stats", "verify"):
-        cmd = st_sub.add_parser(name)
+    for name, what, extra in (("list", "list the stored samples (id, owner, label, role)", " --owner alice"),
+                              ("stats", "count samples per owner, label and role; requests; audit rows", ""),
+                              ("verify", "check integrity, every row's digest and the audit hash chain", "")):
+        cmd = add_command(st_sub, name, what, f"edge-qmul store {name} store.db{extra}")
         cmd.add_argument("store")
         if name == "list":
             cmd.add_argument("--owner")
@@ -271,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ModelError, StoreError, TableError, CLIError) as e:  # ForgetError is a ModelError
         print(f"edge-qmul: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a port that will not open, an address in use, a missing file
+        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"edge-qmul: error: {where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edge-qmul: interrupted; nothing was committed (files are written atomically)", file=sys.stderr)

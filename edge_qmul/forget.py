@@ -140,7 +140,8 @@ def commit(store, certificate: dict) -> dict:
     """Delete the forgotten samples and switch the active model (one transaction); returns the
     certificate completed with the deletion time and the audit hash."""
     ids = certificate.pop("_forget_ids")
-    done = store.commit_forget(certificate["request_id"], ids, certificate["model_after_sha256"])
+    done = store.commit_forget(certificate["request_id"], ids, certificate["model_after_sha256"],
+                               base_model_sha256=certificate.get("model_before_sha256"))
     certificate.update({"committed": True, "samples_deleted_at": done["deleted_at"],
                         "audit_hash": done.get("audit_hash")})
     return certificate

@@ -1190,7 +1190,8 @@ class Store:
             self._append_audit(conn, "request_status", request_id, details)
             return self._request_dict(self._row_request(conn, request_id))
 
-    def commit_forget(self, request_id: str, ids: Sequence[str], new_model_sha256: str) -> dict:
+    def commit_forget(self, request_id: str, ids: Sequence[str], new_model_sha256: str,
+                      base_model_sha256: str | None = None) -> dict:
         """Commit a finished forget job in ONE transaction: delete the samples ``ids`` (all of them,
         including validation rows: they must be exactly what the request's selector names now), make
         ``new_model_sha256`` the active model, mark the request 'committed' (its selector redacted to
@@ -1228,6 +1229,11 @@ class Store:
                         + (f"{len(extra)} id(s) outside the selector (e.g. {_name_some(sorted(extra), 3)})"
                            if extra else ""))
                 model_before = self._get_meta_tx(conn, "active_model_sha256")
+                if base_model_sha256 not in (None, model_before) and model_before is not None:
+                    raise StoreError(
+                        f"commit_forget {request_id!r}: the job ran on model {base_model_sha256[:12]} but the "
+                        f"active model is now {str(model_before)[:12]} (another forget was committed since); "
+                        "roll this job back and run the request again")
                 deleted_at = _now()
                 n = 0
                 for chunk in _chunks(ids):

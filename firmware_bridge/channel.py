@@ -95,8 +95,12 @@ class Client:
                                            mtu)
                     self.reader = FrameReader(mtu * 2)
                     return self.session
-        raise ChannelError(f"no HELLO_ACK from {self.transport.name} after {self.retries} tries "
-                           "(device down, or a different key)")
+        # A device drops a HELLO it cannot authenticate without a word (an answer would help an
+        # attacker); over TCP an accepted connection at least says the agent is up.
+        why = ("the agent accepted the connection, so most likely its key differs from --key-file"
+               if self.transport.name.startswith("tcp://") else
+               "the device is not running an agent on this line, or its key differs from --key-file")
+        raise ChannelError(f"no answer to HELLO from {self.transport.name} after {self.retries} tries: {why}")
 
     def _read(self, deadline: float) -> list[bytes]:
         wait = max(0.0, min(0.05, deadline - time.monotonic()))

@@ -37,6 +37,11 @@ from .frames import MsgType
 from .transfer import TransferArea
 
 log = logging.getLogger("firmware_bridge.device")
+HISTORY_POINTS = 500  # loss-curve points kept per job
+
+
+class KeyFileError(ValueError):
+    """A key file that is missing, readable by others or not 32 bytes (the message never holds key bytes)."""
 
 
 def read_key(path: str | os.PathLike) -> bytes:
@@ -45,13 +50,13 @@ def read_key(path: str | os.PathLike) -> bytes:
     try:
         st = path.stat()
     except OSError as e:
-        raise SystemExit(f"key file {path}: {e.strerror}") from None
+        raise KeyFileError(f"key file {path}: {e.strerror}") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SystemExit(f"key file {path}: readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
+        raise KeyFileError(f"key file {path}: readable by others (mode {stat.S_IMODE(st.st_mode):o}); "
                          "chmod 600 it")
     data = path.read_bytes()
     if len(data) != 32:
-        raise SystemExit(f"key file {path}: holds {len(data)} bytes, expected 32")
+        raise KeyFileError(f"key file {path}: holds {len(data)} bytes, expected 32")
     return data
 
 
@@ -276,6 +281,7 @@ class Agent:
             job_id = key
         else:
             job_id = os.urandom(8).hex()
+        self._refuse_if_busy()
         job = {"job_id": job_id, "status": "queued", "phase": "queued", "progress": 0.0, "eta_s": None,
                "selector": selector, "method": method, "params": body.get("params") or {}, "table": table,
                "retain_max": body.get("retain_max"), "created": time.time()}
@@ -284,6 +290,20 @@ class Agent:
         self._save_job(job)
         self.queue.put(job_id)
         return {"job_id": job_id}
+
+    def _refuse_if_busy(self) -> None:
+        """One open job at a time. Two jobs started from the same model cannot both be committed
+        (the second's model would still know the first's samples), and unlearning is the device's
+        whole CPU: a second request is refused with what to do, not queued behind the first."""
+        with self.lock:
+            open_jobs = [j for j in self.jobs.values() if j.get("status") in ("queued", "running", "done")]
+        for job in open_jobs:
+            if job["status"] == "done":
+                raise RemoteError("busy", f"job {job['job_id']} has finished and waits: commit it or roll it "
+                                          "back before a new forget request")
+            raise RemoteError("busy", f"job {job['job_id']} is {job['status']} ({job.get('phase')}, "
+                                      f"{100 * (job.get('progress') or 0):.0f}%); wait for it, then commit or "
+                                      "roll it back")
 
     def _save_job(self, job: dict) -> None:
         atomic_write(self.state / "jobs" / f"{job['job_id']}.json",
@@ -305,6 +325,8 @@ class Agent:
         start = time.monotonic()
         job.update(status="running", phase="loading")
 
+        history: list[dict] = []
+
         def progress(info: dict) -> None:
             total = max(1, info.get("steps", 1) * info.get("epochs", 1))
             done = info.get("epoch", 0) * info.get("steps", 0) + info.get("step", 0)
@@ -312,6 +334,15 @@ class Agent:
             elapsed = time.monotonic() - start
             job.update(phase=info.get("phase", "unlearning"), progress=fraction,
                        eta_s=elapsed / fraction - elapsed if fraction > 0 else None)
+            # the loss curves of the run, kept with the job (GET jobs/<id>.json); thinned so a long
+            # run stays a few kB: past HISTORY_POINTS, every other point goes
+            history.append({"step": done, "t_s": round(elapsed, 4),
+                            **{k: float(v) for k, v in info.items()
+                               if k not in ("epoch", "step", "steps", "epochs", "phase")
+                               and isinstance(v, (int, float))}})
+            if len(history) > HISTORY_POINTS:
+                del history[1::2]
+            job["history"] = history
 
         model = self.state / "models" / f"{self.active_model()}.tflite"
         table = str(self.state / "tables" / f"{job['table']}.json") if job.get("table") else None
@@ -441,4 +472,4 @@ def serve(transport, state: "str | os.PathLike | Agent", psk: bytes, stop=lambda
     server.serve(stop)
 
 
-__all__ = ["Agent", "read_key", "serve", "write_key"]
+__all__ = ["Agent", "KeyFileError", "read_key", "serve", "write_key"]

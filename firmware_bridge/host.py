@@ -70,9 +70,17 @@ class DeviceClient:
     def result(self, job_id: str) -> dict:
         return self.client.request(MsgType.JOB_RESULT, {"job_id": job_id})
 
+    def job_file(self, job_id: str) -> dict:
+        """The device's whole record of a job: status, certificate, loss history."""
+        return json.loads(self.pull(f"jobs/{job_id}.json"))
+
     def certificate(self, job_id: str) -> dict:
         """The whole certificate (with every forgotten id's hash), read from the device's job file."""
-        return json.loads(self.pull(f"jobs/{job_id}.json"))["certificate"]
+        return self.job_file(job_id)["certificate"]
+
+    def history(self, job_id: str) -> list[dict]:
+        """The unlearning run's loss curves: one dict per recorded step (step, t_s and the method's losses)."""
+        return self.job_file(job_id).get("history", [])
 
     def commit(self, job_id: str) -> dict:
         return self.client.request(MsgType.COMMIT, {"job_id": job_id}, timeout=10.0)
@@ -125,32 +133,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key-file", required=True)
     ap.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for one reply")
     sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("info")
-    sub.add_parser("ping")
-    pm = sub.add_parser("push-model")
-    pm.add_argument("model")
-    pm.add_argument("--no-activate", action="store_true")
-    pt = sub.add_parser("push-table")
-    pt.add_argument("table")
-    ps = sub.add_parser("push-samples")
-    ps.add_argument("npz")
-    ps.add_argument("--owner")
+    from edge_qmul.cli import add_command
+    pre = "edge-qmul-host --device tcp://board:7070 --key-file device.key"
+    add_command(sub, "info", "the device's model, samples, jobs, free space and memory", f"{pre} info")
+    add_command(sub, "ping", "check the link and the key", f"{pre} ping")
+    pm = add_command(sub, "push-model", "upload an int8 .tflite and make it the active model",
+                     f"{pre} push-model model.tflite")
+    pm.add_argument("model", help="the .tflite file")
+    pm.add_argument("--no-activate", action="store_true", help="upload only; keep the active model")
+    pt = add_command(sub, "push-table", "upload a similar-label table (tools/similar_labels.py)",
+                     f"{pre} push-table table.json")
+    pt.add_argument("table", help="the table (JSON)")
+    ps = add_command(sub, "push-samples", "upload samples (.npz with x, y and optional owners) into the device's store",
+                     [f"{pre} push-samples samples_train.npz", f"{pre} push-samples mine.npz --owner alice",
+                      f"{pre} push-samples samples_validation.npz --role validation"])
+    ps.add_argument("npz", help="the samples (.npz: x, y, optional owners)")
+    ps.add_argument("--owner", help="owner of every sample in the file")
     ps.add_argument("--role", default="train", choices=("train", "validation"))
-    fg = sub.add_parser("forget")
-    fg.add_argument("--owner")
-    fg.add_argument("--ids")
-    fg.add_argument("--class", dest="label", type=int)
+    fg = add_command(sub, "forget", "ask the device to forget an owner, a list of sample ids or a class",
+                     [f"{pre} forget --owner alice --wait --commit", f"{pre} forget --ids ids.txt --method qmul --table SHA256"])
+    fg.add_argument("--owner", help="forget every sample of this owner")
+    fg.add_argument("--ids", help="forget the sample ids listed in this file, one per line")
+    fg.add_argument("--class", dest="label", type=int, help="forget a whole class")
     fg.add_argument("--method", default="oeu")
     fg.add_argument("--table", help="sha256 of a pushed table")
-    fg.add_argument("--wait", action="store_true")
+    fg.add_argument("--wait", action="store_true", help="follow the job's progress until it ends")
     fg.add_argument("--commit", action="store_true", help="with --wait: commit when done")
-    for name in ("status", "result", "commit", "rollback"):
-        p = sub.add_parser(name)
-        p.add_argument("job_id")
-    pl = sub.add_parser("pull-model")
-    pl.add_argument("--out", required=True)
-    pl.add_argument("--name", default="current")
-    bn = sub.add_parser("bench")
+    for name, what in (("status", "a job's phase, progress and time left"),
+                       ("result", "a finished job's outcome and certificate (id hashes as one digest)"),
+                       ("commit", "delete the forgotten samples and make the job's model the active one"),
+                       ("rollback", "drop a finished job: the model and the samples stay as they were"),
+                       ("history", "the loss curves of a job's unlearning run")):
+        p = add_command(sub, name, what, f"{pre} {name} 3fa2c4d15e6b7a80")
+        p.add_argument("job_id", help="the id the forget command printed")
+    pl = add_command(sub, "pull-model", "download the active model (or a job file) from the device",
+                     [f"{pre} pull-model --out new.tflite", f"{pre} pull-model --name jobs/3fa2c4d15e6b7a80.json --out job.json"])
+    pl.add_argument("--out", required=True, help="where to write it (atomically)")
+    pl.add_argument("--name", default="current", help="'current' (the active model) or jobs/<id>.json")
+    bn = add_command(sub, "bench", "time the active model on the device", f"{pre} bench --batch 8")
     bn.add_argument("--batch", type=int, default=8)
     args = ap.parse_args(argv)
 
@@ -195,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             out = device.commit(args.job_id)
         elif cmd == "rollback":
             out = device.rollback(args.job_id)
+        elif cmd == "history":
+            out = device.history(args.job_id)
         elif cmd == "pull-model":
             data = device.pull(args.name, progress=_bar("pull-model"))
             atomic_write(args.out, data)
@@ -207,10 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-qmul-host: device error {e.code}: {e.message}", file=sys.stderr)
         return 3
     except (ChannelError, TransportError, OSError, ValueError) as e:
-        print(f"edge-qmul-host: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # read_key's refusals
-        print(f"edge-qmul-host: error: {e}", file=sys.stderr)
+        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"edge-qmul-host: error: {where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edge-qmul-host: interrupted; the device keeps what it verified (an upload resumes "

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from firmware_bridge import channel
 from firmware_bridge.channel import REPLY_CACHE, Client, RemoteError, Server
-from firmware_bridge.device import Agent, read_key
+from firmware_bridge.device import Agent, KeyFileError, read_key
 from firmware_bridge.frames import (
     DIRECTION_DEVICE_TO_HOST as D2H,
     DIRECTION_HOST_TO_DEVICE as H2D,
@@ -929,10 +929,10 @@ def test_keygen_writes_32_bytes_0600_and_never_overwrites(tmp_path):
 
 
 def _expect_refused(path: Path, content: bytes, *words: str) -> None:
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(KeyFileError) as info:
         read_key(path)
-    message = str(info.value.code)
-    assert isinstance(info.value.code, str) and str(path) in message, message
+    message = str(info.value)
+    assert str(path) in message, message
     for word in words:
         assert word in message, message
     if content:

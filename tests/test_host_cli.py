@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import fixture_path
@@ -72,3 +74,96 @@ def test_wrong_key_is_a_one_line_error(agent, tmp_path):
     loose.chmod(0o644)
     r = host(url, loose, "info")
     assert r.returncode == 2 and "readable by others" in r.stderr
+
+
+def _one_line(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def test_new_user_mistakes_are_one_line_each(agent, tmp_path):
+    url, key, _ = agent
+    r = host(url, key, "push-model", str(tmp_path / "nope.tflite"))
+    assert r.returncode == 2 and "nope.tflite: No such file" in _one_line(r)
+    r = host("serial:///dev/ttyEDGEQMUL_NONE", key, "info")
+    assert r.returncode == 2 and "/dev/ttyEDGEQMUL_NONE" in _one_line(r)
+    r = host(f"tcp://127.0.0.1:{free_port()}", key, "info")
+    assert r.returncode == 2 and "refused" in _one_line(r)
+    r = host(url, tmp_path / "no.key", "info")
+    assert r.returncode == 2 and "no.key" in _one_line(r)
+    r = host(url, key, "forget", "--owner", "alice")  # nothing pushed yet
+    assert r.returncode == 3 and "no active model" in _one_line(r)
+    for args, words in ((["--serial", "/dev/ttyEDGEQMUL_NONE"], "/dev/ttyEDGEQMUL_NONE"),
+                        (["--listen", url.removeprefix("tcp://")], "in use"),
+                        (["--listen", "127.0.0.1:0", "--key-file", str(tmp_path / "no.key")], "no.key")):
+        cmd = [BIN / "edge-qmul", "serve", *args, "--state", str(tmp_path / "s2")]
+        if "--key-file" not in args:
+            cmd += ["--key-file", str(key)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and words in _one_line(r), (args, r.stderr)
+
+
+def _samples_npz(path: Path, ds, mask, owners) -> Path:
+    np.savez(path, x=ds.x_train[mask], y=ds.y_train[mask], owners=owners[mask])
+    return path
+
+
+def test_a_busy_device_refuses_a_second_forget_and_stays_consistent(agent, trained_digits):
+    url, key, tmp = agent
+    ds, val = trained_digits["ds"], trained_digits["val"]
+    owners = np.array([f"u{i % 8}" for i in range(len(ds.y_train))])
+    assert host(url, key, "push-model", str(trained_digits["path"])).returncode == 0
+    assert host(url, key, "push-samples", str(_samples_npz(tmp / "t.npz", ds, ~val, owners))).returncode == 0
+    r = host(url, key, "push-samples", str(_samples_npz(tmp / "v.npz", ds, val, owners)), "--role", "validation")
+    assert r.returncode == 0, r.stderr
+    first = json.loads(host(url, key, "forget", "--owner", "u1").stdout)["job_id"]
+    r = host(url, key, "forget", "--owner", "u2")
+    line = _one_line(r)
+    assert r.returncode == 3 and "busy" in line and first in line, line
+    deadline = time.monotonic() + 120
+    while json.loads(host(url, key, "status", first).stdout)["status"] != "done":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    r = host(url, key, "forget", "--owner", "u2")  # done but not decided: still one open job
+    assert r.returncode == 3 and "commit it or roll it back" in _one_line(r)
+    history = json.loads(host(url, key, "history", first).stdout)
+    assert history and all("step" in h and "loss_r" in h for h in history)
+    assert [h["step"] for h in history] == sorted(h["step"] for h in history)
+    cert = json.loads(host(url, key, "commit", first).stdout)["certificate"]
+    assert json.loads(host(url, key, "info").stdout)["model_sha256"] == cert["model_after_sha256"]
+    second = host(url, key, "forget", "--owner", "u2", "--wait")
+    assert second.returncode == 0 and json.loads(second.stdout)["status"] == "done", second.stderr
+    assert json.loads(second.stdout)["certificate"]["model_before_sha256"] == cert["model_after_sha256"]
+
+
+def test_ctrl_c_in_the_middle_of_a_transfer(agent):
+    """SIGINT while push-samples streams a large file: one line, exit 130; the device keeps what it
+    verified, imports nothing half-way, and the same command afterwards resumes and completes."""
+    url, key, tmp = agent
+    assert host(url, key, "push-model", str(fixture_path("digits_cnn"))).returncode == 0
+    n = 400_000
+    rng = np.random.default_rng(0)
+    big = tmp / "big.npz"
+    np.savez(big, x=rng.integers(-128, 128, (n, 8, 8, 1), dtype=np.int8), y=rng.integers(0, 10, n),
+             owners=np.array(["bulk"] * n))
+    incoming = tmp / "state" / "incoming"
+    proc = subprocess.Popen([BIN / "edge-qmul-host", "--device", url, "--key-file", str(key), "push-samples", str(big)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(p.stat().st_size > 0 for p in incoming.glob("*.part")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the transfer never started"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err and "Traceback" not in err, err
+    partial = [p.stat().st_size for p in incoming.glob("*.part")]
+    assert partial and 0 < partial[0] < big.stat().st_size
+    info = json.loads(host(url, key, "info").stdout)
+    assert info["samples"] == 0  # nothing imported from a file that did not arrive whole
+    r = host(url, key, "push-samples", str(big), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["imported"] == n
+    assert json.loads(host(url, key, "info").stdout)["samples"] == n
+    assert not list(incoming.glob("*.part"))

@@ -615,3 +615,22 @@ def test_crash_during_commit_forget_is_all_or_nothing(tmp_path, where):
         # opening finished the checkpoint: the pattern is gone from every file
         for p in _store_files(path):
             assert PATTERN not in p.read_bytes(), p.name
+
+
+def test_commit_on_a_stale_model_is_refused_and_changes_nothing(tmp_path):
+    """Two jobs computed from the same model: committing the second after the first would make a
+    model that still knows the first owner the active one. The store refuses it."""
+    path = tmp_path / "s.db"
+    ids = _populated(path)
+    with Store(path) as s:
+        r1 = _done_request(s, {"owner": "alice"})
+        some = ids["other"][:3]
+        r2 = _done_request(s, {"ids": some})
+        s.commit_forget(r1, ids["alice"] + ids["alice_val"], MODEL_B, base_model_sha256=MODEL_A)
+        before = (s.count(), s.active_model, s.get_request(r2)["status"])
+        with pytest.raises(StoreError, match="active model is now bbbbbbbbbbbb.*run the request again"):
+            s.commit_forget(r2, some, "c" * 64, base_model_sha256=MODEL_A)
+        assert (s.count(), s.active_model, s.get_request(r2)["status"]) == before
+        s.verify()
+        # computed on the model that is active now: it goes through
+        assert s.commit_forget(r2, some, "c" * 64, base_model_sha256=MODEL_B)["model_before"] == MODEL_B

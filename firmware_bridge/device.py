@@ -419,23 +419,24 @@ class Agent:
                 path.unlink(missing_ok=True)
 
     def bench(self, body: dict) -> dict:
-        import numpy as np
+        """edge_qmul.bench on the active model: per-op, forward, training-step and unlearning times
+        and peak memory, measured here. Refused while a job runs (both would be measured wrong)."""
+        from edge_qmul.bench import bench_model
+        from edge_qmul.errors import ModelError
         from edge_qmul.tflite import load_tflite
         sha = self.active_model()
         if sha is None:
             raise RemoteError("no_model", "the device has no active model")
-        model = load_tflite(self.state / "models" / f"{sha}.tflite")
-        t = model.tensors[model.core_inputs[0]]
-        batch = int(body.get("batch", 8))
-        x = np.random.default_rng(0).integers(-128, 128, (batch,) + tuple(t.shape[1:])).astype(np.int8)
-        model.forward(x)  # compile / warm
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            model.forward(x)
-            times.append(time.perf_counter() - t0)
-        return {"batch": batch, "forward_s_median": sorted(times)[2], "model_sha256": sha}
-
+        with self.lock:
+            running = [j["job_id"] for j in self.jobs.values() if j.get("status") in ("queued", "running")]
+        if running:
+            raise RemoteError("busy", f"job {running[0]} is running; benchmark when it is done")
+        settings = {k: body[k] for k in ("batch", "forget_size", "method", "repeats") if body.get(k) is not None}
+        path = self.state / "models" / f"{sha}.tflite"
+        try:
+            return bench_model(load_tflite(path), model_path=path, **settings)
+        except (ModelError, TypeError) as e:
+            raise RemoteError("bad_request", f"bench: {e}") from None
 
 def _compact(cert: dict | None) -> dict | None:
     """The certificate without its per-sample id hashes (they can outgrow a small MTU): a digest of

@@ -91,8 +91,11 @@ class DeviceClient:
     def pull(self, name: str = "current", progress=None) -> bytes:
         return get(self.client, name, progress)
 
-    def bench(self, batch: int = 8) -> dict:
-        return self.client.request(MsgType.BENCH, {"batch": batch}, timeout=30.0)
+    def bench(self, batch: int = 8, forget_size: int = 64, method: str = "oeu", repeats: int = 5,
+              timeout: float = 900.0) -> dict:
+        """edge_qmul.bench.bench_model run on the device, on its active model (one long request)."""
+        return self.client.request(MsgType.BENCH, {"batch": batch, "forget_size": forget_size, "method": method,
+                                                   "repeats": repeats}, timeout=timeout)
 
 
 def connect(url: str, key: bytes, timeout: float = 1.0, retries: int = 10) -> DeviceClient:
@@ -170,8 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                      [f"{pre} pull-model --out new.tflite", f"{pre} pull-model --name jobs/3fa2c4d15e6b7a80.json --out job.json"])
     pl.add_argument("--out", required=True, help="where to write it (atomically)")
     pl.add_argument("--name", default="current", help="'current' (the active model) or jobs/<id>.json")
-    bn = add_command(sub, "bench", "time the active model on the device", f"{pre} bench --batch 8")
+    bn = add_command(sub, "bench", "per-op, forward, training-step and unlearning times and peak memory, "
+                     "measured on the device with its active model",
+                     [f"{pre} bench --batch 8", f"{pre} bench --batch 32 --forget-size 128 --json b.json --png b.png"])
     bn.add_argument("--batch", type=int, default=8)
+    bn.add_argument("--forget-size", type=int, default=64, help="samples in the timed unlearning run")
+    bn.add_argument("--method", default="oeu")
+    bn.add_argument("--repeats", type=int, default=5, help="runs per measurement (medians are reported)")
+    bn.add_argument("--json", help="write the report here")
+    bn.add_argument("--png", help="draw the report here")
     args = ap.parse_args(argv)
 
     from edge_qmul.fsutil import atomic_write
@@ -222,7 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(args.out, data)
             out = {"path": args.out, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         elif cmd == "bench":
-            out = device.bench(args.batch)
+            from edge_qmul.bench import format_table, plot
+            report = device.bench(args.batch, args.forget_size, args.method, args.repeats)
+            if args.json:
+                atomic_write(args.json, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
+            if args.png:
+                plot(report, args.png)
+            print(format_table(report))
+            return 0
         print(json.dumps(out, indent=1, sort_keys=True, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
         return 0
     except RemoteError as e:

@@ -51,8 +51,14 @@ def test_host_commands(agent):
     assert pushed["active"] is True
     r = host(url, key, "info")
     assert r.returncode == 0 and json.loads(r.stdout)["model_sha256"] == pushed["sha256"]
-    r = host(url, key, "bench", "--batch", "4")
-    assert r.returncode == 0 and json.loads(r.stdout)["forward_s_median"] > 0
+    r = host(url, key, "bench", "--batch", "4", "--forget-size", "8", "--repeats", "1",
+             "--json", str(tmp / "bench.json"), "--png", str(tmp / "bench.png"))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp / "bench.json").read_text())
+    from edge_qmul import load_tflite
+    assert len(report["ops"]) == len(load_tflite(fixture_path("digits_cnn")).ops)
+    assert all(op["op"] in r.stdout for op in report["ops"])
+    assert (tmp / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = host(url, key, "pull-model", "--out", str(tmp / "pulled.tflite"))
     assert r.returncode == 0 and json.loads(r.stdout)["sha256"] == pushed["sha256"]
     assert (tmp / "pulled.tflite").read_bytes() == fixture_path("digits_cnn").read_bytes()

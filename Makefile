@@ -8,11 +8,16 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# Creates .venv when missing; the installation's time is reported on its own line, apart from the
+# demo's or the tests' own time.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,device,host]'
-	touch $(STAMP)
+	@start=$$(date +%s); \
+	echo "installing edge_qmul and its pinned dependencies into $(VENV) ..."; \
+	( test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) ) && \
+	$(BIN)/python -m pip install --quiet --upgrade pip && \
+	$(BIN)/python -m pip install --quiet -e '.[dev,device,host]' && \
+	touch $(STAMP) && \
+	echo "installation took $$(( $$(date +%s) - start )) s"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

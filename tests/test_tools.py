@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from conftest import fixture_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,5 +56,28 @@ def test_demo(tmp_path):
     cert = json.loads((out / "certificate.json").read_text())
     import hashlib
     assert hashlib.sha256((out / "model_after.tflite").read_bytes()).hexdigest() == cert["model_after_sha256"]
-    assert (out / "per_class_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert hashlib.sha256((out / "model_before.tflite").read_bytes()).hexdigest() == cert["model_before_sha256"]
+    assert cert["committed"] and cert["method"] == report["method"]
+    # the certificate counts exactly the owner's samples the demo pushed (train and validation)
+    owned = sum(int((np.load(out / "base" / f"samples_{role}.npz")["owners"] == report["owner"]).sum())
+                for role in ("train", "validation"))
+    assert cert["n_forgotten"] == owned > 0
+    # the per-class figures (and so the bars) are those of the model files on disk
+    from edge_qmul import datasets, load_tflite
+    from edge_qmul.quant import quantize
+    ds = datasets.load("digits", seed=0)
+    for name, file in (("before", "model_before.tflite"), ("after", "model_after.tflite")):
+        model = load_tflite(out / file)
+        x = quantize(ds.x_test, model.tensors[model.core_inputs[0]].quant)
+        pred = model.forward(x).argmax(1)
+        want = [100 * float(np.mean(pred[ds.y_test == c] == c)) for c in range(10)]
+        assert np.allclose(report["per_class_test_accuracy"][name], want), name
+    # the loss curves come from the device's record of the run
+    history = report["unlearning_history"]
+    assert history and [h["step"] for h in history] == sorted(h["step"] for h in history)
+    assert all(np.isfinite(v) for h in history for v in h.values())
+    for png in ("per_class_accuracy.png", "unlearning_loss.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+        assert f"({png})" in (out / "report.md").read_text()
     assert "| after (device) |" in r.stdout
+    assert json.loads((out / "base" / "manifest.json").read_text())["owners"]["count"] == 20

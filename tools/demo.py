@@ -10,7 +10,7 @@
 4. retrains from scratch on the host without that owner (the gold standard) and compares forget
    accuracy, test accuracy and MIA before, after and for the retrained model;
 5. writes demo_out/: report.json, report.md, model_before.tflite, model_after.tflite,
-   certificate.json and per_class_accuracy.png.
+   certificate.json, per_class_accuracy.png, unlearning_loss.png and base/ (what train_base wrote).
 """
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-from edge_qmul import datasets, metrics, models, save_tflite  # noqa: E402
+from edge_qmul import metrics  # noqa: E402
 from edge_qmul.fsutil import atomic_write  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
-from edge_qmul.train import TRAINING_RECIPES, Trainer, fit  # noqa: E402
 from edge_qmul.tflite import load_tflite  # noqa: E402
-from edge_qmul.unlearn.similar_labels import build_table  # noqa: E402
+from train_base import load_builtin, prepare, train_model  # noqa: E402  (tools/train_base.py)
 
 T0 = time.perf_counter()
 
@@ -40,14 +40,58 @@ def say(message: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s] {message}", flush=True)
 
 
-def train(ds, x8, train_mask, seed=0):
-    r = TRAINING_RECIPES["digits"]
-    model = models.build(r["arch"], ds.input_shape, ds.num_classes, seed=seed,
-                         calib_x=ds.x_train[train_mask][:256])
-    steps = r["epochs"] * -(-int(train_mask.sum()) // r["batch_size"])
-    trainer = Trainer(model, lr=r["lr"], momentum=r["momentum"], schedule="cosine", total_steps=steps)
-    fit(trainer, x8[train_mask], ds.y_train[train_mask], r["epochs"], r["batch_size"], seed=seed)
-    return model
+OUTPUTS = ("report.json", "report.md", "model_before.tflite", "model_after.tflite", "certificate.json",
+           "per_class_accuracy.png", "unlearning_loss.png", "base/")
+
+
+def plot_history(history: list[dict], method: str, owner: str, path: Path) -> None:
+    """The device's loss curves of the unlearning run, one line per recorded quantity."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = sorted({k for h in history for k in h} - {"step", "t_s"})
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for k in keys:
+        pts = [(h["step"], h[k]) for h in history if k in h]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, label=f"{k}: {LEGEND.get(k, k)}")
+    ax.set_xlabel("unlearning step")
+    ax.set_ylabel("value (nats; w_f: forget weight)")
+    ax.set_title(f"{method} forgetting {owner} on the device: {len(history)} steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+LEGEND = {"loss_r": "cross-entropy on the retain batch", "loss_f": "loss on the forget batch (toward similar labels)",
+          "entropy_f": "prediction entropy on the forget batch (pushed up)", "w_f": "adaptive forget weight"}
+
+
+def report_markdown(report: dict, table_md: str) -> str:
+    """report.md: the table, what each column means, the plots and the certificate."""
+    c = report["certificate"]
+    h = report["unlearning_history"]
+    keys = sorted({k for r in h for k in r} - {"step", "t_s"})
+    worst = min(range(10), key=lambda d: report["per_class_test_accuracy"]["after"][d] -
+                report["per_class_test_accuracy"]["before"][d])
+    before, after = (report["per_class_test_accuracy"][k][worst] for k in ("before", "after"))
+    return "\n".join([
+        f"# edge_qmul demo: forgetting {report['owner']} with {report['method']}", "",
+        table_md, "",
+        "- forget acc: accuracy on the forgotten owner's training samples (a retrained model's level is the goal, "
+        "not 0); retain acc: on everyone else's; test acc: on the held-out test split; "
+        "MIA: membership-inference efficacy on the forget set (lower: fewer look like training members).",
+        f"- {c['n_forgotten']} samples deleted from the device's store at {c['samples_deleted_at']}; "
+        f"unlearning took {c['wall_s']:.2f} s on the device.",
+        f"- model before: `{c['model_before_sha256']}`; after: `{c['model_after_sha256']}` (`model_after.tflite`); "
+        "the whole certificate: `certificate.json`.", "",
+        "![per-class test accuracy](per_class_accuracy.png)", "",
+        f"The class that lost most: digit {worst}, {before:.1f}% before, {after:.1f}% after.", "",
+        "![unlearning loss curves](unlearning_loss.png)", "",
+        f"{len(h)} unlearning steps recorded by the device: "
+        + "; ".join(f"{k} ({LEGEND.get(k, k)}) {h[0][k]:.3f} -> {h[-1][k]:.3f}" for k in keys if k in h[0] and k in h[-1]),
+        f"\nDemo wall time {report['demo_wall_s']:.1f} s.", ""])
 
 
 def main(argv=None) -> int:
@@ -62,24 +106,19 @@ def main(argv=None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
-    say("1/5 training the base int8 model on scikit-learn's digits, in the engine (integer arithmetic)")
-    ds = datasets.load("digits", seed=0)
-    rng = np.random.default_rng(0)
-    n = len(ds.y_train)
-    owners = np.array([f"user{i}" for i in rng.integers(0, 20, n)])
-    val = np.zeros(n, bool)
-    val[rng.choice(n, n // 10, replace=False)] = True
-    probe = models.build("digits_cnn", ds.input_shape, 10, seed=0, calib_x=ds.x_train[:256])
-    q = probe.tensors[probe.core_inputs[0]].quant  # inputs in [0, 1]: scale 1/255, zero point -128
-    x8, x_test = quantize(ds.x_train, q), quantize(ds.x_test, q)
-    base = train(ds, x8, ~val)
-    base_path = save_tflite(base, out / "model_before.tflite")
-    table = build_table(base, x8[~val], ds.y_train[~val], k=3, data="digits training split")
-    table.save(out / "table.json")
-    np.savez(out / "samples_train.npz", x=ds.x_train[~val], y=ds.y_train[~val], owners=owners[~val])
-    np.savez(out / "samples_validation.npz", x=ds.x_train[val], y=ds.y_train[val], owners=owners[val])
-    say(f"   test accuracy {100 * np.mean(base.forward(x_test).argmax(1) == ds.y_test):.1f}%; "
-        f"{(owners[~val] == args.owner).sum()} training samples belong to {args.owner}")
+    say("1/5 training the base int8 model on scikit-learn's digits, in the engine (integer arithmetic), "
+        "with tools/train_base.py: 20 simulated owners, a 10% validation slice, the similar-label table")
+    base_dir = out / "base"
+    prepare(base_dir, dataset="digits", owners=20, validation=0.1, seed=0, say=lambda m: say(f"   {m}"))
+    base_path = base_dir / "model.tflite"
+    atomic_write(out / "model_before.tflite", base_path.read_bytes())
+    base = load_tflite(base_path)
+    with np.load(base_dir / "samples_train.npz") as f:
+        x_train, y_train, owners = f["x"], f["y"], f["owners"]
+    q = base.tensors[base.core_inputs[0]].quant
+    data = load_builtin("digits", seed=0)
+    x8, x_test, y_test = quantize(x_train, q), quantize(data.x_test, q), data.y_test
+    say(f"   {(owners == args.owner).sum()} training samples belong to {args.owner}")
 
     say("2/5 starting the device agent as its own process on a serial line (two ptys, null-modem)")
     from firmware_bridge.channel import Client
@@ -105,9 +144,9 @@ def main(argv=None) -> int:
 
         say("3/5 pushing the model, the similar-label table and the samples")
         device.push_model(base_path)
-        table_sha = device.push_table(out / "table.json")["sha256"]
-        device.push_samples(out / "samples_train.npz")
-        device.push_samples(out / "samples_validation.npz", role="validation")
+        table_sha = device.push_table(base_dir / "table.json")["sha256"]
+        device.push_samples(base_dir / "samples_train.npz")
+        device.push_samples(base_dir / "samples_validation.npz", role="validation")
         say(f"   device: {json.dumps(device.info())}")
 
         say(f"4/5 asking the device to forget {args.owner} with {method}")
@@ -124,7 +163,8 @@ def main(argv=None) -> int:
         if result["status"] != "done":
             raise SystemExit(f"demo: the job ended {result['status']}: {result.get('error')}")
         device.commit(job)
-        certificate = device.certificate(job)
+        job_file = device.job_file(job)
+        certificate, history = job_file["certificate"], job_file.get("history", [])
         new_bytes = device.pull("current")
         atomic_write(out / "model_after.tflite", new_bytes)
         atomic_write(out / "certificate.json", (json.dumps(certificate, indent=1, sort_keys=True) + "\n").encode())
@@ -134,13 +174,13 @@ def main(argv=None) -> int:
         agent.wait(10)
         link.close()
 
-    say("5/5 retraining from scratch on the host without that owner, and comparing")
-    keep = ~val & (owners != args.owner)
-    retrained = train(ds, x8, keep)
+    say("5/5 retraining from scratch on the host without that owner (same recipe), and comparing")
+    keep = owners != args.owner
+    data.x, data.y = x_train, y_train
+    retrained, _ = train_model(data, keep, "digits_cnn", None, 0, say=lambda m: None)
     after = load_tflite(out / "model_after.tflite")
-    f_mask = ~val & (owners == args.owner)
-    forget, retain = (x8[f_mask], ds.y_train[f_mask]), (x8[keep], ds.y_train[keep])
-    test = (x_test, ds.y_test)
+    forget, retain = (x8[~keep], y_train[~keep]), (x8[keep], y_train[keep])
+    test = (x_test, y_test)
     rows = {}
     for name, model in (("before", base), ("after (device)", after), ("retrain (host)", retrained)):
         m = metrics.evaluate(model, forget, retain, test)
@@ -151,7 +191,7 @@ def main(argv=None) -> int:
     table_md = "\n".join(lines)
     print(table_md, flush=True)
 
-    per_class = {name: [100 * float(np.mean(model.forward(x_test[ds.y_test == c]).argmax(1) == c)) for c in range(10)]
+    per_class = {name: [100 * float(np.mean(model.forward(x_test[y_test == c]).argmax(1) == c)) for c in range(10)]
                  for name, model in (("before", base), ("after", after), ("retrain", retrained))}
     import matplotlib
     matplotlib.use("Agg")
@@ -170,14 +210,16 @@ def main(argv=None) -> int:
     fig.savefig(out / "per_class_accuracy.png", dpi=110)
     plt.close(fig)
 
+    plot_history(history, method, args.owner, out / "unlearning_loss.png")
+
     report = {"owner": args.owner, "method": method, "metrics": rows, "per_class_test_accuracy": per_class,
+              "unlearning_history": history,
               "certificate": {k: certificate[k] for k in ("request_id", "n_forgotten", "model_before_sha256",
                                                           "model_after_sha256", "samples_deleted_at", "wall_s")},
               "demo_wall_s": time.perf_counter() - T0}
     atomic_write(out / "report.json", (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())
-    atomic_write(out / "report.md", (f"# edge_qmul demo: forgetting {args.owner} with {method}\n\n{table_md}\n\n"
-                                     f"Certificate: `certificate.json`; new model: `model_after.tflite`.\n").encode())
-    say(f"done: {out}/ holds report.json, report.md, model_after.tflite, certificate.json, per_class_accuracy.png")
+    atomic_write(out / "report.md", report_markdown(report, table_md).encode())
+    say(f"done: {out}/ holds {', '.join(OUTPUTS)}")
     return 0
 
 

@@ -112,7 +112,7 @@ def run_once(kind: str, mtu: int, data: bytes) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="example: python benchmarks/bridge.py --json benchmarks/results/bridge.json")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--size", type=float, default=10.0, help="MB (10^6 bytes) to upload (default 10)")
     ap.add_argument("--repeats", type=int, default=3)

@@ -392,7 +392,7 @@ def _loadavg() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="example: python benchmarks/forward.py --json benchmarks/results/forward.json")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median "
                     "reported); default 11, or 3 with --quick")

@@ -22,7 +22,7 @@ from edge_qmul.train import TRAINING_RECIPES, train_from_scratch  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="example: python benchmarks/train_accuracy.py --json benchmarks/results/train_accuracy.json")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()

@@ -464,7 +464,7 @@ def markdown(rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="example: python benchmarks/train_step.py --json benchmarks/results/train_step.json")
     ap.add_argument("--json", type=Path, help="write the rows as a JSON list here")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per backend (median reported); "
                     "default 11, or 3 with --quick")

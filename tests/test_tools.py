@@ -1,12 +1,14 @@
 """The host tools run end to end and write what they promise."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import fixture_path
 
@@ -81,3 +83,39 @@ def test_demo(tmp_path):
         assert f"({png})" in (out / "report.md").read_text()
     assert "| after (device) |" in r.stdout
     assert json.loads((out / "base" / "manifest.json").read_text())["owners"]["count"] == 20
+
+
+def _help(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    from edge_qmul.cli import build_parser
+    from edge_qmul.cli import main as cli_main
+    from firmware_bridge.host import main as host_main
+
+    def subcommands(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices
+        return {}
+
+    commands = [[]]
+    for name, sub in subcommands(build_parser()).items():
+        commands.append([name])
+        commands += [[name, inner] for inner in subcommands(sub)]
+    assert ["store", "verify"] in commands and ["serve"] in commands
+    for argv in commands:
+        text = _help(cli_main, [*argv, "--help"], capsys)
+        assert "example" in text and "edge-qmul " + " ".join(argv) in text, argv
+    host_commands = ("info", "ping", "push-model", "push-table", "push-samples", "forget", "status", "result",
+                     "commit", "rollback", "history", "pull-model", "bench")
+    for argv in ([], *[[c] for c in host_commands]):
+        text = _help(host_main, [*argv, "--help"], capsys)
+        assert "example" in text and " ".join(["edge-qmul-host", *argv][-1:]) in text, argv
+    for script in ("demo.py", "train_base.py", "bench_device.py", "similar_labels.py", "evaluate.py"):
+        r = _run(f"tools/{script}", "--help")
+        assert r.returncode == 0 and "example" in r.stdout and f"tools/{script}" in r.stdout, script

@@ -182,7 +182,11 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Compare unlearning methods on the int8 model.")
+    ap = argparse.ArgumentParser(
+        description="Compare unlearning methods on the int8 model.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python tools/evaluate.py --dataset digits --json r.json --plot r.png\n"
+               "  python tools/evaluate.py --dataset mnist1d --tune --max-cost 0.1 --json tuned.json")
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--model", help="a .tflite to start from instead of training one")
     ap.add_argument("--arch", help="architecture to train (default: the dataset's recipe)")

@@ -43,7 +43,11 @@ def load_data(spec: str, model, split: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Build a similar-label table for Q-MUL.")
+    ap = argparse.ArgumentParser(
+        description="Build a similar-label table for Q-MUL.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python tools/similar_labels.py --model base/model.tflite --data digits --out table.json\n"
+               "  python tools/similar_labels.py --model m.tflite --data npz:mine.npz --k 3 --pairs 10 --out table.json")
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True, help="digits | mnist1d | npz:PATH | images:DIR")
     ap.add_argument("--split", default="train", choices=("train", "test"))

@@ -37,48 +37,132 @@ def prepare(op, model) -> ConvParams:
     return ConvParams(win, rq, -x.quant.zp, np.zeros(cout, np.int32), (kh, kw))
 
 
+# Few taps per output (1x1 convs over few channels, the first layer): vectorize over output channels.
+# Many taps: dot products over the taps, which LLVM turns into int16 pair multiply-adds (vpmaddwd
+# on x86, smlal/sdot on ARM). Crossover measured in benchmarks/forward.py's layer shapes.
+DOT_MIN_TAPS = 96
+
+
 def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     bias = p.zero_bias if bias is None else bias
     v, r = p.win, p.rq
-    return conv2d_int8(x, w, bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min,
-                       r.act_max, v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left,
-                       v.out_h, v.out_w)
+    cout = w.shape[0]
+    # int16 operands keep every product and sum in int32 lanes (|x - zp| <= 255, |w| <= 127)
+    w16 = w.reshape(cout, -1).astype(np.int16)
+    args = (bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max,
+            v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w, p.kernel[0], p.kernel[1])
+    if w16.shape[1] >= DOT_MIN_TAPS:
+        return conv2d_int8_dot(x, w16, *args)
+    return conv2d_int8_rows(x, np.ascontiguousarray(w16.T), *args)
+
+
+@njit(cache=True, inline="always")
+def _patch_row(x, b, oy, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, k_h, k_w):
+    # im2col for one output row: patch[ox, tap] = x - zp_in as int16; cells outside the input stay
+    # 0, which is what LiteRT's padding means (the pad value is the input zero point).
+    _, in_h, in_w, cin = x.shape
+    out_w = patch.shape[0]
+    for ox in range(out_w):
+        k = 0
+        for ky in range(k_h):
+            iy = oy * stride_h - pad_top + ky * dil_h
+            for kx in range(k_w):
+                ix = ox * stride_w - pad_left + kx * dil_w
+                if 0 <= iy < in_h and 0 <= ix < in_w:
+                    for c in range(cin):
+                        patch[ox, k + c] = np.int16(np.int16(x[b, iy, ix, c]) + input_offset)
+                else:
+                    for c in range(cin):
+                        patch[ox, k + c] = 0
+                k += cin
 
 
 @njit(cache=True, parallel=True)
-def conv2d_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max,
-                stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w):
-    # im2col one output pixel at a time: the patch holds (x - zp_in) as int32, and cells outside the
-    # input stay 0, which is what LiteRT's padding means (the pad value is the input zero point).
-    # |patch| <= 255 and |w| <= 127, so K < 2^31 / 32385 = 66k taps cannot overflow the int32 sum.
-    n, in_h, in_w, cin = x.shape
-    cout, k_h, k_w, _ = w.shape
-    taps = k_h * k_w * cin
-    w2 = w.reshape(cout, taps)
+def conv2d_int8_dot(x, w16, bias, input_offset, mult, shift, out_zp, act_min, act_max,
+                    stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w):
+    # One output row per task; 2 pixels x 4 output channels per inner loop share their loads.
+    # Every sum is truncated to int32 explicitly: numba would otherwise widen int32 products to
+    # int64 (8 lanes per vector instead of 32 int16 pairs). |sum| < 2^31 for K < 66k taps.
+    n = x.shape[0]
+    cout, taps = w16.shape
     out = np.empty((n, out_h, out_w, cout), np.int8)
     for row in prange(n * out_h):
         b = row // out_h
         oy = row % out_h
-        patch = np.zeros(taps, np.int32)
-        for ox in range(out_w):
-            k = 0
-            for ky in range(k_h):
-                iy = oy * stride_h - pad_top + ky * dil_h
-                for kx in range(k_w):
-                    ix = ox * stride_w - pad_left + kx * dil_w
-                    if 0 <= iy < in_h and 0 <= ix < in_w:
-                        for c in range(cin):
-                            patch[k + c] = np.int32(x[b, iy, ix, c]) + input_offset
-                    else:
-                        for c in range(cin):
-                            patch[k + c] = 0
-                    k += cin
-            for oc in range(cout):
-                acc = np.int32(0)
+        patch = np.empty((out_w, taps), np.int16)
+        _patch_row(x, b, oy, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, k_h, k_w)
+        acc = np.empty(8, np.int32)
+        for ox0 in range(0, out_w, 2):
+            ox1 = min(ox0 + 1, out_w - 1)  # an odd last pixel is computed twice
+            p0 = patch[ox0]
+            p1 = patch[ox1]
+            for oc0 in range(0, cout, 4):
+                oc = (min(oc0, cout - 4) if cout >= 4 else 0)
+                w0 = w16[oc]
+                w1 = w16[min(oc + 1, cout - 1)]
+                w2 = w16[min(oc + 2, cout - 1)]
+                w3 = w16[min(oc + 3, cout - 1)]
+                a0 = np.int32(0)
+                a1 = np.int32(0)
+                a2 = np.int32(0)
+                a3 = np.int32(0)
+                a4 = np.int32(0)
+                a5 = np.int32(0)
+                a6 = np.int32(0)
+                a7 = np.int32(0)
                 for t in range(taps):
-                    acc += patch[t] * np.int32(w2[oc, t])
-                out[b, oy, ox, oc] = requantize(np.int32(acc + bias[oc]), mult[oc], shift[oc],
-                                                out_zp, act_min, act_max)
+                    u = np.int32(p0[t])
+                    v = np.int32(p1[t])
+                    a0 = np.int32(a0 + u * np.int32(w0[t]))
+                    a1 = np.int32(a1 + u * np.int32(w1[t]))
+                    a2 = np.int32(a2 + u * np.int32(w2[t]))
+                    a3 = np.int32(a3 + u * np.int32(w3[t]))
+                    a4 = np.int32(a4 + v * np.int32(w0[t]))
+                    a5 = np.int32(a5 + v * np.int32(w1[t]))
+                    a6 = np.int32(a6 + v * np.int32(w2[t]))
+                    a7 = np.int32(a7 + v * np.int32(w3[t]))
+                acc[0] = a0
+                acc[1] = a1
+                acc[2] = a2
+                acc[3] = a3
+                acc[4] = a4
+                acc[5] = a5
+                acc[6] = a6
+                acc[7] = a7
+                for j in range(min(4, cout)):
+                    c = oc + j
+                    out[b, oy, ox0, c] = requantize(np.int32(acc[j] + bias[c]), mult[c], shift[c],
+                                                    out_zp, act_min, act_max)
+                    out[b, oy, ox1, c] = requantize(np.int32(acc[4 + j] + bias[c]), mult[c], shift[c],
+                                                    out_zp, act_min, act_max)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def conv2d_int8_rows(x, w_t, bias, input_offset, mult, shift, out_zp, act_min, act_max,
+                     stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w):
+    # Few taps: acc[oc] += (x - zp) * w_t[tap, oc], contiguous over output channels.
+    n = x.shape[0]
+    taps, cout = w_t.shape
+    out = np.empty((n, out_h, out_w, cout), np.int8)
+    for row in prange(n * out_h):
+        b = row // out_h
+        oy = row % out_h
+        patch = np.empty((out_w, taps), np.int16)
+        _patch_row(x, b, oy, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, k_h, k_w)
+        acc = np.empty(cout, np.int32)
+        for ox in range(out_w):
+            for oc in range(cout):
+                acc[oc] = bias[oc]
+            for t in range(taps):
+                u = np.int32(patch[ox, t])
+                if u == 0:
+                    continue
+                wr = w_t[t]
+                for oc in range(cout):
+                    acc[oc] = np.int32(acc[oc] + u * np.int32(wr[oc]))
+            for oc in range(cout):
+                out[b, oy, ox, oc] = requantize(acc[oc], mult[oc], shift[oc], out_zp, act_min, act_max)
     return out
 
 

@@ -56,14 +56,19 @@ def forward(p: DepthwiseParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray |
 def depthwise_int8(x, w, bias, input_offset, depth_multiplier, mult, shift, out_zp, act_min, act_max,
                    stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w):
     # Accumulate a row of output channels per tap so the inner loop runs over contiguous channels.
+    # (x - zp) * w fits int16 (|.| <= 255 * 127), so products are int16 lanes widened into int32
+    # sums; every step is truncated explicitly, else numba computes in int64 (a quarter of the lanes).
     n, in_h, in_w, cin = x.shape
     _, k_h, k_w, cout = w.shape
     out = np.empty((n, out_h, out_w, cout), np.int8)
     vector_channels = cout - cout % 8
+    offset16 = np.int16(input_offset)
+    w16 = w[0].astype(np.int16)
     for row in prange(n * out_h):
         b = row // out_h
         oy = row % out_h
         acc = np.empty(cout, np.int32)
+        xm = np.empty(cout, np.int16)
         for ox in range(out_w):
             for oc in range(cout):
                 acc[oc] = bias[oc]
@@ -75,9 +80,17 @@ def depthwise_int8(x, w, bias, input_offset, depth_multiplier, mult, shift, out_
                     ix = ox * stride_w - pad_left + kx * dil_w
                     if ix < 0 or ix >= in_w:
                         continue
-                    for oc in range(cout):
-                        acc[oc] += (np.int32(x[b, iy, ix, oc // depth_multiplier]) + input_offset) \
-                            * np.int32(w[0, ky, kx, oc])
+                    wr = w16[ky, kx]
+                    if depth_multiplier == 1:
+                        xr = x[b, iy, ix]
+                        for oc in range(cout):
+                            prod = np.int16(np.int16(np.int16(xr[oc]) + offset16) * wr[oc])
+                            acc[oc] = np.int32(acc[oc] + np.int32(prod))
+                    else:
+                        for oc in range(cout):
+                            xm[oc] = np.int16(np.int16(x[b, iy, ix, oc // depth_multiplier]) + offset16)
+                        for oc in range(cout):
+                            acc[oc] = np.int32(acc[oc] + np.int32(np.int16(xm[oc] * wr[oc])))
             for oc in range(cout):
                 # DepthwiseConvGeneral's Quantize: 8 channels at a time in vector code, the
                 # last cout % 8 channels in its scalar loop (the two round ties differently).

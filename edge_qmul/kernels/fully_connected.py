@@ -75,14 +75,17 @@ def fully_connected_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min,
     rows, depth = x.shape
     cout = w.shape[0]
     out = np.empty((rows, cout), np.int8)
+    # int16 (x - zp) times int8 weights, sums truncated to int32 at every step (numba would widen
+    # them to int64 otherwise): LLVM makes int16 pair multiply-adds of it (vpmaddwd / smlal).
     for r in prange(rows):
-        xv = np.empty(depth, np.int32)
+        xv = np.empty(depth, np.int16)
         for k in range(depth):
-            xv[k] = np.int32(x[r, k]) + input_offset
+            xv[k] = np.int16(np.int16(x[r, k]) + input_offset)
         for o in range(cout):
+            wr = w[o]
             acc = np.int32(0)
             for k in range(depth):
-                acc += xv[k] * np.int32(w[o, k])
+                acc = np.int32(acc + np.int32(xv[k]) * np.int32(wr[k]))
             out[r, o] = requantize(np.int32(acc + bias[o]), mult[o], shift[o], out_zp, act_min, act_max)
     return out
 

@@ -527,7 +527,8 @@ class Trainer:
         backward passes them); the int32 parameter gradients; and the errors and transient sums of
         the op being differentiated (int16 errors, int64 weight sums, int32 input sums a few samples
         at a time). ``float32_total`` counts fp32 weights, gradients, saved activations and the
-        fp32 errors of the same op sequence.
+        fp32 errors of the same op sequence, and the im2col workspace of a conv's weight gradient
+        (int16 here, float32 there).
         """
         if batch < 1:
             raise ModelError(f"batch must be >= 1, got {batch}")
@@ -576,7 +577,12 @@ class Trainer:
                 # int64 weight sums; then the int32 gradients (applied at once by step(), which
                 # keeps an int8 copy of the weights for the input error); then the input error
                 copy = w if step and need else 0
-                t = max(e_out + 8 * w, e_out + 4 * (w + b) + copy,
+                patch = 0
+                if trained and op.kind == "CONV_2D":  # the weight gradient's im2col workspace
+                    _, oh, ow, _ = model.tensors[out].shape
+                    taps = model.tensors[op.inputs[1]].data[0].size
+                    patch = 2 * oh * ow * taps * conv.patch_samples(batch, oh, ow, taps)
+                t = max(e_out + 8 * w + patch, e_out + 4 * (w + b) + copy,
                         (copy + e_out + new_x + 6 * x_e * block // batch) if need else 0)
             elif op.kind == "ADD":
                 t = 3 * e_out
@@ -593,8 +599,12 @@ class Trainer:
             now = persistent + sum(acts.values()) + grads + errs + t
             if now > peak:
                 peak, at = now, {"saved_activations": sum(acts.values()), "errors_and_sums": errs + t}
+            # the float32 computation done the same way has the same im2col workspace, in float32
+            patch32 = 2 * patch if op.kind in PARAM_KERNELS else 0
             peak32 = max(peak32, 4 * n_params + 4 * trainable_elems + (optimizer and 4 * trainable_elems)
-                         + 4 * sum(acts.values()) + sum(pending32.values()) + e32 + (4 * x_e if need else 0))
+                         + 4 * sum(acts.values()) + sum(pending32.values()) + e32 + (4 * x_e if need else 0),
+                         4 * n_params + 4 * trainable_elems + (optimizer and 4 * trainable_elems)
+                         + 4 * sum(acts.values()) + sum(pending32.values()) + e32 + patch32)
             inputs = op.inputs[:2] if op.kind == "ADD" else [x_t]
             for i in inputs:
                 if self._wants_error(i):

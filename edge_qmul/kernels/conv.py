@@ -186,56 +186,111 @@ def grad_input(p: ConvParams, w: np.ndarray, g_folded: np.ndarray, in_shape: tup
                              v.pad_top, v.pad_left)
 
 
+# Weight-gradient products g * (x - zp) reach 2^15 * 255 < 2^23: 128 of them still fit an int32
+# sum, so sums run in int32 vector lanes and are flushed into the int64 total every FLUSH rows.
+FLUSH = 128
+
+
 @njit(cache=True, parallel=True)
+def im2col(x, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w):
+    """patch[b*out_h*out_w + oy*out_w + ox, tap] = x - zp_in (int16), 0 outside the input."""
+    n, _, _, cin = x.shape
+    patch = np.empty((n * out_h * out_w, k_h * k_w * cin), np.int16)
+    for row in prange(n * out_h):
+        b = row // out_h
+        oy = row % out_h
+        start = row * out_w
+        _patch_row(x, b, oy, patch[start:start + out_w], input_offset, stride_h, stride_w, dil_h, dil_w,
+                   pad_top, pad_left, k_h, k_w)
+    return patch
+
+
+PATCH_BYTES = 32 * 1024  # im2col workspace of the weight gradient, a few samples at a time
+
+
+def patch_samples(n: int, out_h: int, out_w: int, taps: int) -> int:
+    """How many samples' im2col patches the weight gradient builds at once (Trainer.memory_report
+    counts the same workspace)."""
+    return max(1, min(n, PATCH_BYTES // max(1, 2 * out_h * out_w * taps)))
+
+
 def conv2d_grad_weight(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left):
-    # One output channel per thread: dW[oc] += g[b, oy, ox, oc] * (x[b, iy, ix, :] - zp_in).
-    # |g| <= 2^15 and |x - zp| <= 255: each product fits int32; sums are int64 (no overflow for any
-    # batch or image size).
-    n, in_h, in_w, cin = x.shape
-    _, out_h, out_w, cout = g.shape
-    gw = np.zeros((cout, k_h, k_w, cin), np.int64)
+    """dW[oc, tap] = sum over positions of g[pos, oc] * patch[pos, tap] (int64)."""
+    n, out_h, out_w, cout = g.shape
+    taps = k_h * k_w * x.shape[3]
+    gw = np.zeros((cout, taps), np.int64)
+    step = patch_samples(n, out_h, out_w, taps)
+    for b in range(0, n, step):
+        patch = im2col(x[b:b + step], input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
+                       out_h, out_w, k_h, k_w)
+        patch_grad_weight(patch, np.ascontiguousarray(g[b:b + step]).reshape(-1, cout), gw)
+        del patch  # before the next block's is made
+    return gw.reshape(cout, k_h, k_w, x.shape[3])
+
+
+@njit(cache=True, parallel=True)
+def patch_grad_weight(patch, g, gw):
+    # gw[oc] += g[:, oc] . patch, one output channel per task; a row of int32 sums over the taps,
+    # flushed into the int64 total every FLUSH positions.
+    positions, taps = patch.shape
+    cout = g.shape[1]
     for oc in prange(cout):
-        for b in range(n):
-            for oy in range(out_h):
-                for ox in range(out_w):
-                    gv = np.int32(g[b, oy, ox, oc])
-                    if gv == 0:
-                        continue
-                    for ky in range(k_h):
-                        iy = oy * stride_h - pad_top + ky * dil_h
-                        if iy < 0 or iy >= in_h:
-                            continue
-                        for kx in range(k_w):
-                            ix = ox * stride_w - pad_left + kx * dil_w
-                            if ix < 0 or ix >= in_w:
-                                continue
-                            for c in range(cin):
-                                gw[oc, ky, kx, c] += gv * (np.int32(x[b, iy, ix, c]) + input_offset)
-    return gw
+        part = np.zeros(taps, np.int32)
+        total = gw[oc]
+        pending = 0
+        for pos in range(positions):
+            gv = np.int32(g[pos, oc])
+            if gv == 0:
+                continue
+            pr = patch[pos]
+            for t in range(taps):
+                part[t] = np.int32(part[t] + gv * np.int32(pr[t]))
+            pending += 1
+            if pending == FLUSH:
+                for t in range(taps):
+                    total[t] += part[t]
+                    part[t] = 0
+                pending = 0
+        for t in range(taps):
+            total[t] += part[t]
 
 
 @njit(cache=True, parallel=True)
 def conv2d_grad_input(g, w, in_h, in_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left):
-    # Scatter each output error through the filter: dX[b, iy, ix, :] += g[b, oy, ox, oc] * w[oc, ky, kx, :].
-    # Padding cells receive nothing (they were constants). One sample per thread.
+    # Per output position: the patch gradient d[tap] = sum_oc g[oc] * w[oc, tap] (contiguous over
+    # taps), then scattered back through the window. Padding cells receive nothing (they were
+    # constants). One sample per task (windows of one sample overlap). Int32 sums, bounded by
+    # grad.channel_fold; truncated explicitly so numba does not widen them to int64.
     n, out_h, out_w, cout = g.shape
     _, k_h, k_w, cin = w.shape
-    gx = np.zeros((n, in_h, in_w, cin), np.int32)  # bounded by grad.channel_fold
+    taps = k_h * k_w * cin
+    w2 = w.reshape(cout, taps)
+    gx = np.zeros((n, in_h, in_w, cin), np.int32)
     for b in prange(n):
+        d = np.empty(taps, np.int32)
         for oy in range(out_h):
             for ox in range(out_w):
+                for t in range(taps):
+                    d[t] = 0
+                nonzero = False
+                for oc in range(cout):
+                    gv = np.int32(g[b, oy, ox, oc])
+                    if gv == 0:
+                        continue
+                    nonzero = True
+                    wr = w2[oc]
+                    for t in range(taps):
+                        d[t] = np.int32(d[t] + gv * np.int32(wr[t]))
+                if not nonzero:
+                    continue
+                k = 0
                 for ky in range(k_h):
                     iy = oy * stride_h - pad_top + ky * dil_h
-                    if iy < 0 or iy >= in_h:
-                        continue
                     for kx in range(k_w):
                         ix = ox * stride_w - pad_left + kx * dil_w
-                        if ix < 0 or ix >= in_w:
-                            continue
-                        for oc in range(cout):
-                            gv = np.int32(g[b, oy, ox, oc])
-                            if gv == 0:
-                                continue
+                        if 0 <= iy < in_h and 0 <= ix < in_w:
+                            dst = gx[b, iy, ix]
                             for c in range(cin):
-                                gx[b, iy, ix, c] += gv * np.int32(w[oc, ky, kx, c])
+                                dst[c] = np.int32(dst[c] + d[k + c])
+                        k += cin
     return gx

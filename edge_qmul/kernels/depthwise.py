@@ -118,16 +118,25 @@ def grad_input(p: DepthwiseParams, w: np.ndarray, g_folded: np.ndarray, in_shape
                                 v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left)
 
 
+FLUSH = 128  # g * (x - zp) < 2^23: 128 such products still fit an int32 sum
+
+
 @njit(cache=True, parallel=True)
 def depthwise_grad_weight(x, g, input_offset, depth_multiplier, k_h, k_w, stride_h, stride_w,
                           dil_h, dil_w, pad_top, pad_left):
-    # dW[0, ky, kx, oc] = sum g[b, oy, ox, oc] * (x[b, iy, ix, oc // M] - zp); products fit int32.
+    # dW[0, ky, kx, oc] = sum g[b, oy, ox, oc] * (x[b, iy, ix, oc // M] - zp), one tap per task,
+    # contiguous over channels; int32 row sums flushed into the int64 total every FLUSH pixels.
     n, in_h, in_w, _ = x.shape
     _, out_h, out_w, cout = g.shape
     gw = np.zeros((1, k_h, k_w, cout), np.int64)
+    offset16 = np.int16(input_offset)
     for t in prange(k_h * k_w):
         ky = t // k_w
         kx = t % k_w
+        part = np.zeros(cout, np.int32)
+        xm = np.empty(cout, np.int16)
+        total = gw[0, ky, kx]
+        pending = 0
         for b in range(n):
             for oy in range(out_h):
                 iy = oy * stride_h - pad_top + ky * dil_h
@@ -137,21 +146,41 @@ def depthwise_grad_weight(x, g, input_offset, depth_multiplier, k_h, k_w, stride
                     ix = ox * stride_w - pad_left + kx * dil_w
                     if ix < 0 or ix >= in_w:
                         continue
-                    for oc in range(cout):
-                        gw[0, ky, kx, oc] += np.int32(g[b, oy, ox, oc]) * \
-                            (np.int32(x[b, iy, ix, oc // depth_multiplier]) + input_offset)
+                    gr = g[b, oy, ox]
+                    if depth_multiplier == 1:
+                        xr = x[b, iy, ix]
+                        for oc in range(cout):
+                            part[oc] = np.int32(part[oc] + np.int32(gr[oc]) *
+                                                np.int32(np.int16(np.int16(xr[oc]) + offset16)))
+                    else:
+                        for oc in range(cout):
+                            xm[oc] = np.int16(np.int16(x[b, iy, ix, oc // depth_multiplier]) + offset16)
+                        for oc in range(cout):
+                            part[oc] = np.int32(part[oc] + np.int32(gr[oc]) * np.int32(xm[oc]))
+                    pending += 1
+                    if pending == FLUSH:
+                        for oc in range(cout):
+                            total[oc] += part[oc]
+                            part[oc] = 0
+                        pending = 0
+        for oc in range(cout):
+            total[oc] += part[oc]
     return gw
 
 
 @njit(cache=True, parallel=True)
 def depthwise_grad_input(g, w, in_h, in_w, cin, depth_multiplier, stride_h, stride_w, dil_h, dil_w,
                          pad_top, pad_left):
+    # dX[b, iy, ix, oc // M] += g[b, oy, ox, oc] * w[ky, kx, oc], contiguous over channels, int32
+    # sums (bounded by grad.channel_fold) truncated explicitly. One sample per task.
     n, out_h, out_w, cout = g.shape
     _, k_h, k_w, _ = w.shape
-    gx = np.zeros((n, in_h, in_w, cin), np.int32)  # bounded by grad.channel_fold
+    w16 = w[0].astype(np.int16)
+    gx = np.zeros((n, in_h, in_w, cin), np.int32)
     for b in prange(n):
         for oy in range(out_h):
             for ox in range(out_w):
+                gr = g[b, oy, ox]
                 for ky in range(k_h):
                     iy = oy * stride_h - pad_top + ky * dil_h
                     if iy < 0 or iy >= in_h:
@@ -160,7 +189,13 @@ def depthwise_grad_input(g, w, in_h, in_w, cin, depth_multiplier, stride_h, stri
                         ix = ox * stride_w - pad_left + kx * dil_w
                         if ix < 0 or ix >= in_w:
                             continue
-                        for oc in range(cout):
-                            gx[b, iy, ix, oc // depth_multiplier] += \
-                                np.int32(g[b, oy, ox, oc]) * np.int32(w[0, ky, kx, oc])
+                        wr = w16[ky, kx]
+                        dst = gx[b, iy, ix]
+                        if depth_multiplier == 1:
+                            for oc in range(cout):
+                                dst[oc] = np.int32(dst[oc] + np.int32(gr[oc]) * np.int32(wr[oc]))
+                        else:
+                            for oc in range(cout):
+                                c = oc // depth_multiplier
+                                dst[c] = np.int32(dst[c] + np.int32(gr[oc]) * np.int32(wr[oc]))
     return gx

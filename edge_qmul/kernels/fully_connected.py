@@ -106,33 +106,56 @@ def grad_input(p: FullyConnectedParams, w: np.ndarray, g_folded: np.ndarray, in_
     return fully_connected_grad_input(g2, w).reshape((n,) + tuple(in_shape))
 
 
+FLUSH = 128  # g * (x - zp) < 2^23: 128 such products still fit an int32 sum
+
+
 @njit(cache=True, parallel=True)
 def fully_connected_grad_weight(x, g, input_offset):
-    # dW[o, k] = sum_r g[r, o] * (x[r, k] - zp): int32 products, int64 sums.
+    # dW[o, k] = sum_r g[r, o] * (x[r, k] - zp): int32 row sums over k, flushed into the int64
+    # total every FLUSH rows. The (x - zp) rows are made once, as int16.
     rows, depth = x.shape
     cout = g.shape[1]
+    xs = np.empty((rows, depth), np.int16)
+    for r in range(rows):
+        for k in range(depth):
+            xs[r, k] = np.int16(np.int16(x[r, k]) + input_offset)
     gw = np.zeros((cout, depth), np.int64)
     for o in prange(cout):
+        part = np.zeros(depth, np.int32)
+        total = gw[o]
+        pending = 0
         for r in range(rows):
             gv = np.int32(g[r, o])
             if gv == 0:
                 continue
+            xr = xs[r]
             for k in range(depth):
-                gw[o, k] += gv * (np.int32(x[r, k]) + input_offset)
+                part[k] = np.int32(part[k] + gv * np.int32(xr[k]))
+            pending += 1
+            if pending == FLUSH:
+                for k in range(depth):
+                    total[k] += part[k]
+                    part[k] = 0
+                pending = 0
+        for k in range(depth):
+            total[k] += part[k]
     return gw
 
 
 @njit(cache=True, parallel=True)
 def fully_connected_grad_input(g, w):
-    # dX[r, k] = sum_o g_folded[r, o] * w[o, k].
+    # dX[r, k] = sum_o g_folded[r, o] * w[o, k], int32 sums (bounded by grad.channel_fold)
+    # truncated explicitly.
     rows, cout = g.shape
     depth = w.shape[1]
-    gx = np.zeros((rows, depth), np.int32)  # bounded by grad.channel_fold
+    gx = np.zeros((rows, depth), np.int32)
     for r in prange(rows):
+        dst = gx[r]
         for o in range(cout):
             gv = np.int32(g[r, o])
             if gv == 0:
                 continue
+            wr = w[o]
             for k in range(depth):
-                gx[r, k] += gv * np.int32(w[o, k])
+                dst[k] = np.int32(dst[k] + gv * np.int32(wr[k]))
     return gx

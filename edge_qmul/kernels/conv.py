@@ -141,7 +141,8 @@ def conv2d_int8_dot(x, w16, bias, input_offset, mult, shift, out_zp, act_min, ac
 @njit(cache=True, parallel=True)
 def conv2d_int8_rows(x, w_t, bias, input_offset, mult, shift, out_zp, act_min, act_max,
                      stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w):
-    # Few taps: acc[oc] += (x - zp) * w_t[tap, oc], contiguous over output channels.
+    # Few taps: acc[px, oc] += (x - zp)[px, tap] * w_t[tap, oc], contiguous over output channels,
+    # four pixels per pass so each weight row loaded serves four accumulator rows.
     n = x.shape[0]
     taps, cout = w_t.shape
     out = np.empty((n, out_h, out_w, cout), np.int8)
@@ -150,19 +151,35 @@ def conv2d_int8_rows(x, w_t, bias, input_offset, mult, shift, out_zp, act_min, a
         oy = row % out_h
         patch = np.empty((out_w, taps), np.int16)
         _patch_row(x, b, oy, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, k_h, k_w)
-        acc = np.empty(cout, np.int32)
-        for ox in range(out_w):
-            for oc in range(cout):
-                acc[oc] = bias[oc]
+        acc = np.empty((4, cout), np.int32)
+        for ox0 in range(0, out_w, 4):
+            px = min(4, out_w - ox0)
+            for i in range(4):
+                for oc in range(cout):
+                    acc[i, oc] = bias[oc]
+            a0 = acc[0]
+            a1 = acc[1]
+            a2 = acc[2]
+            a3 = acc[3]
+            p0 = patch[ox0]
+            p1 = patch[ox0 + min(1, px - 1)]  # past the row's end: a copy, computed and dropped
+            p2 = patch[ox0 + min(2, px - 1)]
+            p3 = patch[ox0 + min(3, px - 1)]
             for t in range(taps):
-                u = np.int32(patch[ox, t])
-                if u == 0:
-                    continue
+                u0 = np.int32(p0[t])
+                u1 = np.int32(p1[t])
+                u2 = np.int32(p2[t])
+                u3 = np.int32(p3[t])
                 wr = w_t[t]
                 for oc in range(cout):
-                    acc[oc] = np.int32(acc[oc] + u * np.int32(wr[oc]))
-            for oc in range(cout):
-                out[b, oy, ox, oc] = requantize(acc[oc], mult[oc], shift[oc], out_zp, act_min, act_max)
+                    wv = np.int32(wr[oc])
+                    a0[oc] = np.int32(a0[oc] + u0 * wv)
+                    a1[oc] = np.int32(a1[oc] + u1 * wv)
+                    a2[oc] = np.int32(a2[oc] + u2 * wv)
+                    a3[oc] = np.int32(a3[oc] + u3 * wv)
+            for i in range(px):
+                for oc in range(cout):
+                    out[b, oy, ox0 + i, oc] = requantize(acc[i, oc], mult[oc], shift[oc], out_zp, act_min, act_max)
     return out
 
 
@@ -230,29 +247,55 @@ def conv2d_grad_weight(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil_h, 
 
 @njit(cache=True, parallel=True)
 def patch_grad_weight(patch, g, gw):
-    # gw[oc] += g[:, oc] . patch, one output channel per task; a row of int32 sums over the taps,
-    # flushed into the int64 total every FLUSH positions.
+    # gw[oc] += g[:, oc] . patch, four output channels per task sharing each patch row; rows of
+    # int32 sums over the taps, flushed into the int64 totals every FLUSH positions.
     positions, taps = patch.shape
     cout = g.shape[1]
-    for oc in prange(cout):
-        part = np.zeros(taps, np.int32)
-        total = gw[oc]
+    for group in prange((cout + 3) // 4):
+        oc = min(4 * group, max(cout - 4, 0))  # the last group may overlap the one before it
+        count = min(4, cout)
+        part = np.zeros((4, taps), np.int32)
+        q0 = part[0]
+        q1 = part[1]
+        q2 = part[2]
+        q3 = part[3]
+        c1 = min(oc + 1, cout - 1)
+        c2 = min(oc + 2, cout - 1)
+        c3 = min(oc + 3, cout - 1)
         pending = 0
         for pos in range(positions):
-            gv = np.int32(g[pos, oc])
-            if gv == 0:
+            gr = g[pos]
+            g0 = np.int32(gr[oc])
+            g1 = np.int32(gr[c1])
+            g2 = np.int32(gr[c2])
+            g3 = np.int32(gr[c3])
+            if g0 == 0 and g1 == 0 and g2 == 0 and g3 == 0:
                 continue
             pr = patch[pos]
             for t in range(taps):
-                part[t] = np.int32(part[t] + gv * np.int32(pr[t]))
+                v = np.int32(pr[t])
+                q0[t] = np.int32(q0[t] + g0 * v)
+                q1[t] = np.int32(q1[t] + g1 * v)
+                q2[t] = np.int32(q2[t] + g2 * v)
+                q3[t] = np.int32(q3[t] + g3 * v)
             pending += 1
             if pending == FLUSH:
-                for t in range(taps):
-                    total[t] += part[t]
-                    part[t] = 0
+                _flush(part, gw, oc, count, 4 * group)
                 pending = 0
-        for t in range(taps):
-            total[t] += part[t]
+        _flush(part, gw, oc, count, 4 * group)
+
+
+@njit(cache=True, inline="always")
+def _flush(part, gw, oc, count, owned_from):
+    # add the int32 rows into the int64 totals and clear them; channels below owned_from belong
+    # to the group before (an overlapping last group computes them again) and are skipped
+    for j in range(count):
+        if oc + j >= owned_from:
+            total = gw[oc + j]
+            for t in range(part.shape[1]):
+                total[t] += part[j, t]
+        for t in range(part.shape[1]):
+            part[j, t] = 0
 
 
 @njit(cache=True, parallel=True)
@@ -272,9 +315,25 @@ def conv2d_grad_input(g, w, in_h, in_w, stride_h, stride_w, dil_h, dil_w, pad_to
             for ox in range(out_w):
                 for t in range(taps):
                     d[t] = 0
+                gr = g[b, oy, ox]
                 nonzero = False
-                for oc in range(cout):
-                    gv = np.int32(g[b, oy, ox, oc])
+                for oc in range(0, cout - cout % 4, 4):  # four filters per pass over d
+                    g0 = np.int32(gr[oc])
+                    g1 = np.int32(gr[oc + 1])
+                    g2 = np.int32(gr[oc + 2])
+                    g3 = np.int32(gr[oc + 3])
+                    if g0 == 0 and g1 == 0 and g2 == 0 and g3 == 0:
+                        continue
+                    nonzero = True
+                    w0 = w2[oc]
+                    w1 = w2[oc + 1]
+                    w2_ = w2[oc + 2]
+                    w3 = w2[oc + 3]
+                    for t in range(taps):
+                        d[t] = np.int32(d[t] + g0 * np.int32(w0[t]) + g1 * np.int32(w1[t])
+                                        + g2 * np.int32(w2_[t]) + g3 * np.int32(w3[t]))
+                for oc in range(cout - cout % 4, cout):
+                    gv = np.int32(gr[oc])
                     if gv == 0:
                         continue
                     nonzero = True

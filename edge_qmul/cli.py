@@ -174,7 +174,11 @@ def _serve(args: argparse.Namespace) -> int:
         key = read_key(args.key_file)
     except KeyFileError as e:
         raise CLIError(str(e)) from None
-    agent = Agent(args.state)
+    if args.threads is not None:
+        import numba
+        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
+            raise CLIError(f"--threads {args.threads}: must be between 1 and {numba.config.NUMBA_NUM_THREADS}")
+    agent = Agent(args.state, threads=args.threads)
     if args.serial:
         serve(SerialTransport(args.serial), agent, key)
         return 0
@@ -258,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--listen", help="HOST:PORT to listen on (TCP)")
     sv.add_argument("--state", required=True, help="the device's state directory")
     sv.add_argument("--key-file", required=True, help="the 32-byte pre-shared key (mode 0600)")
+    sv.add_argument("--threads", type=int, help="compute threads for unlearning (default: every core; "
+                    "1 on a board whose other cores are kept busy, where parallel kernels wait for them)")
     sv.set_defaults(func=_serve)
     kg = add_command(sub, "keygen", "write a new 32-byte pre-shared key with mode 0600",
                      "edge-qmul keygen device.key   # then copy it to the host over a channel you trust")

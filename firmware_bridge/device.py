@@ -76,8 +76,9 @@ def write_key(path: str | os.PathLike) -> Path:
 class Agent:
     """Handlers for every message, the state directory and the job worker."""
 
-    def __init__(self, state: str | os.PathLike) -> None:
+    def __init__(self, state: str | os.PathLike, threads: int | None = None) -> None:
         self.state = Path(state)
+        self.threads = threads  # numba compute threads for jobs and BENCH (None: every core)
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "jobs").mkdir(exist_ok=True)
         self.transfers = TransferArea(self.state)
@@ -309,7 +310,13 @@ class Agent:
         atomic_write(self.state / "jobs" / f"{job['job_id']}.json",
                      (json.dumps(job, sort_keys=True, default=str) + "\n").encode())
 
+    def _use_threads(self) -> None:
+        if self.threads is not None:  # numba's thread count is per calling thread
+            import numba
+            numba.set_num_threads(self.threads)
+
     def _work(self) -> None:
+        self._use_threads()
         while True:
             job_id = self.queue.get()
             job = self.jobs[job_id]
@@ -432,6 +439,7 @@ class Agent:
         if running:
             raise RemoteError("busy", f"job {running[0]} is running; benchmark when it is done")
         settings = {k: body[k] for k in ("batch", "forget_size", "method", "repeats") if body.get(k) is not None}
+        self._use_threads()
         path = self.state / "models" / f"{sha}.tflite"
         try:
             return bench_model(load_tflite(path), model_path=path, **settings)

@@ -173,3 +173,29 @@ def test_ctrl_c_in_the_middle_of_a_transfer(agent):
     assert json.loads(r.stdout)["imported"] == n
     assert json.loads(host(url, key, "info").stdout)["samples"] == n
     assert not list(incoming.glob("*.part"))
+
+
+def test_serve_threads_option(tmp_path):
+    """`serve --threads 1` runs the device's compute (here BENCH) on one numba thread; a count the
+    machine cannot give is refused in one line."""
+    key = tmp_path / "device.key"
+    assert subprocess.run([BIN / "edge-qmul", "keygen", str(key)], capture_output=True).returncode == 0
+    r = subprocess.run([BIN / "edge-qmul", "serve", "--listen", "127.0.0.1:0", "--state", str(tmp_path / "s"),
+                        "--key-file", str(key), "--threads", "999"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "--threads 999" in _one_line(r)
+    port = free_port()
+    proc = subprocess.Popen([BIN / "edge-qmul", "serve", "--listen", f"127.0.0.1:{port}", "--state",
+                             str(tmp_path / "state"), "--key-file", str(key), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    try:
+        assert "listening" in proc.stdout.readline()
+        url = f"tcp://127.0.0.1:{port}"
+        assert host(url, key, "push-model", str(fixture_path("digits_cnn"))).returncode == 0
+        r = host(url, key, "bench", "--batch", "2", "--forget-size", "4", "--repeats", "1",
+                 "--json", str(tmp_path / "b.json"))
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / "b.json").read_text())["machine"]["numba_threads"] == 1
+    finally:
+        proc.kill()
+        proc.wait(5)

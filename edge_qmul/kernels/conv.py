@@ -10,6 +10,7 @@ from ..grad import channel_sum
 from ..quant import requantize
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
                      window_macs as macs)
+from .gemm import gemm_i16
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,11 @@ def prepare(op, model) -> ConvParams:
     return ConvParams(win, rq, -x.quant.zp, np.zeros(cout, np.int32), (kh, kw))
 
 
-# Few taps per output (1x1 convs over few channels, the first layer): vectorize over output channels.
-# Many taps: dot products over the taps, which LLVM turns into int16 pair multiply-adds (vpmaddwd
-# on x86, smlal/sdot on ARM). Crossover measured in benchmarks/forward.py's layer shapes.
-DOT_MIN_TAPS = 96
+# Few taps per output (1x1 convs over few channels, the first layer): vectorize over output
+# channels. More taps: im2col chunks times the weights in kernels/gemm.py's 4x4-blocked product.
+# Crossover measured on MobileNetV2 / ResNet-18 / digits layer shapes (benchmarks/README.md).
+GEMM_MIN_TAPS = 40
+CHUNK_BYTES = 64 * 1024  # im2col rows one task builds at once (they stay in L2)
 
 
 def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -49,93 +51,63 @@ def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None
     cout = w.shape[0]
     # int16 operands keep every product and sum in int32 lanes (|x - zp| <= 255, |w| <= 127)
     w16 = w.reshape(cout, -1).astype(np.int16)
+    taps = w16.shape[1]
     args = (bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max,
             v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w, p.kernel[0], p.kernel[1])
-    if w16.shape[1] >= DOT_MIN_TAPS:
-        return conv2d_int8_dot(x, w16, *args)
+    if taps >= GEMM_MIN_TAPS:
+        return conv2d_int8_gemm(x, w16, *args, max(4, CHUNK_BYTES // (2 * taps)))
     return conv2d_int8_rows(x, np.ascontiguousarray(w16.T), *args)
 
 
 @njit(cache=True, inline="always")
-def _patch_row(x, b, oy, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, k_h, k_w):
-    # im2col for one output row: patch[ox, tap] = x - zp_in as int16; cells outside the input stay
-    # 0, which is what LiteRT's padding means (the pad value is the input zero point).
+def _patch_positions(x, first, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
+                     out_h, out_w, k_h, k_w):
+    # im2col for the output positions first .. first + len(patch) (b, oy, ox flattened):
+    # patch[i, tap] = x - zp_in as int16; cells outside the input are 0, which is what LiteRT's
+    # padding means (the pad value is the input zero point).
     _, in_h, in_w, cin = x.shape
-    out_w = patch.shape[0]
-    for ox in range(out_w):
+    for i in range(patch.shape[0]):
+        pos = first + i
+        b = pos // (out_h * out_w)
+        oy = (pos // out_w) % out_h
+        ox = pos % out_w
         k = 0
         for ky in range(k_h):
             iy = oy * stride_h - pad_top + ky * dil_h
             for kx in range(k_w):
                 ix = ox * stride_w - pad_left + kx * dil_w
                 if 0 <= iy < in_h and 0 <= ix < in_w:
+                    src = x[b, iy, ix]
                     for c in range(cin):
-                        patch[ox, k + c] = np.int16(np.int16(x[b, iy, ix, c]) + input_offset)
+                        patch[i, k + c] = np.int16(np.int16(src[c]) + input_offset)
                 else:
                     for c in range(cin):
-                        patch[ox, k + c] = 0
+                        patch[i, k + c] = 0
                 k += cin
 
 
 @njit(cache=True, parallel=True)
-def conv2d_int8_dot(x, w16, bias, input_offset, mult, shift, out_zp, act_min, act_max,
-                    stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w):
-    # One output row per task; 2 pixels x 4 output channels per inner loop share their loads.
-    # Every sum is truncated to int32 explicitly: numba would otherwise widen int32 products to
-    # int64 (8 lanes per vector instead of 32 int16 pairs). |sum| < 2^31 for K < 66k taps.
+def conv2d_int8_gemm(x, w16, bias, input_offset, mult, shift, out_zp, act_min, act_max,
+                     stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w, chunk):
+    # One task per `chunk` output positions: their im2col rows, the int32 product with the
+    # weights (gemm_i16), the bias and the requantization. |sum| < 2^31 for K < 66k taps.
     n = x.shape[0]
     cout, taps = w16.shape
-    out = np.empty((n, out_h, out_w, cout), np.int8)
-    for row in prange(n * out_h):
-        b = row // out_h
-        oy = row % out_h
-        patch = np.empty((out_w, taps), np.int16)
-        _patch_row(x, b, oy, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, k_h, k_w)
-        acc = np.empty(8, np.int32)
-        for ox0 in range(0, out_w, 2):
-            ox1 = min(ox0 + 1, out_w - 1)  # an odd last pixel is computed twice
-            p0 = patch[ox0]
-            p1 = patch[ox1]
-            for oc0 in range(0, cout, 4):
-                oc = (min(oc0, cout - 4) if cout >= 4 else 0)
-                w0 = w16[oc]
-                w1 = w16[min(oc + 1, cout - 1)]
-                w2 = w16[min(oc + 2, cout - 1)]
-                w3 = w16[min(oc + 3, cout - 1)]
-                a0 = np.int32(0)
-                a1 = np.int32(0)
-                a2 = np.int32(0)
-                a3 = np.int32(0)
-                a4 = np.int32(0)
-                a5 = np.int32(0)
-                a6 = np.int32(0)
-                a7 = np.int32(0)
-                for t in range(taps):
-                    u = np.int32(p0[t])
-                    v = np.int32(p1[t])
-                    a0 = np.int32(a0 + u * np.int32(w0[t]))
-                    a1 = np.int32(a1 + u * np.int32(w1[t]))
-                    a2 = np.int32(a2 + u * np.int32(w2[t]))
-                    a3 = np.int32(a3 + u * np.int32(w3[t]))
-                    a4 = np.int32(a4 + v * np.int32(w0[t]))
-                    a5 = np.int32(a5 + v * np.int32(w1[t]))
-                    a6 = np.int32(a6 + v * np.int32(w2[t]))
-                    a7 = np.int32(a7 + v * np.int32(w3[t]))
-                acc[0] = a0
-                acc[1] = a1
-                acc[2] = a2
-                acc[3] = a3
-                acc[4] = a4
-                acc[5] = a5
-                acc[6] = a6
-                acc[7] = a7
-                for j in range(min(4, cout)):
-                    c = oc + j
-                    out[b, oy, ox0, c] = requantize(np.int32(acc[j] + bias[c]), mult[c], shift[c],
-                                                    out_zp, act_min, act_max)
-                    out[b, oy, ox1, c] = requantize(np.int32(acc[4 + j] + bias[c]), mult[c], shift[c],
-                                                    out_zp, act_min, act_max)
-    return out
+    positions = n * out_h * out_w
+    out = np.empty((positions, cout), np.int8)
+    for task in prange((positions + chunk - 1) // chunk):
+        first = task * chunk
+        count = min(chunk, positions - first)
+        patch = np.empty((count, taps), np.int16)
+        _patch_positions(x, first, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
+                         out_h, out_w, k_h, k_w)
+        acc = np.empty((count, cout), np.int32)
+        gemm_i16(patch, w16, acc)
+        for i in range(count):
+            dst = out[first + i]
+            for c in range(cout):
+                dst[c] = requantize(np.int32(acc[i, c] + bias[c]), mult[c], shift[c], out_zp, act_min, act_max)
+    return out.reshape(n, out_h, out_w, cout)
 
 
 @njit(cache=True, parallel=True)
@@ -150,7 +122,8 @@ def conv2d_int8_rows(x, w_t, bias, input_offset, mult, shift, out_zp, act_min, a
         b = row // out_h
         oy = row % out_h
         patch = np.empty((out_w, taps), np.int16)
-        _patch_row(x, b, oy, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, k_h, k_w)
+        _patch_positions(x, row * out_w, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
+                         out_h, out_w, k_h, k_w)
         acc = np.empty((4, cout), np.int32)
         for ox0 in range(0, out_w, 4):
             px = min(4, out_w - ox0)
@@ -214,11 +187,9 @@ def im2col(x, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
     n, _, _, cin = x.shape
     patch = np.empty((n * out_h * out_w, k_h * k_w * cin), np.int16)
     for row in prange(n * out_h):
-        b = row // out_h
-        oy = row % out_h
         start = row * out_w
-        _patch_row(x, b, oy, patch[start:start + out_w], input_offset, stride_h, stride_w, dil_h, dil_w,
-                   pad_top, pad_left, k_h, k_w)
+        _patch_positions(x, start, patch[start:start + out_w], input_offset, stride_h, stride_w, dil_h, dil_w,
+                         pad_top, pad_left, out_h, out_w, k_h, k_w)
     return patch
 
 

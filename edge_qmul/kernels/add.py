@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ..errors import ModelError
 from ..quant import (activation_range, multiply_by_quantized_multiplier,
@@ -44,6 +44,8 @@ class AddParams:
     index1: np.ndarray  # per output element (one sample, flat): flat index into input 0
     index2: np.ndarray  # ... into input 1
     loop: np.ndarray    # per output element: ELEMENTWISE_VECTOR, SCALAR or BROADCAST_VECTOR
+    vector_end: int     # same shapes: elements [0, vector_end) take the vector loop, the rest the
+                        # scalar tail (add_int8_same); -1 when the inputs broadcast
 
 
 def prepare(op, model) -> AddParams:
@@ -68,9 +70,11 @@ def prepare(op, model) -> AddParams:
     index1, index2 = (np.ascontiguousarray(np.broadcast_to(
         np.arange(int(np.prod(t.shape)), dtype=np.int64).reshape(t.shape), sample)).reshape(-1)
         for t in (a, b))
-    loop = _loop_schedule(tuple(a.shape), tuple(b.shape), int(np.prod(sample)))
+    size = int(np.prod(sample))
+    loop = _loop_schedule(tuple(a.shape), tuple(b.shape), size)
+    same = tuple(a.shape) == tuple(b.shape)
     return AddParams(-qa.zp, -qb.zp, m1, s1, m2, s2, mo, so, qo.zp, lo, hi, tuple(out.shape[1:]),
-                     index1, index2, loop)
+                     index1, index2, loop, size - size % 16 if same else -1)
 
 
 def _loop_schedule(shape0: tuple, shape1: tuple, size: int) -> np.ndarray:
@@ -127,6 +131,10 @@ def forward(p: AddParams, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n = max(v.shape[0] for v in (a, b) if v.ndim == rank)
     a2 = np.ascontiguousarray(a).reshape(a.shape[0] if a.ndim == rank else 1, -1)
     b2 = np.ascontiguousarray(b).reshape(b.shape[0] if b.ndim == rank else 1, -1)
+    if p.vector_end >= 0 and a2.shape == b2.shape:
+        y = add_int8_same(a2, b2, p.vector_end, p.offset1, p.offset2, p.mult1, p.shift1, p.mult2, p.shift2,
+                          p.out_mult, p.out_shift, p.out_zero_point, p.act_min, p.act_max)
+        return y.reshape((n,) + p.out_shape)
     y = add_int8(a2, b2, n, p.index1, p.index2, p.loop, p.offset1, p.offset2, p.mult1, p.shift1,
                  p.mult2, p.shift2, p.out_mult, p.out_shift, p.out_zero_point, p.act_min, p.act_max)
     return y.reshape((n,) + p.out_shape)
@@ -164,6 +172,30 @@ def add_int8(a, b, n, index1, index2, loop, offset1, offset2, mult1, shift1, mul
             tb = _rescale_input(db, mult2, shift2, loop[i])
             v = multiply_by_quantized_multiplier(np.int32(ta + tb), out_mult, out_shift) + out_zp
             out[s, i] = min(max(v, act_min), act_max)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def add_int8_same(a, b, vector_end, offset1, offset2, mult1, shift1, mult2, shift2,
+                  out_mult, out_shift, out_zp, act_min, act_max):
+    # Inputs of one shape (a residual connection): AddElementwiseInt8's schedule without the
+    # gather, a vector body and a scalar tail per sample, one sample per task.
+    n, size = a.shape
+    out = np.empty((n, size), np.int8)
+    for s in prange(n):
+        ar = a[s]
+        br = b[s]
+        dst = out[s]
+        for i in range(vector_end):
+            ta = _rescale_input(np.int32(ar[i]) + offset1, mult1, shift1, 0)
+            tb = _rescale_input(np.int32(br[i]) + offset2, mult2, shift2, 0)
+            v = multiply_by_quantized_multiplier(np.int32(ta + tb), out_mult, out_shift) + out_zp
+            dst[i] = min(max(v, act_min), act_max)
+        for i in range(vector_end, size):
+            ta = _rescale_input(np.int32(ar[i]) + offset1, mult1, shift1, 1)
+            tb = _rescale_input(np.int32(br[i]) + offset2, mult2, shift2, 1)
+            v = multiply_by_quantized_multiplier(np.int32(ta + tb), out_mult, out_shift) + out_zp
+            dst[i] = min(max(v, act_min), act_max)
     return out
 
 

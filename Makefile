@@ -30,6 +30,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/forward.py --json benchmarks/results/forward.json
 	$(BIN)/python benchmarks/train_step.py --json benchmarks/results/train_step.json
 	$(BIN)/python benchmarks/train_accuracy.py --json benchmarks/results/train_accuracy.json
+	$(BIN)/python benchmarks/unlearn_qat.py --json benchmarks/results/unlearn_qat.json --markdown
+	$(BIN)/python benchmarks/startup.py --json benchmarks/results/startup.json
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py --out demo_out

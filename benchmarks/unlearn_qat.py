@@ -157,8 +157,16 @@ def main(argv=None) -> int:
     xf_t = torch.from_numpy(dequantize(forget[0], q).astype(np.float32))
     xr_t = torch.from_numpy(dequantize(retain[0], q).astype(np.float32))
     tf_t, yr_t = torch.from_numpy(targets), torch.from_numpy(retain[1].astype(np.int64))
-    print(f"digits CNN (test acc {test_acc:.1f}%), forget {len(forget[0])} samples, retain {len(retain[0])}; "
-          f"{EPOCHS} epochs, batch {BATCH}, lr {LR}", flush=True)
+    # the QAT twin computes what the int8 model computes (up to float rounding at the requantizations)
+    with torch.no_grad():
+        twin_logits = QATTwin(base)(xf_t).numpy()
+    engine_logits = base.dequantize_output(base.forward(forget[0]))
+    agree = float(np.mean(twin_logits.argmax(1) == engine_logits.argmax(1)) * 100)
+    max_diff = float(np.max(np.abs(twin_logits - engine_logits)))
+    print(f"digits CNN (test acc {100 * test_acc:.1f}%), forget {len(forget[0])} samples, retain {len(retain[0])}; "
+          f"{EPOCHS} epochs, batch {BATCH}, lr {LR}; QAT twin vs engine logits: argmax agree {agree:.1f}%, "
+          f"max |diff| {max_diff:.3f} (output scale {float(base.tensors[base.core_outputs[0]].quant.s):.3f})",
+          flush=True)
 
     def engine_run():
         return unlearn(base, forget, retain, method="qmul", config={"stop": False, "epochs": EPOCHS, "lr": LR})
@@ -194,7 +202,7 @@ def main(argv=None) -> int:
               f"engine {rows[-1]['engine_forget_acc']:.1f}%, torch {torch_fa:.1f}%", flush=True)
     best_e = min(r["engine_s"] for r in rows)
     best_t = min(r["torch_qat_s"] for r in rows)
-    summary = {"rows": rows, "engine_best_s": best_e, "torch_qat_best_s": best_t, "torch_over_engine": best_t / best_e,
+    summary = {"rows": rows, "twin_argmax_agree_percent": agree, "twin_max_abs_logit_diff": max_diff, "engine_best_s": best_e, "torch_qat_best_s": best_t, "torch_over_engine": best_t / best_e,
                "forget": int(forget_mask.sum()), "retain": int((~forget_mask).sum()), "epochs": EPOCHS,
                "torch": torch.__version__, "numba": numba.__version__}
     print(f"best: engine {best_e * 1e3:.1f} ms, torch QAT {best_t * 1e3:.1f} ms: engine {best_t / best_e:.2f}x faster")

@@ -1,6 +1,6 @@
 """Forward-pass benchmark: the edge_qmul engine against LiteRT (built-in kernels and XNNPACK).
 
-    python benchmarks/forward.py [--json OUT] [--repeats N] [--quick]
+    python benchmarks/forward.py [--json OUT] [--repeats N] [--quick] [--batches 1,32]
 
 For each fixture model (tests/fixtures/*.tflite) and for single CONV_2D / DEPTHWISE_CONV_2D /
 FULLY_CONNECTED layers shaped like real layers of MobileNetV2 (224x224 input) and ResNet-18, built
@@ -400,6 +400,8 @@ def main(argv=None) -> int:
                     "(batches run back to back); default 0.03, or 0.01 with --quick")
     ap.add_argument("--quick", action="store_true", help="fewer layers, repeats and shorter repeats")
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    ap.add_argument("--batches", default="1,32", help="batch sizes for every model and layer (default 1,32; "
+                    "--quick: the fixtures at 8 and the layers at 1)")
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 11)
     min_time = args.min_time if args.min_time is not None else (0.01 if args.quick else 0.03)
@@ -407,13 +409,17 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(1234)
     cases = []  # (name, model, content, batch, x)
+    fixture_batches = [FIXTURE_BATCH] if args.quick else [int(b) for b in args.batches.split(",")]
+    layer_batches = [LAYER_BATCH] if args.quick else fixture_batches
     for path in sorted(FIXTURES.glob("*.tflite")):
         model = load_tflite(path)
         content = path.read_bytes()
-        cases.append((path.stem, model, content, FIXTURE_BATCH,
-                      input_batch(model, FIXTURE_BATCH, rng, path.with_suffix(".npz"))))
+        for batch in fixture_batches:
+            cases.append((path.stem, model, content, batch,
+                          input_batch(model, batch, rng, path.with_suffix(".npz"))))
     for name, model in single_layers(args.quick):
-        cases.append((name, model, to_bytes(model), LAYER_BATCH, input_batch(model, LAYER_BATCH, rng, None)))
+        for batch in layer_batches:
+            cases.append((name, model, to_bytes(model), batch, input_batch(model, batch, rng, None)))
 
     print(f"# {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, "
           f"numpy {np.__version__}, numba {numba.__version__} ("

@@ -114,20 +114,40 @@ def quantize_multiplier(real_multiplier: float) -> tuple[int, int]:
 
 
 def quantize_multipliers(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`quantize_multiplier` over an array of multipliers (float64 in), vectorized; the same
+    """:func:`quantize_multiplier` over an array of multipliers (float64 in), compiled; the same
     arithmetic element by element (frexp is exact; the mantissa rounds half away from zero)."""
-    real = np.asarray(real, dtype=np.float64).reshape(-1)
-    if np.any(~np.isfinite(real)) or np.any(real < 0):
-        bad = real[~np.isfinite(real) | (real < 0)][0]
-        raise ModelError(f"invalid requantization multiplier {float(bad)!r}")
-    q, shift = np.frexp(real)
-    q_fixed = np.floor(np.abs(q) * float(1 << 31) + 0.5).astype(np.int64)
-    carry = q_fixed == (1 << 31)
-    q_fixed[carry] //= 2
-    shift = shift.astype(np.int64) + carry
-    tiny = (shift < -31) | (real == 0.0)
-    q_fixed[tiny], shift[tiny] = 0, 0
-    return q_fixed.astype(np.int32), shift.astype(np.int32)
+    real = np.ascontiguousarray(real, dtype=np.float64).reshape(-1)
+    q = np.empty(real.size, np.int32)
+    shift = np.empty(real.size, np.int32)
+    bad = _quantize_multipliers(real, q, shift)
+    if bad >= 0:
+        raise ModelError(f"invalid requantization multiplier {float(real[bad])!r}")
+    return q, shift
+
+
+@njit(cache=True)
+def _quantize_multipliers(real, q_out, shift_out) -> int:
+    # returns the index of the first negative or non-finite multiplier, or -1
+    for i in range(real.size):
+        r = real[i]
+        if not (r >= 0.0) or r == np.inf:
+            return i
+        if r == 0.0:
+            q_out[i] = 0
+            shift_out[i] = 0
+            continue
+        m, e = math.frexp(r)
+        q_fixed = math.floor(abs(m) * 2147483648.0 + 0.5)
+        if q_fixed == 2147483648.0:
+            q_fixed = 1073741824.0
+            e += 1
+        if e < -31:  # too small to represent: LiteRT flushes it to zero
+            q_out[i] = 0
+            shift_out[i] = 0
+        else:
+            q_out[i] = np.int32(q_fixed)
+            shift_out[i] = np.int32(e)
+    return -1
 
 
 def activation_range(activation: str, qp: QuantParams, dtype=np.int8) -> tuple[int, int]:

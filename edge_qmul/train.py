@@ -147,7 +147,7 @@ def combine(terms: Iterable[tuple[Gradients, float]]) -> Gradients:
 
 def _to_int32(acc: np.ndarray, scale: float) -> ParamGrad:
     """An int64 sum as an int32 accumulator: shift right (rounding) only if it does not fit."""
-    max_abs = int(np.max(np.abs(acc))) if acc.size else 0
+    max_abs = G.max_abs(acc.reshape(-1)) if acc.size else 0
     r = G.shift_for(max_abs, 30)
     if r:
         acc = (acc + (1 << (r - 1))) >> r
@@ -224,6 +224,8 @@ class Trainer:
         self.stochastic_rounding = bool(stochastic_rounding)
         self.profiler = profiler
         self.block_bytes = int(block_bytes)  # int32 input-gradient sums held at once: memory vs calls
+        # a conv weight gradient's im2col workspace grows with the same budget (fewer, larger calls)
+        self.patch_bytes = max(conv.PATCH_BYTES, 4 * self.block_bytes)
         self._update_during_backward = False
         self.steps = 0
         self.trainable_ops = self._select(trainable)
@@ -392,8 +394,9 @@ class Trainer:
             if op.index in self.trainable_ops:
                 s_x = float(model.tensors[x_t].quant.s)
                 for rows, _ in groups:
-                    gw, gb = kernel.grad_params(params, x[rows], g[rows]) if len(groups) > 1 else \
-                        kernel.grad_params(params, x, g)
+                    extra = {"patch_bytes": self.patch_bytes} if kind == "CONV_2D" else {}
+                    gw, gb = kernel.grad_params(params, x[rows], g[rows], **extra) if len(groups) > 1 else \
+                        kernel.grad_params(params, x, g, **extra)
                     mine = {f"{op.name}.weight": _to_int32(gw, err.scale * s_x)}
                     if len(op.inputs) > 2 and op.inputs[2] >= 0:
                         mine[f"{op.name}.bias"] = _to_int32(gb, err.scale)
@@ -581,7 +584,7 @@ class Trainer:
                 if trained and op.kind == "CONV_2D":  # the weight gradient's im2col workspace
                     _, oh, ow, _ = model.tensors[out].shape
                     taps = model.tensors[op.inputs[1]].data[0].size
-                    patch = 2 * oh * ow * taps * conv.patch_samples(batch, oh, ow, taps)
+                    patch = 2 * oh * ow * taps * conv.patch_samples(batch, oh, ow, taps, self.patch_bytes)
                 t = max(e_out + 8 * w + patch, e_out + 4 * (w + b) + copy,
                         (copy + e_out + new_x + 6 * x_e * block // batch) if need else 0)
             elif op.kind == "ADD":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -66,24 +67,31 @@ def _patch_positions(x, first, patch, input_offset, stride_h, stride_w, dil_h, d
     # patch[i, tap] = x - zp_in as int16; cells outside the input are 0, which is what LiteRT's
     # padding means (the pad value is the input zero point).
     _, in_h, in_w, cin = x.shape
+    b = first // (out_h * out_w)
+    oy = (first // out_w) % out_h
+    ox = first % out_w
+    # (direct indexing, no row views: a view in a loop costs a reference-count update in numba)
     for i in range(patch.shape[0]):
-        pos = first + i
-        b = pos // (out_h * out_w)
-        oy = (pos // out_w) % out_h
-        ox = pos % out_w
+        x0 = ox * stride_w - pad_left
         k = 0
         for ky in range(k_h):
             iy = oy * stride_h - pad_top + ky * dil_h
             for kx in range(k_w):
-                ix = ox * stride_w - pad_left + kx * dil_w
+                ix = x0 + kx * dil_w
                 if 0 <= iy < in_h and 0 <= ix < in_w:
-                    src = x[b, iy, ix]
                     for c in range(cin):
-                        patch[i, k + c] = np.int16(np.int16(src[c]) + input_offset)
+                        patch[i, k + c] = np.int16(np.int16(x[b, iy, ix, c]) + input_offset)
                 else:
                     for c in range(cin):
                         patch[i, k + c] = 0
                 k += cin
+        ox += 1  # the next position, in (b, oy, ox) order
+        if ox == out_w:
+            ox = 0
+            oy += 1
+            if oy == out_h:
+                oy = 0
+                b += 1
 
 
 @njit(cache=True, parallel=True)
@@ -158,13 +166,15 @@ def conv2d_int8_rows(x, w_t, bias, input_offset, mult, shift, out_zp, act_min, a
 
 # --- backward ------------------------------------------------------------------------------------
 
-def grad_params(p: ConvParams, x: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def grad_params(p: ConvParams, x: np.ndarray, g: np.ndarray, patch_bytes: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Weight and bias gradients of CONV_2D from the clamp-masked output error values ``g``:
-    int64 sums of int32 products, dW = sum g * (x - zp_in), db = sum g (scales attached by the caller)."""
+    int64 sums of int32 products, dW = sum g * (x - zp_in), db = sum g (scales attached by the caller).
+    ``patch_bytes`` bounds the im2col workspace (default PATCH_BYTES)."""
     v = p.win
     k_h, k_w = p.kernel
     gw = conv2d_grad_weight(x, g, p.input_offset, k_h, k_w, v.stride_h, v.stride_w, v.dil_h, v.dil_w,
-                            v.pad_top, v.pad_left)
+                            v.pad_top, v.pad_left, patch_bytes or PATCH_BYTES)
     return gw, channel_sum(g)
 
 
@@ -196,24 +206,82 @@ def im2col(x, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
 PATCH_BYTES = 32 * 1024  # im2col workspace of the weight gradient, a few samples at a time
 
 
-def patch_samples(n: int, out_h: int, out_w: int, taps: int) -> int:
+def patch_samples(n: int, out_h: int, out_w: int, taps: int, patch_bytes: int = PATCH_BYTES) -> int:
     """How many samples' im2col patches the weight gradient builds at once (Trainer.memory_report
     counts the same workspace)."""
-    return max(1, min(n, PATCH_BYTES // max(1, 2 * out_h * out_w * taps)))
+    return max(1, min(n, patch_bytes // max(1, 2 * out_h * out_w * taps)))
 
 
-def conv2d_grad_weight(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left):
+def conv2d_grad_weight(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
+                       patch_bytes: int = PATCH_BYTES):
     """dW[oc, tap] = sum over positions of g[pos, oc] * patch[pos, tap] (int64)."""
     n, out_h, out_w, cout = g.shape
     taps = k_h * k_w * x.shape[3]
+    if x.shape[3] <= FEW_CHANNELS:
+        tasks = max(1, min(n, numba.get_num_threads()))
+        gw_t = conv2d_grad_weight_few(x, np.ascontiguousarray(g), input_offset, k_h, k_w, stride_h, stride_w,
+                                      dil_h, dil_w, pad_top, pad_left, tasks)
+        return np.ascontiguousarray(gw_t.T).reshape(cout, k_h, k_w, x.shape[3])
     gw = np.zeros((cout, taps), np.int64)
-    step = patch_samples(n, out_h, out_w, taps)
+    step = patch_samples(n, out_h, out_w, taps, patch_bytes)
     for b in range(0, n, step):
         patch = im2col(x[b:b + step], input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
                        out_h, out_w, k_h, k_w)
         patch_grad_weight(patch, np.ascontiguousarray(g[b:b + step]).reshape(-1, cout), gw)
         del patch  # before the next block's is made
     return gw.reshape(cout, k_h, k_w, x.shape[3])
+
+
+FEW_CHANNELS = 4  # inputs this narrow (an image's channels): no im2col, vectors over output channels
+
+
+@njit(cache=True, parallel=True)
+def conv2d_grad_weight_few(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
+                           tasks):
+    # dW[tap, oc] += (x - zp)[b, iy, ix, c] * g[b, oy, ox, oc], contiguous over output channels; each
+    # task takes every tasks-th sample into its own int32 rows (flushed to int64 every FLUSH
+    # positions), and the tasks' totals are summed at the end.
+    n, in_h, in_w, cin = x.shape
+    _, out_h, out_w, cout = g.shape
+    taps = k_h * k_w * cin
+    totals = np.zeros((tasks, taps, cout), np.int64)
+    for task in prange(tasks):
+        part = np.zeros((taps, cout), np.int32)
+        total = totals[task]
+        pending = 0
+        for b in range(task, n, tasks):
+            for oy in range(out_h):
+                for ox in range(out_w):
+                    gr = g[b, oy, ox]
+                    k = 0
+                    for ky in range(k_h):
+                        iy = oy * stride_h - pad_top + ky * dil_h
+                        for kx in range(k_w):
+                            ix = ox * stride_w - pad_left + kx * dil_w
+                            if 0 <= iy < in_h and 0 <= ix < in_w:
+                                for c in range(cin):
+                                    u = np.int32(x[b, iy, ix, c]) + input_offset
+                                    if u != 0:
+                                        pr = part[k + c]
+                                        for oc in range(cout):
+                                            pr[oc] = np.int32(pr[oc] + u * np.int32(gr[oc]))
+                            k += cin
+                    pending += 1
+                    if pending == FLUSH:
+                        for t in range(taps):
+                            for oc in range(cout):
+                                total[t, oc] += part[t, oc]
+                                part[t, oc] = 0
+                        pending = 0
+        for t in range(taps):
+            for oc in range(cout):
+                total[t, oc] += part[t, oc]
+    gw = np.zeros((taps, cout), np.int64)
+    for task in range(tasks):
+        for t in range(taps):
+            for oc in range(cout):
+                gw[t, oc] += totals[task, t, oc]
+    return gw
 
 
 @njit(cache=True, parallel=True)

@@ -53,6 +53,13 @@ try:  # LiteRT, with the legacy tflite_runtime as a fallback (DESIGN.md section 
 except ImportError:  # pragma: no cover
     from tflite_runtime.interpreter import Interpreter, OpResolverType  # type: ignore
 
+try:  # PyTorch float32 eager, for reference (the `bench` extra); rows say "-" without it
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from torch_twin import TorchTwin
+except ImportError:  # pragma: no cover
+    torch = None
+
 FIXTURES = ROOT / "tests" / "fixtures"
 FIXTURE_BATCH = 8
 LAYER_BATCH = 1
@@ -273,8 +280,21 @@ def bench_case(name, model, content, batch, x, threads, repeats, min_time):
     y_builtin = builtin.run(x).copy()
     xnn = LiteRT(content, batch, threads, builtin=False)
     y_xnn = xnn.run(x).copy()
-    engine_s, builtin_s, xnn_s = time_calls(
-        [lambda: engine_fn(x), lambda: builtin.run(x), lambda: xnn.run(x)], repeats, min_time)
+    fns = [lambda: engine_fn(x), lambda: builtin.run(x), lambda: xnn.run(x)]
+    if torch is not None:  # the same graph in float32 eager PyTorch, from the dequantized weights
+        torch.set_num_threads(threads)
+        net = TorchTwin(model).eval()
+        x_float = x if x.dtype == np.float32 else \
+            ((x.astype(np.float32) - model.tensors[model.inputs[0]].quant.zp) * model.tensors[model.inputs[0]].quant.s)
+        xt = torch.from_numpy(np.ascontiguousarray(x_float, dtype=np.float32))
+
+        def torch_fn():
+            with torch.inference_mode():
+                return net(xt)
+        fns.append(torch_fn)
+    times = time_calls(fns, repeats, min_time)
+    engine_s, builtin_s, xnn_s = times[:3]
+    torch_s = times[3] if torch is not None else None
     busy_other = _busy_other(stat0, t0, pt0)
 
     # The engine's reference is LiteRT built-in run one sample at a time (how the fixtures' y_builtin
@@ -296,7 +316,7 @@ def bench_case(name, model, content, batch, x, threads, repeats, min_time):
         notes.append("litert per-sample (resize failed)")
     return {
         "name": name, "threads": threads, "batch": batch,
-        "engine_s": engine_s, "litert_builtin_s": builtin_s, "litert_xnnpack_s": xnn_s,
+        "engine_s": engine_s, "litert_builtin_s": builtin_s, "litert_xnnpack_s": xnn_s, "torch_s": torch_s,
         "macs": m, "gops": 2.0 * m * batch / engine_s / 1e9,
         "gops_builtin": 2.0 * m * batch / builtin_s / 1e9,
         "gops_xnnpack": 2.0 * m * batch / xnn_s / 1e9,
@@ -317,15 +337,23 @@ def fmt_s(s: float) -> str:
     return f"{s * 1e6:.1f} us"
 
 
+def _torch(r) -> str:
+    return fmt_s(r["torch_s"]) if r.get("torch_s") else "-"
+
+
+def _torch_ratio(r) -> str:
+    return f"{r['engine_s'] / r['torch_s']:.2f}" if r.get("torch_s") else "-"
+
+
 def table(rows) -> str:
-    head = ("name", "thr", "batch", "engine", "builtin", "xnnpack", "eng/bi", "eng/xnn", "GOP/s",
-            "mism", "mism/1", "xnn!=bi", "other")
+    head = ("name", "thr", "batch", "engine", "builtin", "xnnpack", "torch", "eng/bi", "eng/xnn", "eng/torch",
+            "GOP/s", "mism", "mism/1", "xnn!=bi", "other")
     lines = [head]
     for r in rows:
         lines.append((r["name"], str(r["threads"]), str(r["batch"]), fmt_s(r["engine_s"]),
-                      fmt_s(r["litert_builtin_s"]), fmt_s(r["litert_xnnpack_s"]),
+                      fmt_s(r["litert_builtin_s"]), fmt_s(r["litert_xnnpack_s"]), _torch(r),
                       f"{r['engine_s'] / r['litert_builtin_s']:.2f}",
-                      f"{r['engine_s'] / r['litert_xnnpack_s']:.2f}", f"{r['gops']:.3f}",
+                      f"{r['engine_s'] / r['litert_xnnpack_s']:.2f}", _torch_ratio(r), f"{r['gops']:.3f}",
                       f"{r['mismatches']}/{r['outputs']}", str(r["mismatches_vs_per_sample_builtin"]),
                       str(r["xnnpack_vs_builtin_mismatches"]), f"{r['cpu_busy_other']:.2f}"))
     widths = [max(len(l[c]) for l in lines) for c in range(len(head))]
@@ -338,15 +366,15 @@ def table(rows) -> str:
 
 
 def markdown(rows) -> str:
-    head = ["name", "threads", "batch", "engine", "LiteRT builtin", "LiteRT XNNPACK", "engine/builtin",
-            "engine/XNNPACK", "engine GOP/s", "mismatches (batched builtin)",
+    head = ["name", "threads", "batch", "engine", "LiteRT builtin", "LiteRT XNNPACK", "PyTorch fp32",
+            "engine/builtin", "engine/XNNPACK", "engine/PyTorch", "engine GOP/s", "mismatches (batched builtin)",
             "mismatches (per-sample builtin)", "XNNPACK != builtin", "other load (CPUs)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         out.append("| " + " | ".join([
             r["name"], str(r["threads"]), str(r["batch"]), fmt_s(r["engine_s"]), fmt_s(r["litert_builtin_s"]),
-            fmt_s(r["litert_xnnpack_s"]), f"{r['engine_s'] / r['litert_builtin_s']:.2f}",
-            f"{r['engine_s'] / r['litert_xnnpack_s']:.2f}", f"{r['gops']:.3f}",
+            fmt_s(r["litert_xnnpack_s"]), _torch(r), f"{r['engine_s'] / r['litert_builtin_s']:.2f}",
+            f"{r['engine_s'] / r['litert_xnnpack_s']:.2f}", _torch_ratio(r), f"{r['gops']:.3f}",
             f"{r['mismatches']}/{r['outputs']}", str(r["mismatches_vs_per_sample_builtin"]),
             str(r["xnnpack_vs_builtin_mismatches"]), f"{r['cpu_busy_other']:.2f}"]) + " |")
     return "\n".join(out)

@@ -58,6 +58,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numba  # noqa: E402
 import torch  # noqa: E402
@@ -68,6 +69,7 @@ from edge_qmul import datasets, models  # noqa: E402
 from edge_qmul.profile import Profiler  # noqa: E402
 from edge_qmul.quant import dequantize, quantize  # noqa: E402
 from edge_qmul.train import Trainer, loss_head  # noqa: E402
+from torch_twin import TorchTwin  # noqa: E402
 
 BATCH = 32
 LR = 0.01
@@ -76,121 +78,6 @@ NUM_CLASSES = 10
 
 
 # --- the torch twin of an engine Model ------------------------------------------------------------
-
-def _same_pads(in_size: int, k: int, stride: int) -> tuple[int, int]:
-    """TFLite SAME padding: total = max((out-1)*s + k - in, 0), total // 2 before, the rest after."""
-    out = -(-in_size // stride)
-    total = max((out - 1) * stride + k - in_size, 0)
-    return total // 2, total - total // 2
-
-
-def _activation(x: torch.Tensor, act: str) -> torch.Tensor:
-    if act == "NONE":
-        return x
-    if act == "RELU":
-        return F.relu(x)
-    if act == "RELU6":
-        return F.relu6(x)
-    raise ValueError(f"unsupported fused activation {act}")
-
-
-class TorchTwin(nn.Module):
-    """The engine Model's op graph as a float32 torch module (NCHW inside, NHWC in and out).
-
-    Built by walking ``model.ops``: CONV_2D -> conv2d, DEPTHWISE_CONV_2D -> conv2d with
-    groups=channels, FULLY_CONNECTED -> linear, ADD -> +, MEAN over H, W -> mean(2, 3),
-    MAX_POOL_2D -> max_pool2d, RESHAPE -> NHWC flatten; fused RELU / RELU6 applied after; SAME
-    padding by TFLite's rule (total // 2 before, the rest after): the convolution's own padding when
-    that is symmetric, an explicit F.pad when not (stride 2 on even sizes). Parameters are the engine's int8 weights
-    and int32 biases dequantized to float32, so both start from the same real-valued weights.
-    """
-
-    def __init__(self, model) -> None:
-        super().__init__()
-        self.steps: list[tuple] = []
-        self.params = nn.ParameterDict()
-        tensors = model.tensors
-        self.input_id = model.core_inputs[0]
-        self.output_id = model.core_outputs[0]
-        for op in model.ops:
-            o = op.options
-            act = o.get("activation", "NONE")
-            x_shape = tensors[op.inputs[0]].shape
-            if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
-                wt, bt = tensors[op.inputs[1]], tensors[op.inputs[2]]
-                w = dequantize(wt.data, wt.quant).astype(np.float32)
-                b = (bt.data.astype(np.float64) * bt.quant.scale.astype(np.float64)).astype(np.float32)
-                if op.kind == "CONV_2D":  # (O, KH, KW, I) -> (O, I, KH, KW)
-                    w = w.transpose(0, 3, 1, 2)
-                    groups = 1
-                elif op.kind == "DEPTHWISE_CONV_2D":  # (1, KH, KW, C) -> (C, 1, KH, KW)
-                    if o.get("depth_multiplier", 1) != 1:
-                        raise ValueError("depth_multiplier != 1 is not supported here")
-                    w = w.transpose(3, 0, 1, 2)
-                    groups = w.shape[0]
-                key = f"op{op.index}"
-                self.params[key + "_w"] = nn.Parameter(torch.from_numpy(np.ascontiguousarray(w)))
-                self.params[key + "_b"] = nn.Parameter(torch.from_numpy(np.ascontiguousarray(b)))
-                if op.kind == "FULLY_CONNECTED":
-                    self.steps.append(("fc", key, op.inputs[0], op.outputs[0], act))
-                    continue
-                kh, kw = w.shape[2], w.shape[3]
-                sh, sw = o.get("stride_h", 1), o.get("stride_w", 1)
-                if o.get("dilation_h", 1) != 1 or o.get("dilation_w", 1) != 1:
-                    raise ValueError("dilation is not supported here")
-                if o["padding"] == "SAME":
-                    pt, pb = _same_pads(x_shape[1], kh, sh)
-                    pl, pr = _same_pads(x_shape[2], kw, sw)
-                    pads = (pl, pr, pt, pb)
-                else:
-                    pads = (0, 0, 0, 0)
-                self.steps.append(("conv", key, op.inputs[0], op.outputs[0], act, (sh, sw), pads, groups))
-            elif op.kind == "ADD":
-                self.steps.append(("add", None, op.inputs[0], op.outputs[0], act, op.inputs[1]))
-            elif op.kind == "MEAN":
-                axes = tuple(int(a) for a in tensors[op.inputs[1]].data.reshape(-1))
-                if axes != (1, 2) or o.get("keep_dims", False):
-                    raise ValueError(f"MEAN over {axes} keep_dims={o.get('keep_dims')} is not supported here")
-                self.steps.append(("mean", None, op.inputs[0], op.outputs[0], "NONE"))
-            elif op.kind == "MAX_POOL_2D":
-                if o.get("padding", "VALID") != "VALID":
-                    raise ValueError("SAME max pooling is not supported here")
-                self.steps.append(("maxpool", None, op.inputs[0], op.outputs[0], act,
-                                   (o["filter_h"], o["filter_w"]), (o["stride_h"], o["stride_w"])))
-            elif op.kind == "RESHAPE":
-                if len(tensors[op.outputs[0]].shape) != 2:
-                    raise ValueError("only flattening RESHAPEs are supported here")
-                self.steps.append(("flatten", None, op.inputs[0], op.outputs[0], "NONE"))
-            else:
-                raise ValueError(f"op {op.kind} has no torch counterpart here")
-
-    def forward(self, x_nhwc: torch.Tensor) -> torch.Tensor:
-        v = {self.input_id: x_nhwc.permute(0, 3, 1, 2)}  # NCHW from here on (2-D after flatten/mean)
-        p = self.params
-        for s in self.steps:
-            kind, key, i, out, act = s[:5]
-            x = v[i]
-            if kind == "conv":
-                stride, pads, groups = s[5], s[6], s[7]
-                pl, pr, pt, pb = pads
-                if pl == pr and pt == pb:  # symmetric: let the convolution pad (no padded copy)
-                    y = F.conv2d(x, p[key + "_w"], p[key + "_b"], stride=stride, padding=(pt, pl),
-                                 groups=groups)
-                else:  # TFLite's asymmetric SAME (stride 2 on even sizes: 0 before, 1 after)
-                    y = F.conv2d(F.pad(x, pads), p[key + "_w"], p[key + "_b"], stride=stride, groups=groups)
-            elif kind == "fc":
-                y = F.linear(x, p[key + "_w"], p[key + "_b"])
-            elif kind == "add":
-                y = x + v[s[5]]
-            elif kind == "mean":
-                y = x.mean(dim=(2, 3))
-            elif kind == "maxpool":
-                y = F.max_pool2d(x, s[5], s[6])
-            elif kind == "flatten":  # NHWC element order, as the engine's RESHAPE
-                y = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1) if x.dim() == 4 else x
-            v[out] = _activation(y, act)
-        return v[self.output_id]
-
 
 def torch_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
     opt.zero_grad(set_to_none=True)

@@ -13,7 +13,7 @@ plain SGD at lr 0.01:
   * engine: ``unlearn(model, forget, retain, method="qmul", config={"stop": False})``: int8
     forward, integer backward, int16 master weights;
   * PyTorch 2.13 CPU eager, float32 fake-quant QAT: the engine's graph as a torch module
-    (train_step.TorchTwin's layers) whose weights are fake-quantized per channel with the int8
+    (torch_twin.TorchTwin's layers) whose weights are fake-quantized per channel with the int8
     model's scales and whose every activation is fake-quantized with the int8 model's output scale
     and zero point (``torch.fake_quantize_per_*_affine``, straight-through gradients); per step one
     forward + backward on the forget batch (cross-entropy to the similar labels) and one on the
@@ -46,7 +46,7 @@ from edge_qmul.quant import dequantize, quantize  # noqa: E402
 from edge_qmul.train import train_from_scratch  # noqa: E402
 from edge_qmul.unlearn import accuracy, unlearn  # noqa: E402
 from edge_qmul.unlearn.similar_labels import assign_from_model  # noqa: E402
-from train_step import TorchTwin  # noqa: E402
+from torch_twin import TorchTwin  # noqa: E402
 
 EPOCHS, BATCH, LR = 5, 32, 0.01
 

@@ -43,7 +43,7 @@ def prepare(op, model) -> ConvParams:
 # channels. More taps: im2col chunks times the weights in kernels/gemm.py's 4x4-blocked product.
 # Crossover measured on MobileNetV2 / ResNet-18 / digits layer shapes (benchmarks/README.md).
 GEMM_MIN_TAPS = 40
-CHUNK_BYTES = 64 * 1024  # im2col rows one task builds at once (they stay in L2)
+CHUNK_BYTES = 16 * 1024  # im2col rows one task builds at once (they stay in L1/L2; 16-64 KiB measured alike)
 
 
 def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:

@@ -112,9 +112,9 @@ def conv2d_int8_gemm(x, w16, bias, input_offset, mult, shift, out_zp, act_min, a
         acc = np.empty((count, cout), np.int32)
         gemm_i16(patch, w16, acc)
         for i in range(count):
-            dst = out[first + i]
             for c in range(cout):
-                dst[c] = requantize(np.int32(acc[i, c] + bias[c]), mult[c], shift[c], out_zp, act_min, act_max)
+                out[first + i, c] = requantize(np.int32(acc[i, c] + bias[c]), mult[c], shift[c], out_zp, act_min,
+                                               act_max)
     return out.reshape(n, out_h, out_w, cout)
 
 
@@ -151,9 +151,8 @@ def conv2d_int8_rows(x, w_t, bias, input_offset, mult, shift, out_zp, act_min, a
                 u1 = np.int32(p1[t])
                 u2 = np.int32(p2[t])
                 u3 = np.int32(p3[t])
-                wr = w_t[t]
-                for oc in range(cout):
-                    wv = np.int32(wr[oc])
+                for oc in range(cout):  # (w_t[t, oc] indexed directly: a row view per tap costs a refcount)
+                    wv = np.int32(w_t[t, oc])
                     a0[oc] = np.int32(a0[oc] + u0 * wv)
                     a1[oc] = np.int32(a1[oc] + u1 * wv)
                     a2[oc] = np.int32(a2[oc] + u2 * wv)
@@ -252,7 +251,6 @@ def conv2d_grad_weight_few(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil
         for b in range(task, n, tasks):
             for oy in range(out_h):
                 for ox in range(out_w):
-                    gr = g[b, oy, ox]
                     k = 0
                     for ky in range(k_h):
                         iy = oy * stride_h - pad_top + ky * dil_h
@@ -261,10 +259,9 @@ def conv2d_grad_weight_few(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil
                             if 0 <= iy < in_h and 0 <= ix < in_w:
                                 for c in range(cin):
                                     u = np.int32(x[b, iy, ix, c]) + input_offset
-                                    if u != 0:
-                                        pr = part[k + c]
+                                    if u != 0:  # (direct indexing: a row view per tap costs a refcount)
                                         for oc in range(cout):
-                                            pr[oc] = np.int32(pr[oc] + u * np.int32(gr[oc]))
+                                            part[k + c, oc] = np.int32(part[k + c, oc] + u * np.int32(g[b, oy, ox, oc]))
                             k += cin
                     pending += 1
                     if pending == FLUSH:
@@ -303,16 +300,14 @@ def patch_grad_weight(patch, g, gw):
         c3 = min(oc + 3, cout - 1)
         pending = 0
         for pos in range(positions):
-            gr = g[pos]
-            g0 = np.int32(gr[oc])
-            g1 = np.int32(gr[c1])
-            g2 = np.int32(gr[c2])
-            g3 = np.int32(gr[c3])
+            g0 = np.int32(g[pos, oc])
+            g1 = np.int32(g[pos, c1])
+            g2 = np.int32(g[pos, c2])
+            g3 = np.int32(g[pos, c3])
             if g0 == 0 and g1 == 0 and g2 == 0 and g3 == 0:
                 continue
-            pr = patch[pos]
-            for t in range(taps):
-                v = np.int32(pr[t])
+            for t in range(taps):  # (indexed directly: a row view per position costs a refcount)
+                v = np.int32(patch[pos, t])
                 q0[t] = np.int32(q0[t] + g0 * v)
                 q1[t] = np.int32(q1[t] + g1 * v)
                 q2[t] = np.int32(q2[t] + g2 * v)
@@ -354,31 +349,26 @@ def conv2d_grad_input(g, w, in_h, in_w, stride_h, stride_w, dil_h, dil_w, pad_to
             for ox in range(out_w):
                 for t in range(taps):
                     d[t] = 0
-                gr = g[b, oy, ox]
                 nonzero = False
+                # (indexed directly: a row view per position or tap costs a reference count)
                 for oc in range(0, cout - cout % 4, 4):  # four filters per pass over d
-                    g0 = np.int32(gr[oc])
-                    g1 = np.int32(gr[oc + 1])
-                    g2 = np.int32(gr[oc + 2])
-                    g3 = np.int32(gr[oc + 3])
+                    g0 = np.int32(g[b, oy, ox, oc])
+                    g1 = np.int32(g[b, oy, ox, oc + 1])
+                    g2 = np.int32(g[b, oy, ox, oc + 2])
+                    g3 = np.int32(g[b, oy, ox, oc + 3])
                     if g0 == 0 and g1 == 0 and g2 == 0 and g3 == 0:
                         continue
                     nonzero = True
-                    w0 = w2[oc]
-                    w1 = w2[oc + 1]
-                    w2_ = w2[oc + 2]
-                    w3 = w2[oc + 3]
                     for t in range(taps):
-                        d[t] = np.int32(d[t] + g0 * np.int32(w0[t]) + g1 * np.int32(w1[t])
-                                        + g2 * np.int32(w2_[t]) + g3 * np.int32(w3[t]))
+                        d[t] = np.int32(d[t] + g0 * np.int32(w2[oc, t]) + g1 * np.int32(w2[oc + 1, t])
+                                        + g2 * np.int32(w2[oc + 2, t]) + g3 * np.int32(w2[oc + 3, t]))
                 for oc in range(cout - cout % 4, cout):
-                    gv = np.int32(gr[oc])
+                    gv = np.int32(g[b, oy, ox, oc])
                     if gv == 0:
                         continue
                     nonzero = True
-                    wr = w2[oc]
                     for t in range(taps):
-                        d[t] = np.int32(d[t] + gv * np.int32(wr[t]))
+                        d[t] = np.int32(d[t] + gv * np.int32(w2[oc, t]))
                 if not nonzero:
                     continue
                 k = 0
@@ -387,8 +377,7 @@ def conv2d_grad_input(g, w, in_h, in_w, stride_h, stride_w, dil_h, dil_w, pad_to
                     for kx in range(k_w):
                         ix = ox * stride_w - pad_left + kx * dil_w
                         if 0 <= iy < in_h and 0 <= ix < in_w:
-                            dst = gx[b, iy, ix]
                             for c in range(cin):
-                                dst[c] = np.int32(dst[c] + d[k + c])
+                                gx[b, iy, ix, c] = np.int32(gx[b, iy, ix, c] + d[k + c])
                         k += cin
     return gx

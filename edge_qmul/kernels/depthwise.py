@@ -80,17 +80,16 @@ def depthwise_int8(x, w, bias, input_offset, depth_multiplier, mult, shift, out_
                     ix = ox * stride_w - pad_left + kx * dil_w
                     if ix < 0 or ix >= in_w:
                         continue
-                    wr = w16[ky, kx]
+                    # direct indexing throughout: a row view made per tap costs a reference count
                     if depth_multiplier == 1:
-                        xr = x[b, iy, ix]
                         for oc in range(cout):
-                            prod = np.int16(np.int16(np.int16(xr[oc]) + offset16) * wr[oc])
+                            prod = np.int16(np.int16(np.int16(x[b, iy, ix, oc]) + offset16) * w16[ky, kx, oc])
                             acc[oc] = np.int32(acc[oc] + np.int32(prod))
                     else:
                         for oc in range(cout):
                             xm[oc] = np.int16(np.int16(x[b, iy, ix, oc // depth_multiplier]) + offset16)
                         for oc in range(cout):
-                            acc[oc] = np.int32(acc[oc] + np.int32(np.int16(xm[oc] * wr[oc])))
+                            acc[oc] = np.int32(acc[oc] + np.int32(np.int16(xm[oc] * w16[ky, kx, oc])))
             for oc in range(cout):
                 # DepthwiseConvGeneral's Quantize: 8 channels at a time in vector code, the
                 # last cout % 8 channels in its scalar loop (the two round ties differently).
@@ -146,17 +145,15 @@ def depthwise_grad_weight(x, g, input_offset, depth_multiplier, k_h, k_w, stride
                     ix = ox * stride_w - pad_left + kx * dil_w
                     if ix < 0 or ix >= in_w:
                         continue
-                    gr = g[b, oy, ox]
                     if depth_multiplier == 1:
-                        xr = x[b, iy, ix]
                         for oc in range(cout):
-                            part[oc] = np.int32(part[oc] + np.int32(gr[oc]) *
-                                                np.int32(np.int16(np.int16(xr[oc]) + offset16)))
+                            part[oc] = np.int32(part[oc] + np.int32(g[b, oy, ox, oc]) *
+                                                np.int32(np.int16(np.int16(x[b, iy, ix, oc]) + offset16)))
                     else:
                         for oc in range(cout):
                             xm[oc] = np.int16(np.int16(x[b, iy, ix, oc // depth_multiplier]) + offset16)
                         for oc in range(cout):
-                            part[oc] = np.int32(part[oc] + np.int32(gr[oc]) * np.int32(xm[oc]))
+                            part[oc] = np.int32(part[oc] + np.int32(g[b, oy, ox, oc]) * np.int32(xm[oc]))
                     pending += 1
                     if pending == FLUSH:
                         for oc in range(cout):
@@ -180,7 +177,6 @@ def depthwise_grad_input(g, w, in_h, in_w, cin, depth_multiplier, stride_h, stri
     for b in prange(n):
         for oy in range(out_h):
             for ox in range(out_w):
-                gr = g[b, oy, ox]
                 for ky in range(k_h):
                     iy = oy * stride_h - pad_top + ky * dil_h
                     if iy < 0 or iy >= in_h:
@@ -189,13 +185,13 @@ def depthwise_grad_input(g, w, in_h, in_w, cin, depth_multiplier, stride_h, stri
                         ix = ox * stride_w - pad_left + kx * dil_w
                         if ix < 0 or ix >= in_w:
                             continue
-                        wr = w16[ky, kx]
-                        dst = gx[b, iy, ix]
                         if depth_multiplier == 1:
                             for oc in range(cout):
-                                dst[oc] = np.int32(dst[oc] + np.int32(gr[oc]) * np.int32(wr[oc]))
+                                gx[b, iy, ix, oc] = np.int32(gx[b, iy, ix, oc] + np.int32(g[b, oy, ox, oc])
+                                                             * np.int32(w16[ky, kx, oc]))
                         else:
                             for oc in range(cout):
                                 c = oc // depth_multiplier
-                                dst[c] = np.int32(dst[c] + np.int32(gr[oc]) * np.int32(wr[oc]))
+                                gx[b, iy, ix, c] = np.int32(gx[b, iy, ix, c] + np.int32(g[b, oy, ox, oc])
+                                                            * np.int32(w16[ky, kx, oc]))
     return gx

@@ -104,7 +104,15 @@ class TorchTwin(nn.Module):
             else:
                 raise ValueError(f"op {op.kind} has no torch counterpart here")
 
+    # Hooks a fake-quant subclass overrides (unlearn_qat.QATTwin): here the float values pass as they are.
+    def weight(self, key: str) -> torch.Tensor:
+        return self.params[key + "_w"]
+
+    def activation_out(self, y: torch.Tensor, tensor: int) -> torch.Tensor:
+        return y
+
     def forward(self, x_nhwc: torch.Tensor) -> torch.Tensor:
+        x_nhwc = self.activation_out(x_nhwc, self.input_id)
         # NCHW from here on (2-D after flatten/mean; an MLP's input is 2-D already)
         v = {self.input_id: x_nhwc.permute(0, 3, 1, 2) if x_nhwc.dim() == 4 else x_nhwc}
         p = self.params
@@ -115,12 +123,12 @@ class TorchTwin(nn.Module):
                 stride, pads, groups = s[5], s[6], s[7]
                 pl, pr, pt, pb = pads
                 if pl == pr and pt == pb:  # symmetric: let the convolution pad (no padded copy)
-                    y = F.conv2d(x, p[key + "_w"], p[key + "_b"], stride=stride, padding=(pt, pl),
+                    y = F.conv2d(x, self.weight(key), p[key + "_b"], stride=stride, padding=(pt, pl),
                                  groups=groups)
                 else:  # TFLite's asymmetric SAME (stride 2 on even sizes: 0 before, 1 after)
-                    y = F.conv2d(F.pad(x, pads), p[key + "_w"], p[key + "_b"], stride=stride, groups=groups)
+                    y = F.conv2d(F.pad(x, pads), self.weight(key), p[key + "_b"], stride=stride, groups=groups)
             elif kind == "fc":
-                y = F.linear(x, p[key + "_w"], p[key + "_b"])
+                y = F.linear(x, self.weight(key), p[key + "_b"])
             elif kind == "add":
                 y = x + v[s[5]]
             elif kind == "mean":
@@ -133,5 +141,5 @@ class TorchTwin(nn.Module):
                 y = x
             elif kind == "flatten":  # NHWC element order, as the engine's RESHAPE
                 y = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1) if x.dim() == 4 else x
-            v[out] = _activation(y, act)
+            v[out] = self.activation_out(_activation(y, act), out)
         return v[self.output_id]

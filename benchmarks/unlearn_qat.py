@@ -69,43 +69,15 @@ class QATTwin(TorchTwin):
                     3 if op.kind == "DEPTHWISE_CONV_2D" else 0],)).copy()
                 self.w_q[f"op{op.index}"] = torch.from_numpy(scale)
 
-    def _fq(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        s, zp = self.act_q[t]
-        return torch.fake_quantize_per_tensor_affine(x, s, zp, -128, 127)
+    def activation_out(self, y: torch.Tensor, tensor: int) -> torch.Tensor:
+        """Per tensor, so the layout does not matter."""
+        s, zp = self.act_q[tensor]
+        return torch.fake_quantize_per_tensor_affine(y, s, zp, -128, 127)
 
-    def forward(self, x_nhwc: torch.Tensor) -> torch.Tensor:
-        v = {self.input_id: self._fq(x_nhwc, self.input_id).permute(0, 3, 1, 2)}
-        p = self.params
-        for s in self.steps:
-            kind, key, i, out, act = s[:5]
-            x = v[i]
-            if key is not None:
-                scale = self.w_q[key]
-                w = torch.fake_quantize_per_channel_affine(p[key + "_w"], scale, torch.zeros_like(scale, dtype=torch.int32),
-                                                           0, -127, 127)
-            if kind == "conv":
-                stride, pads, groups = s[5], s[6], s[7]
-                pl, pr, pt, pb = pads
-                if pl == pr and pt == pb:
-                    y = F.conv2d(x, w, p[key + "_b"], stride=stride, padding=(pt, pl), groups=groups)
-                else:
-                    y = F.conv2d(F.pad(x, pads), w, p[key + "_b"], stride=stride, groups=groups)
-            elif kind == "fc":
-                y = F.linear(x, w, p[key + "_b"])
-            elif kind == "add":
-                y = x + v[s[5]]
-            elif kind == "mean":
-                y = x.mean(dim=(2, 3))
-            elif kind == "maxpool":
-                y = F.max_pool2d(x, s[5], s[6])
-            elif kind == "flatten":
-                y = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1) if x.dim() == 4 else x
-            if act == "RELU":
-                y = F.relu(y)
-            elif act == "RELU6":
-                y = F.relu6(y)
-            v[out] = self._fq(y, out)  # per tensor: the layout does not matter
-        return v[self.output_id]
+    def weight(self, key: str) -> torch.Tensor:
+        scale = self.w_q[key]
+        return torch.fake_quantize_per_channel_affine(self.params[key + "_w"], scale,
+                                                      torch.zeros_like(scale, dtype=torch.int32), 0, -127, 127)
 
 
 def qmul_qat(net: QATTwin, xf: torch.Tensor, tf: torch.Tensor, xr: torch.Tensor, yr: torch.Tensor,

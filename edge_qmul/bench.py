@@ -117,23 +117,12 @@ def _graph_feed(model: Model, x: np.ndarray) -> np.ndarray:
 
 
 def op_seconds(model: Model, x: np.ndarray) -> tuple[list[float], list[tuple[int, ...]]]:
-    """One forward of the whole graph (interface ops included) on int8 batch ``x``, timing each op.
-
-    This is ``Model.run``'s loop (graph.py) with a clock around every op: the graph has no timing
-    hook of its own. Returns per-op seconds and output shapes, in op order.
-    """
-    from .kernels import evaluate
-    prepared = model._ensure_prepared()
-    values: dict[int, np.ndarray] = {model.inputs[0]: _graph_feed(model, x)}
-    seconds, shapes = [], []
-    for op, params in zip(model.ops, prepared):
-        args = [values[i] if i in values else (model.tensors[i].data if i >= 0 else None)
-                for i in op.inputs]
-        t0 = time.perf_counter()
-        out = evaluate(op, params, args)
-        seconds.append(time.perf_counter() - t0)
-        values[op.outputs[0]] = out
-        shapes.append(tuple(int(s) for s in np.shape(out)))
+    """One forward of the whole graph (interface ops included) on int8 batch ``x``, timing each op
+    (``Model.run(timings=...)``). Returns per-op seconds and output shapes, in op order."""
+    timings: list = []
+    values = model.run({model.inputs[0]: _graph_feed(model, x)}, timings=timings)
+    seconds = [s for _, s in timings]
+    shapes = [tuple(int(d) for d in np.shape(values[op.outputs[0]])) for op, _ in timings]
     return seconds, shapes
 
 

@@ -175,6 +175,25 @@ def _load_mnist1d() -> Dataset:
 
 # --- npz -------------------------------------------------------------------------------------------
 
+def open_npz(path: str | os.PathLike):
+    """An .npz archive opened without pickle (use it as a context manager), or ValueError
+    "<path>: not a readable .npz file (...)" / "<path>: not an .npz archive of named arrays"."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not an .npz archive of named arrays")
+    return f
+
+
+def sample_keys(files) -> tuple[str | None, str | None]:
+    """The keys of a samples file's features and labels: x / y, else x_train / y_train (None if absent)."""
+    xk = "x" if "x" in files else "x_train" if "x_train" in files else None
+    yk = "y" if "y" in files else "y_train" if "y_train" in files else None
+    return xk, yk
+
+
 def load_npz(path: str | os.PathLike, name: str | None = None,
              class_names: list[str] | None = None) -> Dataset:
     """A dataset saved as .npz with keys x_train, y_train, x_test, y_test (optional class_names).
@@ -186,11 +205,7 @@ def load_npz(path: str | os.PathLike, name: str | None = None,
     if not path.exists():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
     required = ("x_train", "y_train", "x_test", "y_test")
-    try:
-        f = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    with f:
+    with open_npz(path) as f:
         missing = [k for k in required if k not in f.files]
         if missing:
             raise ValueError(f"{path}: missing key(s) {', '.join(missing)}; "

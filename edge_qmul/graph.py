@@ -6,6 +6,8 @@ the shapes the file declares (batch 1); the engine runs any batch size along axi
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -133,11 +135,11 @@ class Model:
         return self._prepared
 
     def run(self, feeds: dict[int, np.ndarray], start_after_interface: bool = False,
-            keep: bool = False) -> dict[int, np.ndarray]:
+            keep: bool = False, timings: list | None = None) -> dict[int, np.ndarray]:
         """Run ops in order from ``feeds`` (tensor index -> batch array); returns every value.
 
         With ``start_after_interface`` the QUANTIZE / DEQUANTIZE ops at the float interface are
-        skipped, so the int8 core runs alone.
+        skipped, so the int8 core runs alone. ``timings``, if given, receives (op, seconds) per op run.
         """
         from .kernels import evaluate
         prepared = self._ensure_prepared()
@@ -150,7 +152,12 @@ class Model:
                 continue
             args = [values[i] if i in values else (self.tensors[i].data if i >= 0 else None)
                     for i in op.inputs]
-            values[op.outputs[0]] = evaluate(op, params, args)
+            if timings is None:
+                values[op.outputs[0]] = evaluate(op, params, args)
+            else:
+                t0 = time.perf_counter()
+                values[op.outputs[0]] = evaluate(op, params, args)
+                timings.append((op, time.perf_counter() - t0))
         return values
 
     def _check_batch(self, x: np.ndarray, t: int, where: str) -> np.ndarray:

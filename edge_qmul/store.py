@@ -925,16 +925,16 @@ class Store:
         where = str(path)
         if not path.is_file():
             raise StoreError(f"{where}: no such file")
+        from .datasets import open_npz, sample_keys
         try:
-            f = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise StoreError(f"{where}: not a readable .npz file ({type(e).__name__}: {e})") from None
+            f = open_npz(path)
+        except ValueError as e:
+            raise StoreError(str(e)) from None
         with f:
-            files = list(getattr(f, "files", []))
+            files = list(f.files)
             if not files:
                 raise StoreError(f"{where}: not an .npz archive of named arrays")
-            xk = "x" if "x" in files else "x_train" if "x_train" in files else None
-            yk = "y" if "y" in files else "y_train" if "y_train" in files else None
+            xk, yk = sample_keys(files)
             if xk is None or yk is None:
                 raise StoreError(f"{where}: needs keys x and y (or x_train and y_train); found {', '.join(files)}")
             try:

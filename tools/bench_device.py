@@ -86,14 +86,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_samples(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
     """(int8 inputs, int labels) from an .npz, checked against the model's input shape."""
+    from edge_qmul.datasets import open_npz, sample_keys
     try:
-        f = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise UsageError(f"--samples {path}: not a readable .npz file ({type(e).__name__})") from None
+        f = open_npz(path)
+    except ValueError as e:
+        raise UsageError(f"--samples {e}") from None
     with f:
-        files = list(getattr(f, "files", []))
-        xk = "x" if "x" in files else "x_train" if "x_train" in files else None
-        yk = "y" if "y" in files else "y_train" if "y_train" in files else None
+        files = list(f.files)
+        xk, yk = sample_keys(files)
         if xk is None or yk is None:
             raise UsageError(f"--samples {path}: needs keys x and y (or x_train and y_train); "
                              f"found {', '.join(files) or 'none'}")

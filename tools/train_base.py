@@ -134,11 +134,9 @@ def load_npz(path: Path) -> Data:
     if not path.is_file():
         raise PrepareError(f"--data {path}: no such file")
     try:
-        f = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise PrepareError(f"--data {path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    if not isinstance(f, np.lib.npyio.NpzFile):
-        raise PrepareError(f"--data {path}: a single array, not an .npz archive with keys x and y")
+        f = datasets.open_npz(path)
+    except ValueError as e:
+        raise PrepareError(f"--data {e}") from None
     with f:
         missing = [k for k in ("x", "y") if k not in f.files]
         if missing:

@@ -430,6 +430,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--batches", default="1,32", help="batch sizes for every model and layer (default 1,32; "
                     "--quick: the fixtures at 8 and the layers at 1)")
+    ap.add_argument("--only", default=None, help="comma-separated name substrings: run only those rows "
+                    "(e.g. --only 'rn18,expand')")
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 11)
     min_time = args.min_time if args.min_time is not None else (0.01 if args.quick else 0.03)
@@ -449,6 +451,11 @@ def main(argv=None) -> int:
         for batch in layer_batches:
             cases.append((name, model, to_bytes(model), batch, input_batch(model, batch, rng, None)))
 
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+        cases = [c for c in cases if any(w in c[0] for w in wanted)]
+        if not cases:
+            ap.error(f"--only {args.only!r} matches no model or layer")
     print(f"# {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, "
           f"numpy {np.__version__}, numba {numba.__version__} ("
           f"threads {threads}); repeats={repeats} min_time={min_time}s; load average {_loadavg()}",

@@ -114,7 +114,8 @@ def gen_conv_2d(rng):
     tie = rng.random() < 0.4
     wbits = int(rng.integers(2, 5)) if tie else 0
     h, w = int(rng.integers(1, 13)), int(rng.integers(1, 13))
-    cin, cout = int(rng.integers(1, 17)), int(rng.integers(1, 25))
+    # cout past 32 and 64: whole and partial panels of the tile kernel (kernels/tile.py, NR <= 32)
+    cin, cout = int(rng.integers(1, 17)), int(rng.integers(1, 25) if rng.random() < 0.6 else rng.integers(25, 71))
     if rng.random() < 0.15:  # one output pixel (LiteRT's GEMV path)
         kh, kw, sh, sw, dh, dw, padding = min(h, 5), min(w, 5), 1, 1, 1, 1, "VALID"
         h, w = kh, kw
@@ -181,7 +182,8 @@ def gen_depthwise_conv_2d(rng):
 def gen_fully_connected(rng):
     tie = rng.random() < 0.4
     wbits = int(rng.integers(2, 5)) if tie else 0
-    units, depth = int(rng.integers(1, 25)), int(rng.integers(1, 49))
+    units = int(rng.integers(1, 25) if rng.random() < 0.6 else rng.integers(25, 71))
+    depth = int(rng.integers(1, 49))
     keep = bool(rng.random() < 0.4)
     r = rng.random()
     if keep and r < 0.6:

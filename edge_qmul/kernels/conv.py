@@ -11,7 +11,7 @@ from ..grad import channel_sum
 from ..quant import requantize
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
                      window_macs as macs)
-from .gemm import gemm_i16
+from .gemm import MR, NR, pack_panels, requantize_block, row_bases, tile_kernel
 
 
 @dataclass(frozen=True)
@@ -39,25 +39,99 @@ def prepare(op, model) -> ConvParams:
     return ConvParams(win, rq, -x.quant.zp, np.zeros(cout, np.int32), (kh, kw))
 
 
-# Few taps per output (1x1 convs over few channels, the first layer): vectorize over output
-# channels. More taps: im2col chunks times the weights in kernels/gemm.py's 4x4-blocked product.
-# Crossover measured on MobileNetV2 / ResNet-18 / digits layer shapes (benchmarks/README.md).
-GEMM_MIN_TAPS = 40
-CHUNK_BYTES = 16 * 1024  # im2col rows one task builds at once (they stay in L1/L2; 16-64 KiB measured alike)
+# Inputs with IMPLICIT_MIN_CHANNELS or more channels are read in place (implicit GEMM: the tile
+# kernel walks the taps of the zero-padded int16 input, no im2col); fewer channels (the 1- and
+# 3-channel first layers) would pad each tap's run to an even length and loop over tiny runs, so
+# they go through im2col chunks instead. Few taps (< GEMM_MIN_TAPS) with few channels: direct rows.
+# Thresholds measured on MobileNetV2 / ResNet-18 / digits layer shapes (benchmarks/README.md).
+IMPLICIT_MIN_CHANNELS = 8
+GEMM_MIN_TAPS = 8
+CHUNK_BYTES = 16 * 1024  # im2col rows (or their equivalent) one task handles at once, in L1/L2
 
 
 def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     bias = p.zero_bias if bias is None else bias
     v, r = p.win, p.rq
-    cout = w.shape[0]
+    cout, k_h, k_w, cin = w.shape
+    requant = (bias, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max)
+    if cin >= IMPLICIT_MIN_CHANNELS:
+        x16, offsets = padded_input(x, p.input_offset, v, k_h, k_w)
+        panels = pack_panels(_pad_channels(w, x16.shape[3]).reshape(cout, -1))
+        chunk = max(1, CHUNK_BYTES // (2 * k_h * k_w * x16.shape[3] * MR)) * MR
+        out = conv2d_int8_implicit(x16, offsets, panels, *requant, v.stride_h, v.stride_w, v.out_h, v.out_w,
+                                   cout, chunk)
+        return out.reshape(x.shape[0], v.out_h, v.out_w, cout)
     # int16 operands keep every product and sum in int32 lanes (|x - zp| <= 255, |w| <= 127)
     w16 = w.reshape(cout, -1).astype(np.int16)
     taps = w16.shape[1]
     args = (bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max,
-            v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w, p.kernel[0], p.kernel[1])
+            v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w, k_h, k_w)
     if taps >= GEMM_MIN_TAPS:
-        return conv2d_int8_gemm(x, w16, *args, max(4, CHUNK_BYTES // (2 * taps)))
+        return conv2d_int8_gemm(x, w16, *args, max(1, CHUNK_BYTES // (2 * taps * MR)) * MR)
     return conv2d_int8_rows(x, np.ascontiguousarray(w16.T), *args)
+
+
+def _pad_channels(w: np.ndarray, channels: int) -> np.ndarray:
+    """w (..., C) -> (..., channels), zeros in the added channels."""
+    if w.shape[-1] == channels:
+        return w
+    out = np.zeros(w.shape[:-1] + (channels,), w.dtype)
+    out[..., :w.shape[-1]] = w
+    return out
+
+
+def padded_input(x: np.ndarray, input_offset: int, v: Window, k_h: int, k_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x - zp) as int16 inside a zero border wide enough for every tap of every output position,
+    channels padded to an even count (the tile kernel reads pairs), and each tap's offset into it.
+
+    Zero in the border is exactly LiteRT's padding (the pad value is the input zero point)."""
+    n, in_h, in_w, cin = x.shape
+    rows = max(in_h + v.pad_top, (v.out_h - 1) * v.stride_h + (k_h - 1) * v.dil_h + 1)
+    cols = max(in_w + v.pad_left, (v.out_w - 1) * v.stride_w + (k_w - 1) * v.dil_w + 1)
+    channels = cin + (cin & 1)
+    x16 = _offset_into_border(x, input_offset, v.pad_top, v.pad_left, rows, cols, channels)
+    offsets = np.array([(ky * v.dil_h * cols + kx * v.dil_w) * channels for ky in range(k_h) for kx in range(k_w)],
+                       np.intp)
+    return x16, offsets
+
+
+@njit(cache=True, parallel=True)
+def _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels):
+    n, in_h, in_w, cin = x.shape
+    out = np.zeros((n, rows, cols, channels), np.int16)
+    for row in prange(n * in_h):
+        b, iy = row // in_h, row % in_h
+        for ix in range(in_w):
+            for c in range(cin):
+                out[b, pad_top + iy, pad_left + ix, c] = np.int16(np.int16(x[b, iy, ix, c]) + input_offset)
+    return out
+
+
+@njit(cache=True, parallel=True)
+def conv2d_int8_implicit(x16, offsets, panels, bias, mult, shift, out_zp, act_min, act_max,
+                         stride_h, stride_w, out_h, out_w, cout, chunk):
+    # One task per `chunk` output positions; per MR positions the tile kernel reads each one's
+    # taps straight from the padded input, and the tile is requantized while it is in L1.
+    n, rows, cols, channels = x16.shape
+    positions = n * out_h * out_w
+    out = np.empty((positions, cout), np.int8)
+    for task in prange((positions + chunk - 1) // chunk):
+        first = task * chunk
+        count = min(chunk, positions - first)
+        tile = np.empty((MR, NR), np.int32)
+        bases = np.empty(MR, np.intp)
+        for i in range(0, count, MR):
+            for r in range(MR):  # rows past the last position repeat it
+                pos = first + min(i + r, count - 1)
+                b = pos // (out_h * out_w)
+                oy = (pos // out_w) % out_h
+                ox = pos % out_w
+                bases[r] = ((b * rows + oy * stride_h) * cols + ox * stride_w) * channels
+            for p in range(panels.shape[0]):
+                tile_kernel(x16, bases, offsets, panels, p, tile)
+                requantize_block(tile, min(MR, count - i), bias, mult, shift, p * NR, out, first + i,
+                                 out_zp, act_min, act_max)
+    return out
 
 
 @njit(cache=True, inline="always")
@@ -97,24 +171,29 @@ def _patch_positions(x, first, patch, input_offset, stride_h, stride_w, dil_h, d
 @njit(cache=True, parallel=True)
 def conv2d_int8_gemm(x, w16, bias, input_offset, mult, shift, out_zp, act_min, act_max,
                      stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w, chunk):
-    # One task per `chunk` output positions: their im2col rows, the int32 product with the
-    # weights (gemm_i16), the bias and the requantization. |sum| < 2^31 for K < 66k taps.
+    # One task per `chunk` output positions: their im2col rows, then per MR x NR block the tile
+    # kernel's int32 sums, bias and requantization straight from the tile (it never leaves L1).
+    # |sum| < 2^31 for K < 66k taps.
     n = x.shape[0]
     cout, taps = w16.shape
+    panels = pack_panels(w16)
     positions = n * out_h * out_w
     out = np.empty((positions, cout), np.int8)
     for task in prange((positions + chunk - 1) // chunk):
         first = task * chunk
         count = min(chunk, positions - first)
-        patch = np.empty((count, taps), np.int16)
+        patch = np.empty((count, taps + (taps & 1)), np.int16)  # rows of an even length: k is read in pairs
         _patch_positions(x, first, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
                          out_h, out_w, k_h, k_w)
-        acc = np.empty((count, cout), np.int32)
-        gemm_i16(patch, w16, acc)
-        for i in range(count):
-            for c in range(cout):
-                out[first + i, c] = requantize(np.int32(acc[i, c] + bias[c]), mult[c], shift[c], out_zp, act_min,
-                                               act_max)
+        tile = np.empty((MR, NR), np.int32)
+        bases = np.empty(MR, np.intp)
+        one_tap = np.zeros(1, np.intp)
+        for i in range(0, count, MR):
+            row_bases(bases, i, count, patch.shape[1])
+            for p in range(panels.shape[0]):
+                tile_kernel(patch, bases, one_tap, panels, p, tile)
+                requantize_block(tile, min(MR, count - i), bias, mult, shift, p * NR, out, first + i,
+                                 out_zp, act_min, act_max)
     return out.reshape(n, out_h, out_w, cout)
 
 

@@ -10,7 +10,7 @@ from ..errors import ModelError
 from ..grad import channel_sum
 from ..quant import activation_range, quantize_multipliers, requantize
 from .common import Requant, check_output_shape, output, per_tensor, tensor, where
-from .gemm import gemm_i16
+from .gemm import MR, NR, pack_panels, row_bases, tile_kernel
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,10 @@ def forward(p: FullyConnectedParams, x: np.ndarray, w: np.ndarray, bias: np.ndar
     n = x.shape[0]
     r = p.rq
     rows = np.ascontiguousarray(x).reshape(-1, p.depth)
-    # a few rows: one dot product per output; four or more: gemm_i16's 4x4 blocks (each weight row
-    # is then read once per four rows instead of once per row)
+    # a few rows: one dot product per output; four or more: the tile kernel (each weight pair
+    # loaded once serves NR rows)
     kernel = fully_connected_int8_gemm if rows.shape[0] >= 4 else fully_connected_int8
-    y = kernel(rows, w, bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max)
+    y = kernel(rows, np.ascontiguousarray(w), bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max)
     return y.reshape((n,) + p.out_shape)
 
 
@@ -96,23 +96,35 @@ def fully_connected_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min,
 
 @njit(cache=True, parallel=True)
 def fully_connected_int8_gemm(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max):
-    # (x - zp) as int16 rows, then blocks of 64 outputs per task through gemm_i16 (int8 weights
-    # read as they are), then bias and requantization.
+    # out^T = w . (x - zp)^T through the tile kernel with the int8 weights as its rows, read in
+    # place (packing them would cost as much as the product at batch 32); the batch rows are
+    # packed into panels of NR instead. The tile is requantized while it is in L1.
     rows, depth = x.shape
     cout = w.shape[0]
+    if depth % 2:  # the tile kernel reads k in pairs: rows of an even length
+        w_even = np.zeros((cout, depth + 1), np.int8)
+        w_even[:, :depth] = w
+    else:
+        w_even = w
     xs = np.empty((rows, depth), np.int16)
     for r in range(rows):
         for k in range(depth):
             xs[r, k] = np.int16(np.int16(x[r, k]) + input_offset)
-    acc = np.empty((rows, cout), np.int32)
-    for block in prange((cout + 63) // 64):
-        o0 = block * 64
-        o1 = min(cout, o0 + 64)
-        gemm_i16(xs, w[o0:o1], acc[:, o0:o1])
+    panels = pack_panels(xs)
     out = np.empty((rows, cout), np.int8)
-    for r in prange(rows):
-        for o in range(cout):
-            out[r, o] = requantize(np.int32(acc[r, o] + bias[o]), mult[o], shift[o], out_zp, act_min, act_max)
+    for block in prange((cout + MR - 1) // MR):
+        o0 = block * MR
+        tile = np.empty((MR, NR), np.int32)
+        bases = np.empty(MR, np.intp)
+        one_tap = np.zeros(1, np.intp)
+        row_bases(bases, o0, cout, w_even.shape[1])
+        for p in range(panels.shape[0]):
+            tile_kernel(w_even, bases, one_tap, panels, p, tile)
+            for r in range(min(MR, cout - o0)):
+                o = o0 + r
+                for j in range(min(NR, rows - p * NR)):
+                    out[p * NR + j, o] = requantize(np.int32(tile[r, j] + bias[o]), mult[o], shift[o], out_zp,
+                                                    act_min, act_max)
     return out
 
 

@@ -224,7 +224,7 @@ class Trainer:
         self.stochastic_rounding = bool(stochastic_rounding)
         self.profiler = profiler
         self.block_bytes = int(block_bytes)  # int32 input-gradient sums held at once: memory vs calls
-        # a conv weight gradient's im2col workspace grows with the same budget (fewer, larger calls)
+        # a conv weight gradient's workspace grows with the same budget (more parallel tasks)
         self.patch_bytes = max(conv.PATCH_BYTES, 4 * self.block_bytes)
         self._update_during_backward = False
         self.steps = 0
@@ -425,7 +425,11 @@ class Trainer:
             folded = G.fold_channel_scale(g, m, fold_shift)
             del g, err.values
             in_shape = tuple(x.shape[1:])
-            return [(x_t, G.from_blocks(lambda a, b: kernel.grad_input(params, w, folded[a:b], in_shape),
+            if hasattr(kernel, "grad_input_prepared"):  # filters rearranged once, not once per block
+                per_block = kernel.grad_input_prepared(params, w, in_shape)
+            else:
+                per_block = lambda gb: kernel.grad_input(params, w, gb, in_shape)  # noqa: E731
+            return [(x_t, G.from_blocks(lambda a, b: per_block(folded[a:b]),
                                         n, in_shape, err.scale * factor, block))]
         if kind == "ADD":
             pairs = []
@@ -581,10 +585,11 @@ class Trainer:
                 # keeps an int8 copy of the weights for the input error); then the input error
                 copy = w if step and need else 0
                 patch = 0
-                if trained and op.kind == "CONV_2D":  # the weight gradient's im2col workspace
-                    _, oh, ow, _ = model.tensors[out].shape
-                    taps = model.tensors[op.inputs[1]].data[0].size
-                    patch = 2 * oh * ow * taps * conv.patch_samples(batch, oh, ow, taps, self.patch_bytes)
+                if trained and op.kind == "CONV_2D":  # the weight gradient's workspace
+                    _, oh, ow, cout = model.tensors[out].shape
+                    w_shape = model.tensors[op.inputs[1]].data.shape
+                    taps = int(np.prod(w_shape[1:]))
+                    patch = conv.grad_weight_plan(batch, batch * oh * ow, cout, taps, w_shape[3], self.patch_bytes)[1]
                 t = max(e_out + 8 * w + patch, e_out + 4 * (w + b) + copy,
                         (copy + e_out + new_x + 6 * x_e * block // batch) if need else 0)
             elif op.kind == "ADD":

@@ -248,7 +248,7 @@ def grad_params(p: ConvParams, x: np.ndarray, g: np.ndarray, patch_bytes: int | 
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Weight and bias gradients of CONV_2D from the clamp-masked output error values ``g``:
     int64 sums of int32 products, dW = sum g * (x - zp_in), db = sum g (scales attached by the caller).
-    ``patch_bytes`` bounds the im2col workspace (default PATCH_BYTES)."""
+    ``patch_bytes`` bounds the workspace (default PATCH_BYTES; grad_weight_plan)."""
     v = p.win
     k_h, k_w = p.kernel
     gw = conv2d_grad_weight(x, g, p.input_offset, k_h, k_w, v.stride_h, v.stride_w, v.dil_h, v.dil_w,
@@ -259,9 +259,71 @@ def grad_params(p: ConvParams, x: np.ndarray, g: np.ndarray, patch_bytes: int | 
 def grad_input(p: ConvParams, w: np.ndarray, g_folded: np.ndarray, in_shape: tuple) -> np.ndarray:
     """Input gradient sums (int32) of CONV_2D for the samples in ``g_folded`` (errors with the
     per-channel filter scales folded in, see grad.channel_fold)."""
+    return grad_input_prepared(p, w, in_shape)(g_folded)
+
+
+def grad_input_prepared(p: ConvParams, w: np.ndarray, in_shape: tuple):
+    """``grad_input`` as a function of the error alone, the filters prepared once for every block
+    of samples the trainer passes (grad.from_blocks)."""
     v = p.win
-    return conv2d_grad_input(g_folded, w, in_shape[0], in_shape[1], v.stride_h, v.stride_w, v.dil_h, v.dil_w,
-                             v.pad_top, v.pad_left)
+    cout, k_h, k_w, cin = w.shape
+    in_h, in_w = in_shape[0], in_shape[1]
+    # stride 1: a convolution of the zero-bordered error with the flipped filters (implicit GEMM
+    # through the tile kernel); the corner where the error starts inside that border:
+    top, left = (k_h - 1) * v.dil_h - v.pad_top, (k_w - 1) * v.dil_w - v.pad_left
+    if not (v.stride_h == 1 and v.stride_w == 1 and top >= 0 and left >= 0 and cout >= IMPLICIT_MIN_CHANNELS):
+        return lambda g: conv2d_grad_input(g, w, in_h, in_w, v.stride_h, v.stride_w, v.dil_h, v.dil_w,
+                                           v.pad_top, v.pad_left)
+    rows = max(in_h + (k_h - 1) * v.dil_h, top + v.out_h)
+    cols = max(in_w + (k_w - 1) * v.dil_w, left + v.out_w)
+    channels = cout + (cout & 1)
+    flipped = _pad_channels(np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)), channels)
+    panels = pack_panels(flipped.reshape(cin, -1))
+    offsets = np.array([(ky * v.dil_h * cols + kx * v.dil_w) * channels for ky in range(k_h) for kx in range(k_w)],
+                       np.intp)
+
+    def run(g: np.ndarray) -> np.ndarray:
+        g16 = _into_border(g, top, left, rows, cols, channels)
+        return conv2d_int32_implicit(g16, offsets, panels, in_h, in_w, cin).reshape(g.shape[0], in_h, in_w, cin)
+    return run
+
+
+@njit(cache=True, parallel=True)
+def _into_border(g, top, left, rows, cols, channels):
+    n, h, w, c = g.shape
+    out = np.zeros((n, rows, cols, channels), np.int16)
+    for row in prange(n * h):
+        b, y = row // h, row % h
+        for x in range(w):
+            for k in range(c):
+                out[b, top + y, left + x, k] = g[b, y, x, k]
+    return out
+
+
+@njit(cache=True, parallel=True)
+def conv2d_int32_implicit(x16, offsets, panels, out_h, out_w, cout):
+    # conv2d_int8_implicit without requantization: the int32 sums themselves (stride 1)
+    n, rows, cols, channels = x16.shape
+    positions = n * out_h * out_w
+    out = np.empty((positions, cout), np.int32)
+    chunk = 8 * MR
+    for task in prange((positions + chunk - 1) // chunk):
+        first = task * chunk
+        count = min(chunk, positions - first)
+        tile = np.empty((MR, NR), np.int32)
+        bases = np.empty(MR, np.intp)
+        for i in range(0, count, MR):
+            for r in range(MR):
+                pos = first + min(i + r, count - 1)
+                b = pos // (out_h * out_w)
+                bases[r] = ((b * rows + (pos // out_w) % out_h) * cols + pos % out_w) * channels
+            for p in range(panels.shape[0]):
+                tile_kernel(x16, bases, offsets, panels, p, tile)
+                o0 = p * NR
+                for r in range(min(MR, count - i)):
+                    for j in range(min(NR, cout - o0)):
+                        out[first + i + r, o0 + j] = tile[r, j]
+    return out
 
 
 # Weight-gradient products g * (x - zp) reach 2^15 * 255 < 2^23: 128 of them still fit an int32
@@ -269,45 +331,105 @@ def grad_input(p: ConvParams, w: np.ndarray, g_folded: np.ndarray, in_shape: tup
 FLUSH = 128
 
 
-@njit(cache=True, parallel=True)
-def im2col(x, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w):
-    """patch[b*out_h*out_w + oy*out_w + ox, tap] = x - zp_in (int16), 0 outside the input."""
-    n, _, _, cin = x.shape
-    patch = np.empty((n * out_h * out_w, k_h * k_w * cin), np.int16)
-    for row in prange(n * out_h):
-        start = row * out_w
-        _patch_positions(x, start, patch[start:start + out_w], input_offset, stride_h, stride_w, dil_h, dil_w,
-                         pad_top, pad_left, out_h, out_w, k_h, k_w)
-    return patch
+PATCH_BYTES = 32 * 1024  # workspace budget of the weight gradient (staging rows, panels, task totals)
+GW_CHUNK = 64  # positions per tile-kernel call in the weight gradient (<= FLUSH: int32 sums stay exact)
 
 
-PATCH_BYTES = 32 * 1024  # im2col workspace of the weight gradient, a few samples at a time
-
-
-def patch_samples(n: int, out_h: int, out_w: int, taps: int, patch_bytes: int = PATCH_BYTES) -> int:
-    """How many samples' im2col patches the weight gradient builds at once (Trainer.memory_report
-    counts the same workspace)."""
-    return max(1, min(n, patch_bytes // max(1, 2 * out_h * out_w * taps)))
+def grad_weight_plan(n: int, positions: int, cout: int, taps: int, cin: int,
+                     patch_bytes: int = PATCH_BYTES) -> tuple[int, int]:
+    """(tasks, workspace bytes) of CONV_2D's weight gradient: as many parallel tasks as threads,
+    samples and the budget allow (each task beyond the first needs its own int64 totals), and the
+    bytes they hold besides the int64 result. Trainer.memory_report counts the same bytes."""
+    if cin <= FEW_CHANNELS:  # conv2d_grad_weight_few: int32 rows + int64 totals per task, then a sum
+        per_task = 12 * taps * cout
+        tasks = max(1, min(n, numba.get_num_threads(), patch_bytes // per_task))
+        return tasks, tasks * per_task + 8 * taps * cout
+    chunks = (positions + GW_CHUNK - 1) // GW_CHUNK
+    staging = 2 * ((GW_CHUNK + 1) * taps + ((taps + NR - 1) // NR) * GW_CHUNK * NR + cout * GW_CHUNK)
+    totals = 8 * cout * taps
+    tasks = max(1, min(chunks, numba.get_num_threads(), (patch_bytes + totals) // (staging + totals)))
+    return tasks, tasks * staging + (tasks * totals if tasks > 1 else 0)
 
 
 def conv2d_grad_weight(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
                        patch_bytes: int = PATCH_BYTES):
     """dW[oc, tap] = sum over positions of g[pos, oc] * patch[pos, tap] (int64)."""
     n, out_h, out_w, cout = g.shape
-    taps = k_h * k_w * x.shape[3]
-    if x.shape[3] <= FEW_CHANNELS:
-        tasks = max(1, min(n, numba.get_num_threads()))
+    cin = x.shape[3]
+    taps = k_h * k_w * cin
+    tasks, _ = grad_weight_plan(n, n * out_h * out_w, cout, taps, cin, patch_bytes)
+    if cin <= FEW_CHANNELS:
         gw_t = conv2d_grad_weight_few(x, np.ascontiguousarray(g), input_offset, k_h, k_w, stride_h, stride_w,
                                       dil_h, dil_w, pad_top, pad_left, tasks)
-        return np.ascontiguousarray(gw_t.T).reshape(cout, k_h, k_w, x.shape[3])
+        return np.ascontiguousarray(gw_t.T).reshape(cout, k_h, k_w, cin)
+    gw = conv2d_grad_weight_tiled(x, np.ascontiguousarray(g).reshape(-1, cout), input_offset, k_h, k_w, stride_h,
+                                  stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, tasks)
+    return gw.reshape(cout, k_h, k_w, cin)
+
+
+@njit(cache=True, parallel=True)
+def conv2d_grad_weight_tiled(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
+                             out_h, out_w, tasks):
+    # One task per thread over every tasks-th chunk of positions; a task beyond the first sums into
+    # its own int64 totals, added up at the end.
+    cout = g.shape[1]
+    taps = k_h * k_w * x.shape[3]
     gw = np.zeros((cout, taps), np.int64)
-    step = patch_samples(n, out_h, out_w, taps, patch_bytes)
-    for b in range(0, n, step):
-        patch = im2col(x[b:b + step], input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
-                       out_h, out_w, k_h, k_w)
-        patch_grad_weight(patch, np.ascontiguousarray(g[b:b + step]).reshape(-1, cout), gw)
-        del patch  # before the next block's is made
-    return gw.reshape(cout, k_h, k_w, x.shape[3])
+    geometry = (input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w)
+    if tasks == 1:  # (a prange would allocate the task's workspace in every thread, idle ones too)
+        _grad_weight_chunks(x, g, geometry, 0, 1, gw)
+        return gw
+    totals = np.zeros((tasks - 1, cout, taps), np.int64)
+    for task in prange(tasks):
+        _grad_weight_chunks(x, g, geometry, task, tasks, gw if task == 0 else totals[task - 1])
+    for task in range(tasks - 1):
+        for c in range(cout):
+            for t in range(taps):
+                gw[c, t] += totals[task, c, t]
+    return gw
+
+
+@njit(cache=True)
+def _grad_weight_chunks(x, g, geometry, task, tasks, total):
+    # dW += g^T . patches through the tile kernel, GW_CHUNK positions at a time: their im2col rows
+    # interleaved in pairs into panels of NR taps, g's rows for them transposed (output channels
+    # become tile rows), and each int32 tile added into the int64 total (exact: <= FLUSH products).
+    input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w = geometry
+    positions, cout = g.shape
+    taps = k_h * k_w * x.shape[3]
+    n_panels = (taps + NR - 1) // NR
+    patch = np.empty((GW_CHUNK + 1, taps), np.int16)
+    panels = np.zeros((n_panels, GW_CHUNK // 2, 2 * NR), np.int16)
+    g_t = np.zeros((cout, GW_CHUNK), np.int16)
+    tile = np.empty((MR, NR), np.int32)
+    bases = np.empty(MR, np.intp)
+    one_tap = np.zeros(1, np.intp)
+    for chunk in range(task, (positions + GW_CHUNK - 1) // GW_CHUNK, tasks):
+        first = chunk * GW_CHUNK
+        count = min(GW_CHUNK, positions - first)
+        _patch_positions(x, first, patch[:count], input_offset, stride_h, stride_w, dil_h, dil_w, pad_top,
+                         pad_left, out_h, out_w, k_h, k_w)
+        if count & 1:  # the last pair's other half: a zero error times a zero patch row
+            for t in range(taps):
+                patch[count, t] = 0
+            for c in range(cout):
+                g_t[c, count] = 0
+        for pair in range((count + 1) // 2):
+            for p in range(n_panels):
+                for j in range(min(NR, taps - p * NR)):
+                    panels[p, pair, 2 * j] = patch[2 * pair, p * NR + j]
+                    panels[p, pair, 2 * j + 1] = patch[2 * pair + 1, p * NR + j]
+        for pos in range(count):
+            for c in range(cout):
+                g_t[c, pos] = g[first + pos, c]
+        used = panels[:, :(count + 1) // 2]
+        for i in range(0, cout, MR):
+            row_bases(bases, i, cout, GW_CHUNK)
+            for p in range(n_panels):
+                tile_kernel(g_t, bases, one_tap, used, p, tile)
+                for r in range(min(MR, cout - i)):
+                    for j in range(min(NR, taps - p * NR)):
+                        total[i + r, p * NR + j] += tile[r, j]
 
 
 FEW_CHANNELS = 4  # inputs this narrow (an image's channels): no im2col, vectors over output channels
@@ -358,57 +480,6 @@ def conv2d_grad_weight_few(x, g, input_offset, k_h, k_w, stride_h, stride_w, dil
             for oc in range(cout):
                 gw[t, oc] += totals[task, t, oc]
     return gw
-
-
-@njit(cache=True, parallel=True)
-def patch_grad_weight(patch, g, gw):
-    # gw[oc] += g[:, oc] . patch, four output channels per task sharing each patch row; rows of
-    # int32 sums over the taps, flushed into the int64 totals every FLUSH positions.
-    positions, taps = patch.shape
-    cout = g.shape[1]
-    for group in prange((cout + 3) // 4):
-        oc = min(4 * group, max(cout - 4, 0))  # the last group may overlap the one before it
-        count = min(4, cout)
-        part = np.zeros((4, taps), np.int32)
-        q0 = part[0]
-        q1 = part[1]
-        q2 = part[2]
-        q3 = part[3]
-        c1 = min(oc + 1, cout - 1)
-        c2 = min(oc + 2, cout - 1)
-        c3 = min(oc + 3, cout - 1)
-        pending = 0
-        for pos in range(positions):
-            g0 = np.int32(g[pos, oc])
-            g1 = np.int32(g[pos, c1])
-            g2 = np.int32(g[pos, c2])
-            g3 = np.int32(g[pos, c3])
-            if g0 == 0 and g1 == 0 and g2 == 0 and g3 == 0:
-                continue
-            for t in range(taps):  # (indexed directly: a row view per position costs a refcount)
-                v = np.int32(patch[pos, t])
-                q0[t] = np.int32(q0[t] + g0 * v)
-                q1[t] = np.int32(q1[t] + g1 * v)
-                q2[t] = np.int32(q2[t] + g2 * v)
-                q3[t] = np.int32(q3[t] + g3 * v)
-            pending += 1
-            if pending == FLUSH:
-                _flush(part, gw, oc, count, 4 * group)
-                pending = 0
-        _flush(part, gw, oc, count, 4 * group)
-
-
-@njit(cache=True, inline="always")
-def _flush(part, gw, oc, count, owned_from):
-    # add the int32 rows into the int64 totals and clear them; channels below owned_from belong
-    # to the group before (an overlapping last group computes them again) and are skipped
-    for j in range(count):
-        if oc + j >= owned_from:
-            total = gw[oc + j]
-            for t in range(part.shape[1]):
-                total[t] += part[j, t]
-        for t in range(part.shape[1]):
-            part[j, t] = 0
 
 
 @njit(cache=True, parallel=True)

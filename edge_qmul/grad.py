@@ -54,24 +54,35 @@ def from_blocks(compute, n: int, shape: tuple, scale: float, block: int) -> Erro
     shift (a second rounding for the others, at most one unit of the final scale).
     """
     values = np.empty((n,) + tuple(shape), np.int16)
+    flat = values.reshape(n, -1)
     shifts = []
     for start in range(0, n, block):
         stop = min(start + block, n)
-        acc = np.ascontiguousarray(compute(start, stop))
-        r = shift_for(max_abs(acc.reshape(-1)))
-        out = values[start:stop].reshape(-1)
-        if r:
-            out[...] = rounding_shift_int16(acc.reshape(-1), r)
-        else:
-            out[...] = acc.reshape(-1)
-        shifts.append((start, stop, r))
-        del acc
-    top = max(r for _, _, r in shifts) if shifts else 0
-    for start, stop, r in shifts:
-        if r < top:
-            part = values[start:stop].reshape(-1)
-            part[...] = rounding_shift_int16(part, top - r)
+        shifts.append(round_into(compute(start, stop).reshape(-1), flat[start:stop].reshape(-1), ERROR_BITS))
+    top = max(shifts) if shifts else 0
+    for i, start in enumerate(range(0, n, block)):
+        if shifts[i] < top:
+            part = flat[start:start + block].reshape(-1)
+            part[...] = rounding_shift_int16(part, top - shifts[i])
     return Error(values, float(scale) * 2.0 ** top)
+
+
+@njit(cache=True)
+def round_into(acc, out, bits):
+    """out[:] = acc rounded right by the smallest shift that fits ``bits`` magnitude bits (ties
+    toward +inf); returns the shift. One pass for the max-abs, one for the rounding."""
+    m = max_abs(acc)
+    r = 0
+    while (m >> r) >= (1 << bits):
+        r += 1
+    if r == 0:
+        for i in range(acc.size):
+            out[i] = np.int16(acc[i])
+        return 0
+    half = np.int64(1) << (r - 1)
+    for i in range(acc.size):
+        out[i] = np.int16((np.int64(acc[i]) + half) >> r)
+    return r
 
 
 def from_float(g: np.ndarray) -> Error:

@@ -34,6 +34,13 @@ HEADS = ("ce", "soft", "neg_ce", "entropy")
 PARAM_KERNELS = {"CONV_2D": conv, "DEPTHWISE_CONV_2D": depthwise, "FULLY_CONNECTED": fully_connected}
 Q15 = 1 << 15
 BLOCK_BYTES = 8 * 1024  # int32 input-gradient sums held at once (grad.from_blocks)
+BLOCKS_PER_BATCH = 8  # ... or an eighth of the batch, if more: each block costs a few kernel calls
+
+
+def input_gradient_block(n: int, per_sample: int, block_bytes: int = BLOCK_BYTES) -> int:
+    """Samples per block of input-gradient sums: at least one per thread and an eighth of the
+    batch, and as many as fit in ``block_bytes`` (small layers then take one or two calls)."""
+    return max(1, numba.get_num_threads(), -(-n // BLOCKS_PER_BATCH), block_bytes // max(per_sample, 1))
 
 
 # --- loss heads (float over B x classes: the one place floats do arithmetic) ---------------------
@@ -382,11 +389,10 @@ class Trainer:
         model, kind, g = self.model, op.kind, err.values
         x_t = op.inputs[0]
         x = values[x_t] if x_t in values else model.tensors[x_t].data
-        # input gradients are summed a block of samples at a time: at least one sample per thread,
-        # and as many as fit in BLOCK_BYTES of int32 sums (small layers then take one or two calls)
+        # input gradients are summed a block of samples at a time (input_gradient_block)
         n = g.shape[0]
         per_sample = 4 * int(np.prod(x.shape[1:]))
-        block = max(1, numba.get_num_threads(), self.block_bytes // max(per_sample, 1))
+        block = input_gradient_block(n, per_sample, self.block_bytes)
         if kind in PARAM_KERNELS:
             kernel = PARAM_KERNELS[kind]
             w = model.tensors[op.inputs[1]].data
@@ -574,7 +580,7 @@ class Trainer:
             x_t = op.inputs[0]
             x_e = elems(x_t)
             need = self._wants_error(x_t)
-            block = min(batch, max(threads, self.block_bytes // max(4 * x_e // batch, 1)))
+            block = min(batch, input_gradient_block(batch, 4 * x_e // batch, self.block_bytes))
             new_x = 2 * x_e if need else 0
             if op.kind in PARAM_KERNELS:
                 trained = op.index in self.trainable_ops

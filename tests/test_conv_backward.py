@@ -4,8 +4,8 @@
     dX[b, iy, ix, c]  = sum over the (oy, ox, ky, kx) that read (iy, ix) of g[b, oy, ox, oc] * w[oc, ky, kx, c]
 
 Every path is hit: few input channels (no im2col), the tile kernel's weight gradient with one and
-two tasks and chunk tails, the implicit-GEMM input gradient (strides 1 and 2, dilation) and the
-direct one (few output channels); products at the int16 x 9-bit extremes."""
+two tasks and chunk tails, the implicit-GEMM input gradient (stride 1) and the direct one (strides,
+few output channels); products at the int16 x 9-bit extremes."""
 from __future__ import annotations
 
 import numba
@@ -46,7 +46,7 @@ def _reference(x, g, w, zp, v: Window):
 
 CASES = [  # n, h, w, cin, cout, k, stride, dilation, pad
     (2, 7, 6, 3, 9, 3, 1, 1, 1),     # few input channels
-    (3, 6, 6, 8, 11, 3, 2, 2, 2),    # stride 2: the error spread two cells apart
+    (3, 6, 6, 8, 11, 3, 2, 2, 2),    # stride 2: direct input gradient
     (1, 5, 5, 16, 40, 1, 1, 1, 0),   # 1x1, partial panel
     (2, 9, 7, 12, 33, 3, 1, 1, 0),   # VALID
     (1, 8, 8, 9, 8, 5, 2, 1, 2),     # odd channels

@@ -268,15 +268,14 @@ def grad_input_prepared(p: ConvParams, w: np.ndarray, in_shape: tuple):
     v = p.win
     cout, k_h, k_w, cin = w.shape
     in_h, in_w = in_shape[0], in_shape[1]
-    # a stride-1 convolution of the error, spread `stride` cells apart inside a zero border, with
-    # the flipped filters (implicit GEMM through the tile kernel; a stride of s multiplies by zero
-    # s^2 - 1 times in s^2, still faster than the direct loop). Where the error starts in the border:
+    # stride 1: a convolution of the zero-bordered error with the flipped filters (implicit GEMM
+    # through the tile kernel); the corner where the error starts inside that border:
     top, left = (k_h - 1) * v.dil_h - v.pad_top, (k_w - 1) * v.dil_w - v.pad_left
-    if not (top >= 0 and left >= 0 and cout >= IMPLICIT_MIN_CHANNELS):
+    if not (v.stride_h == 1 and v.stride_w == 1 and top >= 0 and left >= 0 and cout >= IMPLICIT_MIN_CHANNELS):
         return lambda g: conv2d_grad_input(g, w, in_h, in_w, v.stride_h, v.stride_w, v.dil_h, v.dil_w,
                                            v.pad_top, v.pad_left)
-    rows = max(in_h + (k_h - 1) * v.dil_h, top + (v.out_h - 1) * v.stride_h + 1)
-    cols = max(in_w + (k_w - 1) * v.dil_w, left + (v.out_w - 1) * v.stride_w + 1)
+    rows = max(in_h + (k_h - 1) * v.dil_h, top + v.out_h)
+    cols = max(in_w + (k_w - 1) * v.dil_w, left + v.out_w)
     channels = cout + (cout & 1)
     flipped = _pad_channels(np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)), channels)
     panels = pack_panels(flipped.reshape(cin, -1))
@@ -284,20 +283,20 @@ def grad_input_prepared(p: ConvParams, w: np.ndarray, in_shape: tuple):
                        np.intp)
 
     def run(g: np.ndarray) -> np.ndarray:
-        g16 = _into_border(g, top, left, rows, cols, channels, v.stride_h, v.stride_w)
+        g16 = _into_border(g, top, left, rows, cols, channels)
         return conv2d_int32_implicit(g16, offsets, panels, in_h, in_w, cin).reshape(g.shape[0], in_h, in_w, cin)
     return run
 
 
 @njit(cache=True, parallel=True)
-def _into_border(g, top, left, rows, cols, channels, stride_h, stride_w):
+def _into_border(g, top, left, rows, cols, channels):
     n, h, w, c = g.shape
     out = np.zeros((n, rows, cols, channels), np.int16)
     for row in prange(n * h):
         b, y = row // h, row % h
         for x in range(w):
             for k in range(c):
-                out[b, top + y * stride_h, left + x * stride_w, k] = g[b, y, x, k]
+                out[b, top + y, left + x, k] = g[b, y, x, k]
     return out
 
 

@@ -97,13 +97,21 @@ def padded_input(x: np.ndarray, input_offset: int, v: Window, k_h: int, k_w: int
 
 @njit(cache=True, parallel=True)
 def _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels):
+    # flat unsigned indices: numba then emits no negative-index fix-up and LLVM vectorizes the copy
+    # (4-D indices: 0.8 ns per element, measured; row views instead: their reference counts are
+    # atomics that the two threads fight over, 2.7x slower at 2 threads than at 1)
     n, in_h, in_w, cin = x.shape
     out = np.zeros((n, rows, cols, channels), np.int16)
+    offset = np.int16(input_offset)
+    src = x.reshape(-1)
+    dst = out.reshape(-1)
     for row in prange(n * in_h):
         b, iy = row // in_h, row % in_h
+        s0 = np.uint64(row * in_w * cin)
+        d0 = np.uint64(((b * rows + pad_top + iy) * cols + pad_left) * channels)
         for ix in range(in_w):
             for c in range(cin):
-                out[b, pad_top + iy, pad_left + ix, c] = np.int16(np.int16(x[b, iy, ix, c]) + input_offset)
+                dst[d0 + np.uint64(ix * channels + c)] = np.int16(src[s0 + np.uint64(ix * cin + c)]) + offset
     return out
 
 
@@ -292,11 +300,15 @@ def grad_input_prepared(p: ConvParams, w: np.ndarray, in_shape: tuple):
 def _into_border(g, top, left, rows, cols, channels):
     n, h, w, c = g.shape
     out = np.zeros((n, rows, cols, channels), np.int16)
-    for row in prange(n * h):
+    src = g.reshape(-1)
+    dst = out.reshape(-1)
+    for row in prange(n * h):  # flat unsigned indices, as in _offset_into_border
         b, y = row // h, row % h
+        s0 = np.uint64(row * w * c)
+        d0 = np.uint64(((b * rows + top + y) * cols + left) * channels)
         for x in range(w):
             for k in range(c):
-                out[b, top + y, left + x, k] = g[b, y, x, k]
+                dst[d0 + np.uint64(x * channels + k)] = src[s0 + np.uint64(x * c + k)]
     return out
 
 

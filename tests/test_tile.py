@@ -66,7 +66,7 @@ def test_requantize_tile_matches_scalar_requantize(lanes):
 
     @njit
     def vector(tile, rows, bias, mult, shift, o0, out, row0, zp, lo, hi):
-        kernel(tile, rows, bias, mult, shift, o0, out, row0, zp, lo, hi)
+        kernel(tile, rows, bias, mult, shift, o0, out, row0, o0, zp, lo, hi)
 
     @njit
     def scalar(tile, rows, bias, mult, shift, o0, out, row0, zp, lo, hi):

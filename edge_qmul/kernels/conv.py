@@ -1,6 +1,7 @@
 """CONV_2D, int8 per-channel, NHWC: y = requantize(sum (x - zp_in) * w + bias)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numba
@@ -11,7 +12,7 @@ from ..grad import channel_sum
 from ..quant import requantize
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
                      window_macs as macs)
-from .gemm import MR, NR, pack_panels, requantize_block, row_bases, tile_kernel
+from .gemm import MR, NR, pack_panels, padded_params, requantize_block, row_bases, tile_kernel
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class ConvParams:
     input_offset: int
     zero_bias: np.ndarray
     kernel: tuple = (1, 1)  # (KH, KW)
+    panel_requant: tuple = ()  # (multiplier, shift) padded to whole panels (gemm.padded_params)
 
 
 def prepare(op, model) -> ConvParams:
@@ -36,7 +38,8 @@ def prepare(op, model) -> ConvParams:
                  o.get("stride_w", 1), o.get("dilation_h", 1), o.get("dilation_w", 1))
     check_output_shape(op, out, (1, win.out_h, win.out_w, cout))
     rq = conv_requant(op, x, w, out, cout, o.get("activation", "NONE"))
-    return ConvParams(win, rq, -x.quant.zp, np.zeros(cout, np.int32), (kh, kw))
+    return ConvParams(win, rq, -x.quant.zp, np.zeros(cout, np.int32), (kh, kw),
+                      padded_params(rq.multiplier, rq.shift))
 
 
 # Inputs with IMPLICIT_MIN_CHANNELS or more channels are read in place (implicit GEMM: the tile
@@ -53,46 +56,49 @@ def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None
     bias = p.zero_bias if bias is None else bias
     v, r = p.win, p.rq
     cout, k_h, k_w, cin = w.shape
-    requant = (bias, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max)
+    positions = x.shape[0] * v.out_h * v.out_w
+    if cin >= IMPLICIT_MIN_CHANNELS or k_h * k_w * cin >= GEMM_MIN_TAPS:
+        requant = padded_params(bias) + (p.panel_requant or padded_params(r.multiplier, r.shift)) \
+            + (r.out_zero_point, r.act_min, r.act_max)
     if cin >= IMPLICIT_MIN_CHANNELS:
-        x16, offsets = padded_input(x, p.input_offset, v, k_h, k_w)
-        panels = pack_panels(_pad_channels(w, x16.shape[3]).reshape(cout, -1))
-        chunk = max(1, CHUNK_BYTES // (2 * k_h * k_w * x16.shape[3] * MR)) * MR
-        out = conv2d_int8_implicit(x16, offsets, panels, *requant, v.stride_h, v.stride_w, v.out_h, v.out_w,
-                                   cout, chunk)
+        rows, cols, channels, offsets = _border_geometry(x.shape[1], x.shape[2], cin, v, k_h, k_w)
+        out = conv2d_int8_implicit(x, w, p.input_offset, v.pad_top, v.pad_left, rows, cols, channels, offsets,
+                                   *requant, v.stride_h, v.stride_w, v.out_h, v.out_w,
+                                   _chunk(positions, 2 * k_h * k_w * channels))
         return out.reshape(x.shape[0], v.out_h, v.out_w, cout)
     # int16 operands keep every product and sum in int32 lanes (|x - zp| <= 255, |w| <= 127)
     w16 = w.reshape(cout, -1).astype(np.int16)
     taps = w16.shape[1]
-    args = (bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max,
-            v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w, k_h, k_w)
+    geometry = (v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w, k_h, k_w)
     if taps >= GEMM_MIN_TAPS:
-        return conv2d_int8_gemm(x, w16, *args, max(1, CHUNK_BYTES // (2 * taps * MR)) * MR)
-    return conv2d_int8_rows(x, np.ascontiguousarray(w16.T), *args)
+        b, m, s = requant[:3]
+        return conv2d_int8_gemm(x, w16, b, p.input_offset, m, s, *requant[3:], *geometry,
+                                _chunk(positions, 2 * (taps + 1)))
+    return conv2d_int8_rows(x, np.ascontiguousarray(w16.T), bias, p.input_offset, r.multiplier, r.shift,
+                            r.out_zero_point, r.act_min, r.act_max, *geometry)
 
 
-def _pad_channels(w: np.ndarray, channels: int) -> np.ndarray:
-    """w (..., C) -> (..., channels), zeros in the added channels."""
-    if w.shape[-1] == channels:
-        return w
-    out = np.zeros(w.shape[:-1] + (channels,), w.dtype)
-    out[..., :w.shape[-1]] = w
-    return out
+def _chunk(positions: int, bytes_per_position: int) -> int:
+    """Output positions per task: a multiple of MR whose A rows fit CHUNK_BYTES, and small enough
+    that every thread gets two or more tasks (three uneven tasks on two threads: measured 1.0x)."""
+    fit = max(1, CHUNK_BYTES // (bytes_per_position * MR))
+    share = -(-positions // (2 * MR * max(1, numba.get_num_threads())))
+    return max(1, min(fit, share)) * MR
 
 
-def padded_input(x: np.ndarray, input_offset: int, v: Window, k_h: int, k_w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x - zp) as int16 inside a zero border wide enough for every tap of every output position,
-    channels padded to an even count (the tile kernel reads pairs), and each tap's offset into it.
-
-    Zero in the border is exactly LiteRT's padding (the pad value is the input zero point)."""
-    n, in_h, in_w, cin = x.shape
+@functools.lru_cache(maxsize=1024)
+def _border_geometry(in_h: int, in_w: int, cin: int, v: Window, k_h: int, k_w: int):
+    """(rows, cols, channels, tap offsets) of the zero-bordered int16 input the implicit GEMM reads:
+    a border wide enough for every tap of every output position, channels padded to an even count
+    (the tile kernel reads pairs). Zero in the border is exactly LiteRT's padding (the pad value is
+    the input zero point). Computed once per layer shape; the offsets array is read-only."""
     rows = max(in_h + v.pad_top, (v.out_h - 1) * v.stride_h + (k_h - 1) * v.dil_h + 1)
     cols = max(in_w + v.pad_left, (v.out_w - 1) * v.stride_w + (k_w - 1) * v.dil_w + 1)
     channels = cin + (cin & 1)
-    x16 = _offset_into_border(x, input_offset, v.pad_top, v.pad_left, rows, cols, channels)
     offsets = np.array([(ky * v.dil_h * cols + kx * v.dil_w) * channels for ky in range(k_h) for kx in range(k_w)],
                        np.intp)
-    return x16, offsets
+    offsets.flags.writeable = False
+    return rows, cols, channels, offsets
 
 
 @njit(cache=True, parallel=True)
@@ -115,18 +121,43 @@ def _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels
     return out
 
 
+@njit(cache=True)
+def pack_filters(w, channels):
+    """pack_panels of the filters (C_out, KH, KW, C_in) with C_in zero-padded to ``channels``."""
+    cout, k_h, k_w, cin = w.shape
+    k = k_h * k_w * channels
+    k2 = (k + 1) // 2
+    out = np.zeros(((cout + NR - 1) // NR, k2, 2 * NR), np.int16)
+    dst = out.reshape(-1)
+    src = w.reshape(-1)
+    for o in range(cout):  # flat unsigned indices: no negative-index fix-ups in the loop
+        base = np.uint64((o // NR) * k2 * 2 * NR + 2 * (o % NR))
+        for tap in range(k_h * k_w):
+            s0 = np.uint64((o * k_h * k_w + tap) * cin)
+            t0 = tap * channels
+            for c in range(cin):
+                t = t0 + c
+                dst[base + np.uint64((t >> 1) * 2 * NR + (t & 1))] = src[s0 + np.uint64(c)]
+    return out
+
+
 @njit(cache=True, parallel=True)
-def conv2d_int8_implicit(x16, offsets, panels, bias, mult, shift, out_zp, act_min, act_max,
-                         stride_h, stride_w, out_h, out_w, cout, chunk):
-    # One task per `chunk` output positions; per MR positions the tile kernel reads each one's
-    # taps straight from the padded input, and the tile is requantized while it is in L1.
-    n, rows, cols, channels = x16.shape
+def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, channels, offsets, bias, mult, shift,
+                         out_zp, act_min, act_max, stride_h, stride_w, out_h, out_w, chunk):
+    # The zero-bordered int16 input and the packed filters, then one task per `chunk` output
+    # positions: per MR positions the tile kernel reads each one's taps straight from the bordered
+    # input, and the tile is requantized while it is in L1. (One call from Python for all of it.)
+    x16 = _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels)
+    panels = pack_filters(w, channels)
+    n = x.shape[0]
+    cout = w.shape[0]
     positions = n * out_h * out_w
     out = np.empty((positions, cout), np.int8)
     for task in prange((positions + chunk - 1) // chunk):
         first = task * chunk
         count = min(chunk, positions - first)
         tile = np.empty((MR, NR), np.int32)
+        scratch = np.empty((MR, NR), np.int8)
         bases = np.empty(MR, np.intp)
         for i in range(0, count, MR):
             for r in range(MR):  # rows past the last position repeat it
@@ -138,7 +169,7 @@ def conv2d_int8_implicit(x16, offsets, panels, bias, mult, shift, out_zp, act_mi
             for p in range(panels.shape[0]):
                 tile_kernel(x16, bases, offsets, panels, p, tile)
                 requantize_block(tile, min(MR, count - i), bias, mult, shift, p * NR, out, first + i,
-                                 out_zp, act_min, act_max)
+                                 out_zp, act_min, act_max, scratch)
     return out
 
 
@@ -194,6 +225,7 @@ def conv2d_int8_gemm(x, w16, bias, input_offset, mult, shift, out_zp, act_min, a
         _patch_positions(x, first, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
                          out_h, out_w, k_h, k_w)
         tile = np.empty((MR, NR), np.int32)
+        scratch = np.empty((MR, NR), np.int8)
         bases = np.empty(MR, np.intp)
         one_tap = np.zeros(1, np.intp)
         for i in range(0, count, MR):
@@ -201,7 +233,7 @@ def conv2d_int8_gemm(x, w16, bias, input_offset, mult, shift, out_zp, act_min, a
             for p in range(panels.shape[0]):
                 tile_kernel(patch, bases, one_tap, panels, p, tile)
                 requantize_block(tile, min(MR, count - i), bias, mult, shift, p * NR, out, first + i,
-                                 out_zp, act_min, act_max)
+                                 out_zp, act_min, act_max, scratch)
     return out.reshape(n, out_h, out_w, cout)
 
 
@@ -285,8 +317,7 @@ def grad_input_prepared(p: ConvParams, w: np.ndarray, in_shape: tuple):
     rows = max(in_h + (k_h - 1) * v.dil_h, top + v.out_h)
     cols = max(in_w + (k_w - 1) * v.dil_w, left + v.out_w)
     channels = cout + (cout & 1)
-    flipped = _pad_channels(np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)), channels)
-    panels = pack_panels(flipped.reshape(cin, -1))
+    panels = pack_filters(np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)), channels)
     offsets = np.array([(ky * v.dil_h * cols + kx * v.dil_w) * channels for ky in range(k_h) for kx in range(k_w)],
                        np.intp)
 

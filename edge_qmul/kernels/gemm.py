@@ -12,10 +12,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..quant import requantize
 from .tile import MR, NR, pack_panels, requantize_tile, tile_kernel
 
-__all__ = ["MR", "NR", "gemm_i16", "gemm_panels", "pack_panels", "even_rows", "requantize_block", "row_bases", "tile_kernel"]
+__all__ = ["MR", "NR", "gemm_i16", "gemm_panels", "pack_panels", "even_rows", "padded_params", "requantize_block", "row_bases", "tile_kernel"]
 
 
 @njit(cache=True)
@@ -63,16 +62,32 @@ def gemm_i16(a, b, c):
     gemm_panels(even_rows(a), pack_panels(b), c)
 
 
+def padded_params(*params: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per-channel int32 arrays (bias, multiplier, shift) padded with zeros to whole panels of NR,
+    so the vector epilogue can read a last, partial panel's parameters."""
+    out = []
+    for a in params:
+        n = -(-a.shape[0] // NR) * NR
+        if n == a.shape[0] and a.dtype == np.int32 and a.flags.c_contiguous:
+            out.append(a)
+        else:
+            padded = np.zeros(n, np.int32)
+            padded[:a.shape[0]] = a
+            out.append(padded)
+    return tuple(out)
+
+
 @njit(cache=True, inline="always")
-def requantize_block(tile, rows, bias, mult, shift, o0, out, row0, out_zp, act_min, act_max):
-    """out[row0 + r, o0 + j] = requantize(tile[r, j] + bias[o0 + j], ...) for the columns that exist:
-    whole panels in int32 vector lanes (tile.requantize_tile), the last partial one element-wise."""
+def requantize_block(tile, rows, bias, mult, shift, o0, out, row0, out_zp, act_min, act_max, scratch):
+    """out[row0 + r, o0 + j] = requantize(tile[r, j] + bias[o0 + j], ...) in int32 vector lanes
+    (tile.requantize_tile); bias, mult and shift padded to whole panels (padded_params). A last,
+    partial panel goes through ``scratch`` (int8 (MR, NR)) and only its columns are copied out."""
     cols = min(NR, out.shape[1] - o0)
+    zp, lo, hi = np.int32(out_zp), np.int32(act_min), np.int32(act_max)
     if cols == NR:
-        requantize_tile(tile, rows, bias, mult, shift, o0, out, row0, np.int32(out_zp), np.int32(act_min),
-                        np.int32(act_max))
+        requantize_tile(tile, rows, bias, mult, shift, o0, out, row0, o0, zp, lo, hi)
         return
+    requantize_tile(tile, rows, bias, mult, shift, o0, scratch, 0, 0, zp, lo, hi)
     for r in range(rows):
         for j in range(cols):
-            c = o0 + j
-            out[row0 + r, c] = requantize(np.int32(tile[r, j] + bias[c]), mult[c], shift[c], out_zp, act_min, act_max)
+            out[row0 + r, o0 + j] = scratch[r, j]

@@ -191,14 +191,14 @@ def pack_panels(b, nr=NR):
 
 
 def make_requantize_tile(mr: int, nr: int, lanes: int):
-    """An intrinsic ``requantize_tile(tile, rows, bias, mult, shift, o0, out, row0, zp, lo, hi)``:
+    """An intrinsic ``requantize_tile(tile, rows, bias, mult, shift, o0, out, row0, col0, zp, lo, hi)``:
 
-        out[row0 + r, o0 + j] = requantize(tile[r, j] + bias[o0 + j], mult[o0 + j], shift[o0 + j], zp, lo, hi)
+        out[row0 + r, col0 + j] = requantize(tile[r, j] + bias[o0 + j], mult[o0 + j], shift[o0 + j], zp, lo, hi)
 
     for r < rows, j < nr, with quant.requantize's arithmetic (SRDHM, then a rounding right shift
     with ties toward +inf, LiteRT's vector epilogue) in int32 vector lanes; only the SRDHM product
     is 64-bit. Plain numba loops promote every step to int64 lanes (half the width, measured 0.29 ns
-    per output). Needs o0 + nr <= len(bias) and unit inner strides.
+    per output). Needs o0 + nr <= len(bias), col0 + nr <= out.shape[1] and unit inner strides.
     """
     nv = nr // lanes
     v32 = ir.VectorType(_I32, lanes)
@@ -219,11 +219,11 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
         return builder.select(builder.icmp_signed("<", a, b), a, b)
 
     @intrinsic
-    def requantize_tile(typingctx, tile, rows, bias, mult, shift, o0, out, row0, zp, lo, hi):
-        sig = types.void(tile, rows, bias, mult, shift, o0, out, row0, zp, lo, hi)
+    def requantize_tile(typingctx, tile, rows, bias, mult, shift, o0, out, row0, col0, zp, lo, hi):
+        sig = types.void(tile, rows, bias, mult, shift, o0, out, row0, col0, zp, lo, hi)
 
         def codegen(context, builder, signature, args):
-            tile_v, rows_v, bias_v, mult_v, shift_v, o0_v, out_v, row0_v, zp_v, lo_v, hi_v = args
+            tile_v, rows_v, bias_v, mult_v, shift_v, o0_v, out_v, row0_v, col0_v, zp_v, lo_v, hi_v = args
             tys = signature.args
             intp = context.get_value_type(types.intp)
 
@@ -234,9 +234,10 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
                 return context.cast(builder, v, ty, types.int32)
 
             rows_v, o0_v, row0_v = as_intp(rows_v, tys[1]), as_intp(o0_v, tys[5]), as_intp(row0_v, tys[7])
-            zp = splat(builder, as_i32(zp_v, tys[8]), v32)
-            lo = splat(builder, as_i32(lo_v, tys[9]), v32)
-            hi = splat(builder, as_i32(hi_v, tys[10]), v32)
+            col0_v = as_intp(col0_v, tys[8])
+            zp = splat(builder, as_i32(zp_v, tys[9]), v32)
+            lo = splat(builder, as_i32(lo_v, tys[10]), v32)
+            hi = splat(builder, as_i32(hi_v, tys[11]), v32)
             arr_tile = context.make_array(tys[0])(context, builder, tile_v)
             arr_out = context.make_array(tys[6])(context, builder, out_v)
 
@@ -264,7 +265,7 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
                 r = loop.index
                 t_row = builder.gep(builder.bitcast(arr_tile.data, _I32.as_pointer()),
                                     [builder.mul(r, ir.Constant(intp, nr))])
-                o_row = builder.add(out_base, builder.add(builder.mul(builder.add(row0_v, r), out_stride), o0_v))
+                o_row = builder.add(out_base, builder.add(builder.mul(builder.add(row0_v, r), out_stride), col0_v))
                 for v in range(nv):
                     left, right, right_1, round_bit, m64, m_min = per_vector[v]
                     acc = builder.load(builder.bitcast(builder.gep(t_row, [ir.Constant(intp, v * lanes)]),

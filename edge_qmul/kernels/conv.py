@@ -141,16 +141,37 @@ def pack_filters(w, channels):
     return out
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, channels, offsets, bias, mult, shift,
                          out_zp, act_min, act_max, stride_h, stride_w, out_h, out_w, chunk):
-    # The zero-bordered int16 input and the packed filters, then one task per `chunk` output
-    # positions: per MR positions the tile kernel reads each one's taps straight from the bordered
-    # input, and the tile is requantized while it is in L1. (One call from Python for all of it.)
-    x16 = _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels)
+    # The filters packed, then the tile kernel over the input read in place when nothing pads it
+    # (no border, an even channel count: the int8 input itself, widened on load, with the input
+    # offset folded into the bias as LiteRT does: sum (x + off) w = sum x w + off sum w), or over
+    # a zero-bordered int16 copy of x + off otherwise. (One call from Python for all of it.)
+    n, in_h, in_w, cin = x.shape
     panels = pack_filters(w, channels)
-    n = x.shape[0]
-    cout = w.shape[0]
+    if rows == in_h and cols == in_w and channels == cin:
+        folded = bias.copy()
+        taps = w.shape[1] * w.shape[2] * cin
+        flat = w.reshape(w.shape[0], taps)
+        for o in range(w.shape[0]):
+            s = 0
+            for t in range(taps):
+                s += flat[o, t]
+            folded[o] = np.int32(folded[o] + input_offset * s)
+        return _implicit_tiles(x, offsets, panels, folded, mult, shift, out_zp, act_min, act_max, stride_h,
+                               stride_w, out_h, out_w, w.shape[0], chunk)
+    x16 = _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels)
+    return _implicit_tiles(x16, offsets, panels, bias, mult, shift, out_zp, act_min, act_max, stride_h,
+                           stride_w, out_h, out_w, w.shape[0], chunk)
+
+
+@njit(cache=True, parallel=True)
+def _implicit_tiles(a, offsets, panels, bias, mult, shift, out_zp, act_min, act_max, stride_h, stride_w,
+                    out_h, out_w, cout, chunk):
+    # One task per `chunk` output positions: per MR positions the tile kernel reads each one's taps
+    # straight from `a` (N, rows, cols, channels), and the tile is requantized while it is in L1.
+    n, rows, cols, channels = a.shape
     positions = n * out_h * out_w
     out = np.empty((positions, cout), np.int8)
     for task in prange((positions + chunk - 1) // chunk):
@@ -167,7 +188,7 @@ def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, chan
                 ox = pos % out_w
                 bases[r] = ((b * rows + oy * stride_h) * cols + ox * stride_w) * channels
             for p in range(panels.shape[0]):
-                tile_kernel(x16, bases, offsets, panels, p, tile)
+                tile_kernel(a, bases, offsets, panels, p, tile)
                 requantize_block(tile, min(MR, count - i), bias, mult, shift, p * NR, out, first + i,
                                  out_zp, act_min, act_max, scratch)
     return out

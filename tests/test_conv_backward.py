@@ -4,8 +4,8 @@
     dX[b, iy, ix, c]  = sum over the (oy, ox, ky, kx) that read (iy, ix) of g[b, oy, ox, oc] * w[oc, ky, kx, c]
 
 Every path is hit: few input channels (no im2col), the tile kernel's weight gradient with one and
-two tasks and chunk tails, the implicit-GEMM input gradient (stride 1) and the direct one (strides,
-few output channels); products at the int16 x 9-bit extremes."""
+two tasks and chunk tails, the implicit-GEMM input gradient (stride 1) and the direct one
+(strides); products at the int16 x 9-bit extremes."""
 from __future__ import annotations
 
 import numba
@@ -51,7 +51,7 @@ CASES = [  # n, h, w, cin, cout, k, stride, dilation, pad
     (2, 9, 7, 12, 33, 3, 1, 1, 0),   # VALID
     (1, 8, 8, 9, 8, 5, 2, 1, 2),     # odd channels
     (5, 9, 9, 13, 70, 3, 1, 2, 2),   # dilated, two panels, chunk tails
-    (4, 6, 5, 10, 5, 3, 1, 1, 1),    # few output channels: direct input gradient
+    (4, 6, 5, 10, 5, 3, 1, 1, 1),    # few output channels: the narrowest panel
     (32, 8, 8, 16, 32, 3, 2, 1, 0),  # the digits CNN's second layer
 ]
 

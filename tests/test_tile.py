@@ -15,6 +15,10 @@ SHAPES = [pytest.param((4, 8, 4, None), id="portable-4x8"),
           pytest.param((8, 16, 4, None), id="portable-8x16"),
           pytest.param((4, 16, 8, "llvm.x86.avx2.pmadd.wd"), id="avx2-4x16",
                        marks=pytest.mark.skipif("avx2" not in FEATURES, reason="needs AVX2")),
+          pytest.param((8, 8, 8, "llvm.x86.avx2.pmadd.wd"), id="avx2-8x8",
+                       marks=pytest.mark.skipif("avx2" not in FEATURES, reason="needs AVX2")),
+          pytest.param((8, 16, 16, "llvm.x86.avx512.pmaddw.d.512"), id="avx512-8x16",
+                       marks=pytest.mark.skipif("avx512bw" not in FEATURES, reason="needs AVX-512BW")),
           pytest.param((8, 32, 16, "llvm.x86.avx512.pmaddw.d.512"), id="avx512-8x32",
                        marks=pytest.mark.skipif("avx512bw" not in FEATURES, reason="needs AVX-512BW"))]
 

@@ -9,10 +9,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..grad import channel_sum
-from ..quant import requantize
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
                      window_macs as macs)
-from .gemm import MR, NR, pack_panels, padded_params, requantize_block, row_bases, tile_kernel
+from .gemm import MR, padded_params, panel_width, requantize_block, row_bases, tile_product
 
 
 @dataclass(frozen=True)
@@ -42,14 +41,11 @@ def prepare(op, model) -> ConvParams:
                       padded_params(rq.multiplier, rq.shift))
 
 
-# Inputs with IMPLICIT_MIN_CHANNELS or more channels are read in place (implicit GEMM: the tile
-# kernel walks the taps of the zero-padded int16 input, no im2col); fewer channels (the 1- and
-# 3-channel first layers) would pad each tap's run to an even length and loop over tiny runs, so
-# they go through im2col chunks instead. Few taps (< GEMM_MIN_TAPS) with few channels: direct rows.
-# Thresholds measured on MobileNetV2 / ResNet-18 / digits layer shapes (benchmarks/README.md).
-IMPLICIT_MIN_CHANNELS = 8
-GEMM_MIN_TAPS = 8
-CHUNK_BYTES = 16 * 1024  # im2col rows (or their equivalent) one task handles at once, in L1/L2
+# Every CONV_2D forward is an implicit GEMM: the tile kernel walks each output position's taps in
+# the input itself (unpadded, even channel count) or in a zero-bordered int16 copy, never an
+# im2col. Measured against im2col chunks on the 1- and 3-channel first layers too (where every
+# tap's run is padded to 2 or 4 channels): 1.3-2.4x faster at batch 32, alike at batch 1.
+CHUNK_BYTES = 16 * 1024  # input bytes (taps x channels x 2) of the positions one task handles
 
 
 def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -57,25 +53,13 @@ def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None
     v, r = p.win, p.rq
     cout, k_h, k_w, cin = w.shape
     positions = x.shape[0] * v.out_h * v.out_w
-    if cin >= IMPLICIT_MIN_CHANNELS or k_h * k_w * cin >= GEMM_MIN_TAPS:
-        requant = padded_params(bias) + (p.panel_requant or padded_params(r.multiplier, r.shift)) \
-            + (r.out_zero_point, r.act_min, r.act_max)
-    if cin >= IMPLICIT_MIN_CHANNELS:
-        rows, cols, channels, offsets = _border_geometry(x.shape[1], x.shape[2], cin, v, k_h, k_w)
-        out = conv2d_int8_implicit(x, w, p.input_offset, v.pad_top, v.pad_left, rows, cols, channels, offsets,
-                                   *requant, v.stride_h, v.stride_w, v.out_h, v.out_w,
-                                   _chunk(positions, 2 * k_h * k_w * channels))
-        return out.reshape(x.shape[0], v.out_h, v.out_w, cout)
-    # int16 operands keep every product and sum in int32 lanes (|x - zp| <= 255, |w| <= 127)
-    w16 = w.reshape(cout, -1).astype(np.int16)
-    taps = w16.shape[1]
-    geometry = (v.stride_h, v.stride_w, v.dil_h, v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w, k_h, k_w)
-    if taps >= GEMM_MIN_TAPS:
-        b, m, s = requant[:3]
-        return conv2d_int8_gemm(x, w16, b, p.input_offset, m, s, *requant[3:], *geometry,
-                                _chunk(positions, 2 * (taps + 1)))
-    return conv2d_int8_rows(x, np.ascontiguousarray(w16.T), bias, p.input_offset, r.multiplier, r.shift,
-                            r.out_zero_point, r.act_min, r.act_max, *geometry)
+    rows, cols, channels, offsets = _border_geometry(x.shape[1], x.shape[2], cin, v, k_h, k_w)
+    bias_p, = padded_params(bias)
+    mult_p, shift_p = p.panel_requant or padded_params(r.multiplier, r.shift)
+    out = conv2d_int8_implicit(x, w, p.input_offset, v.pad_top, v.pad_left, rows, cols, channels, offsets,
+                               bias_p, mult_p, shift_p, r.out_zero_point, r.act_min, r.act_max, v.stride_h,
+                               v.stride_w, v.out_h, v.out_w, _chunk(positions, 2 * k_h * k_w * channels))
+    return out.reshape(x.shape[0], v.out_h, v.out_w, cout)
 
 
 def _chunk(positions: int, bytes_per_position: int) -> int:
@@ -123,21 +107,23 @@ def _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels
 
 @njit(cache=True)
 def pack_filters(w, channels):
-    """pack_panels of the filters (C_out, KH, KW, C_in) with C_in zero-padded to ``channels``."""
+    """pack_panels of the filters (C_out, KH, KW, C_in) with C_in zero-padded to ``channels``, in
+    panels of panel_width(C_out) columns."""
     cout, k_h, k_w, cin = w.shape
+    nr = panel_width(cout)
     k = k_h * k_w * channels
     k2 = (k + 1) // 2
-    out = np.zeros(((cout + NR - 1) // NR, k2, 2 * NR), np.int16)
+    out = np.zeros(((cout + nr - 1) // nr, k2, 2 * nr), np.int16)
     dst = out.reshape(-1)
     src = w.reshape(-1)
     for o in range(cout):  # flat unsigned indices: no negative-index fix-ups in the loop
-        base = np.uint64((o // NR) * k2 * 2 * NR + 2 * (o % NR))
+        base = np.uint64((o // nr) * k2 * 2 * nr + 2 * (o % nr))
         for tap in range(k_h * k_w):
             s0 = np.uint64((o * k_h * k_w + tap) * cin)
             t0 = tap * channels
             for c in range(cin):
                 t = t0 + c
-                dst[base + np.uint64((t >> 1) * 2 * NR + (t & 1))] = src[s0 + np.uint64(c)]
+                dst[base + np.uint64((t >> 1) * 2 * nr + (t & 1))] = src[s0 + np.uint64(c)]
     return out
 
 
@@ -177,8 +163,9 @@ def _implicit_tiles(a, offsets, panels, bias, mult, shift, out_zp, act_min, act_
     for task in prange((positions + chunk - 1) // chunk):
         first = task * chunk
         count = min(chunk, positions - first)
-        tile = np.empty((MR, NR), np.int32)
-        scratch = np.empty((MR, NR), np.int8)
+        nr = panels.shape[2] // 2
+        tile = np.empty((MR, nr), np.int32)
+        scratch = np.empty((MR, nr), np.int8)
         bases = np.empty(MR, np.intp)
         for i in range(0, count, MR):
             for r in range(MR):  # rows past the last position repeat it
@@ -188,8 +175,8 @@ def _implicit_tiles(a, offsets, panels, bias, mult, shift, out_zp, act_min, act_
                 ox = pos % out_w
                 bases[r] = ((b * rows + oy * stride_h) * cols + ox * stride_w) * channels
             for p in range(panels.shape[0]):
-                tile_kernel(a, bases, offsets, panels, p, tile)
-                requantize_block(tile, min(MR, count - i), bias, mult, shift, p * NR, out, first + i,
+                tile_product(a, bases, offsets, panels, p, tile)
+                requantize_block(tile, min(MR, count - i), bias, mult, shift, p * nr, out, first + i,
                                  out_zp, act_min, act_max, scratch)
     return out
 
@@ -228,81 +215,6 @@ def _patch_positions(x, first, patch, input_offset, stride_h, stride_w, dil_h, d
                 b += 1
 
 
-@njit(cache=True, parallel=True)
-def conv2d_int8_gemm(x, w16, bias, input_offset, mult, shift, out_zp, act_min, act_max,
-                     stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w, chunk):
-    # One task per `chunk` output positions: their im2col rows, then per MR x NR block the tile
-    # kernel's int32 sums, bias and requantization straight from the tile (it never leaves L1).
-    # |sum| < 2^31 for K < 66k taps.
-    n = x.shape[0]
-    cout, taps = w16.shape
-    panels = pack_panels(w16)
-    positions = n * out_h * out_w
-    out = np.empty((positions, cout), np.int8)
-    for task in prange((positions + chunk - 1) // chunk):
-        first = task * chunk
-        count = min(chunk, positions - first)
-        patch = np.empty((count, taps + (taps & 1)), np.int16)  # rows of an even length: k is read in pairs
-        _patch_positions(x, first, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
-                         out_h, out_w, k_h, k_w)
-        tile = np.empty((MR, NR), np.int32)
-        scratch = np.empty((MR, NR), np.int8)
-        bases = np.empty(MR, np.intp)
-        one_tap = np.zeros(1, np.intp)
-        for i in range(0, count, MR):
-            row_bases(bases, i, count, patch.shape[1])
-            for p in range(panels.shape[0]):
-                tile_kernel(patch, bases, one_tap, panels, p, tile)
-                requantize_block(tile, min(MR, count - i), bias, mult, shift, p * NR, out, first + i,
-                                 out_zp, act_min, act_max, scratch)
-    return out.reshape(n, out_h, out_w, cout)
-
-
-@njit(cache=True, parallel=True)
-def conv2d_int8_rows(x, w_t, bias, input_offset, mult, shift, out_zp, act_min, act_max,
-                     stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, k_h, k_w):
-    # Few taps: acc[px, oc] += (x - zp)[px, tap] * w_t[tap, oc], contiguous over output channels,
-    # four pixels per pass so each weight row loaded serves four accumulator rows.
-    n = x.shape[0]
-    taps, cout = w_t.shape
-    out = np.empty((n, out_h, out_w, cout), np.int8)
-    for row in prange(n * out_h):
-        b = row // out_h
-        oy = row % out_h
-        patch = np.empty((out_w, taps), np.int16)
-        _patch_positions(x, row * out_w, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
-                         out_h, out_w, k_h, k_w)
-        acc = np.empty((4, cout), np.int32)
-        for ox0 in range(0, out_w, 4):
-            px = min(4, out_w - ox0)
-            for i in range(4):
-                for oc in range(cout):
-                    acc[i, oc] = bias[oc]
-            a0 = acc[0]
-            a1 = acc[1]
-            a2 = acc[2]
-            a3 = acc[3]
-            p0 = patch[ox0]
-            p1 = patch[ox0 + min(1, px - 1)]  # past the row's end: a copy, computed and dropped
-            p2 = patch[ox0 + min(2, px - 1)]
-            p3 = patch[ox0 + min(3, px - 1)]
-            for t in range(taps):
-                u0 = np.int32(p0[t])
-                u1 = np.int32(p1[t])
-                u2 = np.int32(p2[t])
-                u3 = np.int32(p3[t])
-                for oc in range(cout):  # (w_t[t, oc] indexed directly: a row view per tap costs a refcount)
-                    wv = np.int32(w_t[t, oc])
-                    a0[oc] = np.int32(a0[oc] + u0 * wv)
-                    a1[oc] = np.int32(a1[oc] + u1 * wv)
-                    a2[oc] = np.int32(a2[oc] + u2 * wv)
-                    a3[oc] = np.int32(a3[oc] + u3 * wv)
-            for i in range(px):
-                for oc in range(cout):
-                    out[b, oy, ox0 + i, oc] = requantize(acc[i, oc], mult[oc], shift[oc], out_zp, act_min, act_max)
-    return out
-
-
 # --- backward ------------------------------------------------------------------------------------
 
 def grad_params(p: ConvParams, x: np.ndarray, g: np.ndarray, patch_bytes: int | None = None
@@ -332,7 +244,7 @@ def grad_input_prepared(p: ConvParams, w: np.ndarray, in_shape: tuple):
     # stride 1: a convolution of the zero-bordered error with the flipped filters (implicit GEMM
     # through the tile kernel); the corner where the error starts inside that border:
     top, left = (k_h - 1) * v.dil_h - v.pad_top, (k_w - 1) * v.dil_w - v.pad_left
-    if not (v.stride_h == 1 and v.stride_w == 1 and top >= 0 and left >= 0 and cout >= IMPLICIT_MIN_CHANNELS):
+    if not (v.stride_h == 1 and v.stride_w == 1 and top >= 0 and left >= 0):
         return lambda g: conv2d_grad_input(g, w, in_h, in_w, v.stride_h, v.stride_w, v.dil_h, v.dil_w,
                                            v.pad_top, v.pad_left)
     rows = max(in_h + (k_h - 1) * v.dil_h, top + v.out_h)
@@ -374,7 +286,8 @@ def conv2d_int32_implicit(x16, offsets, panels, out_h, out_w, cout):
     for task in prange((positions + chunk - 1) // chunk):
         first = task * chunk
         count = min(chunk, positions - first)
-        tile = np.empty((MR, NR), np.int32)
+        nr = panels.shape[2] // 2
+        tile = np.empty((MR, nr), np.int32)
         bases = np.empty(MR, np.intp)
         for i in range(0, count, MR):
             for r in range(MR):
@@ -382,10 +295,10 @@ def conv2d_int32_implicit(x16, offsets, panels, out_h, out_w, cout):
                 b = pos // (out_h * out_w)
                 bases[r] = ((b * rows + (pos // out_w) % out_h) * cols + pos % out_w) * channels
             for p in range(panels.shape[0]):
-                tile_kernel(x16, bases, offsets, panels, p, tile)
-                o0 = p * NR
+                tile_product(x16, bases, offsets, panels, p, tile)
+                o0 = p * nr
                 for r in range(min(MR, count - i)):
-                    for j in range(min(NR, cout - o0)):
+                    for j in range(min(nr, cout - o0)):
                         out[first + i + r, o0 + j] = tile[r, j]
     return out
 
@@ -409,7 +322,8 @@ def grad_weight_plan(n: int, positions: int, cout: int, taps: int, cin: int,
         tasks = max(1, min(n, numba.get_num_threads(), patch_bytes // per_task))
         return tasks, tasks * per_task + 8 * taps * cout
     chunks = (positions + GW_CHUNK - 1) // GW_CHUNK
-    staging = 2 * ((GW_CHUNK + 1) * taps + ((taps + NR - 1) // NR) * GW_CHUNK * NR + cout * GW_CHUNK)
+    nr = int(panel_width(taps))
+    staging = 2 * ((GW_CHUNK + 1) * taps + ((taps + nr - 1) // nr) * GW_CHUNK * nr + cout * GW_CHUNK)
     totals = 8 * cout * taps
     tasks = max(1, min(chunks, numba.get_num_threads(), (patch_bytes + totals) // (staging + totals)))
     return tasks, tasks * staging + (tasks * totals if tasks > 1 else 0)
@@ -456,16 +370,17 @@ def conv2d_grad_weight_tiled(x, g, input_offset, k_h, k_w, stride_h, stride_w, d
 @njit(cache=True)
 def _grad_weight_chunks(x, g, geometry, task, tasks, total):
     # dW += g^T . patches through the tile kernel, GW_CHUNK positions at a time: their im2col rows
-    # interleaved in pairs into panels of NR taps, g's rows for them transposed (output channels
+    # interleaved in pairs into panels of panel_width(taps) taps, g's rows for them transposed (output channels
     # become tile rows), and each int32 tile added into the int64 total (exact: <= FLUSH products).
     input_offset, k_h, k_w, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w = geometry
     positions, cout = g.shape
     taps = k_h * k_w * x.shape[3]
-    n_panels = (taps + NR - 1) // NR
+    nr = panel_width(taps)
+    n_panels = (taps + nr - 1) // nr
     patch = np.empty((GW_CHUNK + 1, taps), np.int16)
-    panels = np.zeros((n_panels, GW_CHUNK // 2, 2 * NR), np.int16)
+    panels = np.zeros((n_panels, GW_CHUNK // 2, 2 * nr), np.int16)
     g_t = np.zeros((cout, GW_CHUNK), np.int16)
-    tile = np.empty((MR, NR), np.int32)
+    tile = np.empty((MR, nr), np.int32)
     bases = np.empty(MR, np.intp)
     one_tap = np.zeros(1, np.intp)
     for chunk in range(task, (positions + GW_CHUNK - 1) // GW_CHUNK, tasks):
@@ -480,9 +395,9 @@ def _grad_weight_chunks(x, g, geometry, task, tasks, total):
                 g_t[c, count] = 0
         for pair in range((count + 1) // 2):
             for p in range(n_panels):
-                for j in range(min(NR, taps - p * NR)):
-                    panels[p, pair, 2 * j] = patch[2 * pair, p * NR + j]
-                    panels[p, pair, 2 * j + 1] = patch[2 * pair + 1, p * NR + j]
+                for j in range(min(nr, taps - p * nr)):
+                    panels[p, pair, 2 * j] = patch[2 * pair, p * nr + j]
+                    panels[p, pair, 2 * j + 1] = patch[2 * pair + 1, p * nr + j]
         for pos in range(count):
             for c in range(cout):
                 g_t[c, pos] = g[first + pos, c]
@@ -490,10 +405,10 @@ def _grad_weight_chunks(x, g, geometry, task, tasks, total):
         for i in range(0, cout, MR):
             row_bases(bases, i, cout, GW_CHUNK)
             for p in range(n_panels):
-                tile_kernel(g_t, bases, one_tap, used, p, tile)
+                tile_product(g_t, bases, one_tap, used, p, tile)
                 for r in range(min(MR, cout - i)):
-                    for j in range(min(NR, taps - p * NR)):
-                        total[i + r, p * NR + j] += tile[r, j]
+                    for j in range(min(nr, taps - p * nr)):
+                        total[i + r, p * nr + j] += tile[r, j]
 
 
 FEW_CHANNELS = 4  # inputs this narrow (an image's channels): no im2col, vectors over output channels

@@ -10,7 +10,7 @@ from ..errors import ModelError
 from ..grad import channel_sum
 from ..quant import activation_range, quantize_multipliers, requantize
 from .common import Requant, check_output_shape, output, per_tensor, tensor, where
-from .gemm import MR, NR, pack_panels, row_bases, tile_kernel
+from .gemm import MR, pack_panels, panel_width, row_bases, tile_product
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def forward(p: FullyConnectedParams, x: np.ndarray, w: np.ndarray, bias: np.ndar
     r = p.rq
     rows = np.ascontiguousarray(x).reshape(-1, p.depth)
     # a few rows: one dot product per output; four or more: the tile kernel (each weight pair
-    # loaded once serves NR rows)
+    # loaded once serves a panel of rows)
     kernel = fully_connected_int8_gemm if rows.shape[0] >= 4 else fully_connected_int8
     y = kernel(rows, np.ascontiguousarray(w), bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max)
     return y.reshape((n,) + p.out_shape)
@@ -98,7 +98,7 @@ def fully_connected_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min,
 def fully_connected_int8_gemm(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max):
     # out^T = w . (x - zp)^T through the tile kernel with the int8 weights as its rows, read in
     # place (packing them would cost as much as the product at batch 32); the batch rows are
-    # packed into panels of NR instead. The tile is requantized while it is in L1.
+    # packed into panels (panel_width) instead. The tile is requantized while it is in L1.
     rows, depth = x.shape
     cout = w.shape[0]
     if depth % 2:  # the tile kernel reads k in pairs: rows of an even length
@@ -110,20 +110,21 @@ def fully_connected_int8_gemm(x, w, bias, input_offset, mult, shift, out_zp, act
     for r in range(rows):
         for k in range(depth):
             xs[r, k] = np.int16(np.int16(x[r, k]) + input_offset)
-    panels = pack_panels(xs)
+    panels = pack_panels(xs, panel_width(rows))
+    nr = panels.shape[2] // 2
     out = np.empty((rows, cout), np.int8)
     for block in prange((cout + MR - 1) // MR):
         o0 = block * MR
-        tile = np.empty((MR, NR), np.int32)
+        tile = np.empty((MR, nr), np.int32)
         bases = np.empty(MR, np.intp)
         one_tap = np.zeros(1, np.intp)
         row_bases(bases, o0, cout, w_even.shape[1])
         for p in range(panels.shape[0]):
-            tile_kernel(w_even, bases, one_tap, panels, p, tile)
+            tile_product(w_even, bases, one_tap, panels, p, tile)
             for r in range(min(MR, cout - o0)):
                 o = o0 + r
-                for j in range(min(NR, rows - p * NR)):
-                    out[p * NR + j, o] = requantize(np.int32(tile[r, j] + bias[o]), mult[o], shift[o], out_zp,
+                for j in range(min(nr, rows - p * nr)):
+                    out[p * nr + j, o] = requantize(np.int32(tile[r, j] + bias[o]), mult[o], shift[o], out_zp,
                                                     act_min, act_max)
     return out
 

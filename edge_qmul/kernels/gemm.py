@@ -12,9 +12,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .tile import MR, NR, pack_panels, requantize_tile, tile_kernel
+from .tile import (MR, NR, NR_HALF, NR_QUARTER, pack_panels, requantize_tile, requantize_tile_half,
+                   requantize_tile_quarter, tile_kernel, tile_kernel_half, tile_kernel_quarter)
 
-__all__ = ["MR", "NR", "gemm_i16", "gemm_panels", "pack_panels", "even_rows", "padded_params", "requantize_block", "row_bases", "tile_kernel"]
+__all__ = ["MR", "NR", "gemm_i16", "gemm_panels", "pack_panels", "panel_width", "even_rows", "padded_params",
+           "requantize_block", "row_bases", "tile_product"]
 
 
 @njit(cache=True)
@@ -37,29 +39,53 @@ def row_bases(bases, i, m, row_length):
 
 
 @njit(cache=True)
+def panel_width(n):
+    """Columns per panel for a product with ``n`` columns: the narrowest tile that holds them, or
+    the widest (a 32-column panel for 8 output channels would be three-quarters zeros)."""
+    if n <= NR_QUARTER:
+        return NR_QUARTER
+    if n <= NR_HALF:
+        return NR_HALF
+    return NR
+
+
+@njit(cache=True, inline="always")
+def tile_product(a, bases, offsets, panels, p, tile):
+    """The tile kernel of the panels' width (tile: int32 (MR, width))."""
+    width = panels.shape[2] // 2
+    if width == NR:
+        tile_kernel(a, bases, offsets, panels, p, tile)
+    elif width == NR_HALF:
+        tile_kernel_half(a, bases, offsets, panels, p, tile)
+    else:
+        tile_kernel_quarter(a, bases, offsets, panels, p, tile)
+
+
+@njit(cache=True)
 def gemm_panels(a, panels, c):
     """c[i, o] = sum_t a[i, t] * B[o, t] for B packed by pack_panels; a's rows hold an even
     number of int16s (see even_rows)."""
     m = a.shape[0]
     n = c.shape[1]
-    tile = np.empty((MR, NR), np.int32)
+    nr = panels.shape[2] // 2
+    tile = np.empty((MR, nr), np.int32)
     bases = np.empty(MR, np.intp)
     one_tap = np.zeros(1, np.intp)
     for i in range(0, m, MR):
         rows = min(MR, m - i)
         row_bases(bases, i, m, a.strides[0] // 2)
         for p in range(panels.shape[0]):
-            tile_kernel(a, bases, one_tap, panels, p, tile)
-            o0 = p * NR
+            tile_product(a, bases, one_tap, panels, p, tile)
+            o0 = p * nr
             for r in range(rows):
-                for j in range(min(NR, n - o0)):
+                for j in range(min(nr, n - o0)):
                     c[i + r, o0 + j] = tile[r, j]
 
 
 @njit(cache=True)
 def gemm_i16(a, b, c):
     """c[i, o] = sum_t a[i, t] * b[o, t] for a (M, K) int16, b (N, K) int8 or int16, c (M, N) int32."""
-    gemm_panels(even_rows(a), pack_panels(b), c)
+    gemm_panels(even_rows(a), pack_panels(b, panel_width(b.shape[0])), c)
 
 
 def padded_params(*params: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -80,14 +106,20 @@ def padded_params(*params: np.ndarray) -> tuple[np.ndarray, ...]:
 @njit(cache=True, inline="always")
 def requantize_block(tile, rows, bias, mult, shift, o0, out, row0, out_zp, act_min, act_max, scratch):
     """out[row0 + r, o0 + j] = requantize(tile[r, j] + bias[o0 + j], ...) in int32 vector lanes
-    (tile.requantize_tile); bias, mult and shift padded to whole panels (padded_params). A last,
-    partial panel goes through ``scratch`` (int8 (MR, NR)) and only its columns are copied out."""
-    cols = min(NR, out.shape[1] - o0)
+    (tile.requantize_tile of the tile's width); bias, mult and shift padded to whole panels
+    (padded_params). A last, partial panel goes through ``scratch`` (int8, the tile's shape) and
+    only its columns are copied out."""
+    nr = tile.shape[1]
+    cols = min(nr, out.shape[1] - o0)
     zp, lo, hi = np.int32(out_zp), np.int32(act_min), np.int32(act_max)
-    if cols == NR:
-        requantize_tile(tile, rows, bias, mult, shift, o0, out, row0, o0, zp, lo, hi)
-        return
-    requantize_tile(tile, rows, bias, mult, shift, o0, scratch, 0, 0, zp, lo, hi)
-    for r in range(rows):
-        for j in range(cols):
-            out[row0 + r, o0 + j] = scratch[r, j]
+    dst, r0, c0 = (out, row0, o0) if cols == nr else (scratch, 0, 0)
+    if nr == NR:
+        requantize_tile(tile, rows, bias, mult, shift, o0, dst, r0, c0, zp, lo, hi)
+    elif nr == NR_HALF:
+        requantize_tile_half(tile, rows, bias, mult, shift, o0, dst, r0, c0, zp, lo, hi)
+    else:
+        requantize_tile_quarter(tile, rows, bias, mult, shift, o0, dst, r0, c0, zp, lo, hi)
+    if cols < nr:
+        for r in range(rows):
+            for j in range(cols):
+                out[row0 + r, o0 + j] = scratch[r, j]

@@ -37,18 +37,21 @@ def target_features() -> set[str]:
     return {name for name, on in llvm_binding.get_host_cpu_features().items() if on}
 
 
-def tile_shape(features: set[str]) -> tuple[int, int, int, str | None]:
-    """(MR, NR, lanes, x86 pmaddwd intrinsic or None) for a target.
+def tile_variants(features: set[str]) -> tuple[int, list[tuple[int, int, str | None]]]:
+    """MR and the panel widths for a target, widest first: [(NR, lanes, x86 pmaddwd intrinsic or None)].
 
     AVX-512: 8 rows x 32 columns = 16 zmm sums (8x32 measured fastest of 4x32, 6x32, 8x16, 12x32,
-    4x64 on MobileNetV2 / ResNet-18 / FC shapes). AVX2 and 128-bit targets (NEON): 4 rows x 2
-    vectors = 8 sums, leaving registers for B and the broadcasts.
+    4x64 on MobileNetV2 / ResNet-18 / FC shapes), and 8x16, 8x8 (ymm) for narrow outputs, which
+    would leave most of a 32-column panel empty. AVX2 and 128-bit targets (NEON): 4 rows x 2
+    vectors = 8 sums, leaving registers for B and the broadcasts, and one vector for narrow outputs.
     """
+    avx2 = "llvm.x86.avx2.pmadd.wd"
     if "avx512bw" in features:
-        return 8, 32, 16, "llvm.x86.avx512.pmaddw.d.512"
+        avx512 = "llvm.x86.avx512.pmaddw.d.512"
+        return 8, [(32, 16, avx512), (16, 16, avx512), (8, 8, avx2)]
     if "avx2" in features:
-        return 4, 16, 8, "llvm.x86.avx2.pmadd.wd"
-    return 4, 8, 4, None
+        return 4, [(16, 8, avx2), (8, 8, avx2), (8, 8, avx2)]
+    return 4, [(8, 4, None), (4, 4, None), (4, 4, None)]
 
 
 def make_tile_kernel(mr: int, nr: int, lanes: int, native: str | None):
@@ -173,8 +176,11 @@ def make_tile_kernel(mr: int, nr: int, lanes: int, native: str | None):
     return tile_kernel
 
 
-MR, NR, LANES, _NATIVE = tile_shape(target_features())
-tile_kernel = make_tile_kernel(MR, NR, LANES, _NATIVE)
+MR, _VARIANTS = tile_variants(target_features())
+(NR, _L0, _N0), (NR_HALF, _L1, _N1), (NR_QUARTER, _L2, _N2) = _VARIANTS
+tile_kernel = make_tile_kernel(MR, NR, _L0, _N0)
+tile_kernel_half = make_tile_kernel(MR, NR_HALF, _L1, _N1)
+tile_kernel_quarter = make_tile_kernel(MR, NR_QUARTER, _L2, _N2)
 
 
 @njit(cache=True)
@@ -288,4 +294,6 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
     return requantize_tile
 
 
-requantize_tile = make_requantize_tile(MR, NR, LANES)
+requantize_tile = make_requantize_tile(MR, NR, _L0)
+requantize_tile_half = make_requantize_tile(MR, NR_HALF, _L1)
+requantize_tile_quarter = make_requantize_tile(MR, NR_QUARTER, _L2)

@@ -70,16 +70,18 @@ def average_pool_int8(x, filter_h, filter_w, stride_h, stride_w, pad_top, pad_le
         oy = row % out_h
         y0 = max(oy * stride_h - pad_top, 0)
         y1 = min(oy * stride_h - pad_top + filter_h, in_h)
+        acc = np.empty(c, np.int32)  # channels innermost: contiguous, vectorized
         for ox in range(out_w):
             x0 = max(ox * stride_w - pad_left, 0)
             x1 = min(ox * stride_w - pad_left + filter_w, in_w)
             count = (y1 - y0) * (x1 - x0)
+            acc[:] = 0
+            for iy in range(y0, y1):
+                for ix in range(x0, x1):
+                    for ch in range(c):
+                        acc[ch] += np.int32(x[b, iy, ix, ch])
             for ch in range(c):
-                acc = 0
-                for iy in range(y0, y1):
-                    for ix in range(x0, x1):
-                        acc += np.int32(x[b, iy, ix, ch])
-                v = _rounded_div(acc, count) if count > 0 else 0
+                v = _rounded_div(acc[ch], count) if count > 0 else 0
                 out[b, oy, ox, ch] = min(max(v, act_min), act_max)
     return out
 
@@ -94,16 +96,17 @@ def max_pool_int8(x, filter_h, filter_w, stride_h, stride_w, pad_top, pad_left, 
         oy = row % out_h
         y0 = max(oy * stride_h - pad_top, 0)
         y1 = min(oy * stride_h - pad_top + filter_h, in_h)
+        m = np.empty(c, np.int8)  # channels innermost: contiguous, vectorized
         for ox in range(out_w):
             x0 = max(ox * stride_w - pad_left, 0)
             x1 = min(ox * stride_w - pad_left + filter_w, in_w)
+            m[:] = -128
+            for iy in range(y0, y1):
+                for ix in range(x0, x1):
+                    for ch in range(c):
+                        m[ch] = max(m[ch], x[b, iy, ix, ch])
             for ch in range(c):
-                m = -128
-                for iy in range(y0, y1):
-                    for ix in range(x0, x1):
-                        if x[b, iy, ix, ch] > m:
-                            m = x[b, iy, ix, ch]
-                out[b, oy, ox, ch] = min(max(m, act_min), act_max)
+                out[b, oy, ox, ch] = min(max(m[ch], act_min), act_max)
     return out
 
 

@@ -380,6 +380,27 @@ def markdown(rows) -> str:
     return "\n".join(out)
 
 
+def best_markdown(rows) -> str:
+    """Each side at its best thread count, per (name, batch): the table the performance targets use
+    (engine / built-in <= 1.0 means the engine is at least as fast)."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["batch"]), []).append(r)
+    head = ["model / layer", "batch", "engine", "LiteRT built-in", "LiteRT XNNPACK", "PyTorch fp32",
+            "engine / built-in", "engine / XNNPACK", "engine / PyTorch", ">= 1.0x built-in"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (name, batch), rs in groups.items():
+        best = {k: min(r[k] for r in rs) for k in ("engine_s", "litert_builtin_s", "litert_xnnpack_s")}
+        torch_s = min((r["torch_s"] for r in rs if r.get("torch_s")), default=None)
+        ratio = best["engine_s"] / best["litert_builtin_s"]
+        out.append("| " + " | ".join([
+            name, str(batch), fmt_s(best["engine_s"]), fmt_s(best["litert_builtin_s"]),
+            fmt_s(best["litert_xnnpack_s"]), fmt_s(torch_s) if torch_s else "-", f"{ratio:.2f}",
+            f"{best['engine_s'] / best['litert_xnnpack_s']:.2f}",
+            f"{best['engine_s'] / torch_s:.2f}" if torch_s else "-", "yes" if ratio <= 1.0 else "no"]) + " |")
+    return "\n".join(out)
+
+
 def _load1() -> float:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -432,7 +453,17 @@ def main(argv=None) -> int:
                     "--quick: the fixtures at 8 and the layers at 1)")
     ap.add_argument("--only", default=None, help="comma-separated name substrings: run only those rows "
                     "(e.g. --only 'rn18,expand')")
+    ap.add_argument("--from-json", type=Path, default=None, help="print the tables of an earlier run's "
+                    "JSON (no measurement)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())
+        print(table(rows))
+        print()
+        print(markdown(rows))
+        print()
+        print(best_markdown(rows))
+        return 0
     repeats = args.repeats or (3 if args.quick else 11)
     min_time = args.min_time if args.min_time is not None else (0.01 if args.quick else 0.03)
     threads = [t for t in THREADS if t <= numba.config.NUMBA_NUM_THREADS]
@@ -475,6 +506,8 @@ def main(argv=None) -> int:
     if args.markdown:
         print()
         print(markdown(rows))
+        print()
+        print(best_markdown(rows))
     print("\nmism: output elements where the engine differs from the timed (batched) LiteRT built-in;"
           " mism/1: from LiteRT built-in run one sample at a time (the engine's bit-exact reference);"
           " xnn!=bi: XNNPACK vs built-in (ties rounded differently; expected). GOP/s = 2*MACs*batch/engine_s."

@@ -110,8 +110,7 @@ class Gradients:
         """L2 norm of the real-valued gradient over all parameters (a scalar reduction)."""
         total = 0.0
         for pg in self.params.values():
-            a = pg.acc.astype(np.float64)
-            total += float(np.dot(a.ravel(), a.ravel())) * pg.scale ** 2
+            total += _sum_squares(pg.acc.reshape(-1)) * pg.scale ** 2
         return math.sqrt(total)
 
     def dot(self, other: "Gradients") -> float:
@@ -123,6 +122,15 @@ class Gradients:
                 total += float(np.dot(pg.acc.astype(np.float64).ravel(), o.acc.astype(np.float64).ravel())) \
                     * pg.scale * o.scale
         return total
+
+
+@njit(cache=True)
+def _sum_squares(a) -> float:
+    total = 0.0
+    for i in range(a.size):
+        v = np.float64(a[i])
+        total += v * v
+    return total
 
 
 def combine(terms: Iterable[tuple[Gradients, float]]) -> Gradients:
@@ -154,11 +162,23 @@ def combine(terms: Iterable[tuple[Gradients, float]]) -> Gradients:
 
 def _to_int32(acc: np.ndarray, scale: float) -> ParamGrad:
     """An int64 sum as an int32 accumulator: shift right (rounding) only if it does not fit."""
-    max_abs = G.max_abs(acc.reshape(-1)) if acc.size else 0
-    r = G.shift_for(max_abs, 30)
-    if r:
-        acc = (acc + (1 << (r - 1))) >> r
-    return ParamGrad(acc.astype(np.int32), scale * 2.0 ** r)
+    out, r = _narrow_to_int32(np.ascontiguousarray(acc).reshape(-1))
+    return ParamGrad(out.reshape(acc.shape), scale * 2.0 ** r)
+
+
+@njit(cache=True)
+def _narrow_to_int32(acc):
+    # one compiled call per parameter (it runs for every parameter of every step): the max-abs,
+    # the smallest shift that leaves 30 magnitude bits, the rounding shift and the narrowing
+    m = G.max_abs(acc)
+    r = 0
+    while (m >> r) >= (1 << 30):
+        r += 1
+    out = np.empty(acc.size, np.int32)
+    half = (np.int64(1) << (r - 1)) if r else np.int64(0)
+    for i in range(acc.size):
+        out[i] = np.int32((np.int64(acc[i]) + half) >> r)
+    return out, r
 
 
 def _combine_errors(a: G.Error, b: G.Error) -> G.Error:

@@ -79,14 +79,23 @@ def _border_geometry(in_h: int, in_w: int, cin: int, v: Window, k_h: int, k_w: i
     rows = max(in_h + v.pad_top, (v.out_h - 1) * v.stride_h + (k_h - 1) * v.dil_h + 1)
     cols = max(in_w + v.pad_left, (v.out_w - 1) * v.stride_w + (k_w - 1) * v.dil_w + 1)
     channels = cin + (cin & 1)
-    offsets = np.array([(ky * v.dil_h * cols + kx * v.dil_w) * channels for ky in range(k_h) for kx in range(k_w)],
-                       np.intp)
+    offsets = tap_offsets(k_h, k_w, v.dil_h, v.dil_w, cols, channels)
     offsets.flags.writeable = False
     return rows, cols, channels, offsets
 
 
+def tap_offsets(k_h: int, k_w: int, dil_h: int, dil_w: int, cols: int, channels: int) -> np.ndarray:
+    """Where each filter tap (ky, kx) starts relative to an output position's corner, in elements of
+    an NHWC buffer with ``cols`` columns of ``channels``: the implicit GEMM's per-tap offsets."""
+    return np.array([(ky * dil_h * cols + kx * dil_w) * channels for ky in range(k_h) for kx in range(k_w)],
+                    np.intp)
+
+
 @njit(cache=True, parallel=True)
 def _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels):
+    """x + input_offset as int16, placed at (pad_top, pad_left) in a zero (N, rows, cols, channels)
+    buffer: the convolution's input (int8, offset -zp) or, in the input gradient, its error (int16,
+    offset 0)."""
     # flat unsigned indices: numba then emits no negative-index fix-up and LLVM vectorizes the copy
     # (4-D indices: 0.8 ns per element, measured; row views instead: their reference counts are
     # atomics that the two threads fight over, 2.7x slower at 2 threads than at 1)
@@ -152,6 +161,18 @@ def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, chan
                            stride_w, out_h, out_w, w.shape[0], chunk)
 
 
+@njit(cache=True, inline="always")
+def _position_bases(bases, first, i, count, out_h, out_w, rows, cols, channels, stride_h, stride_w):
+    """bases[r] = where output position first + i + r (the last one repeated past count) reads its
+    window's corner in an (N, rows, cols, channels) buffer."""
+    for r in range(MR):
+        pos = first + min(i + r, count - 1)
+        b = pos // (out_h * out_w)
+        oy = (pos // out_w) % out_h
+        ox = pos % out_w
+        bases[r] = ((b * rows + oy * stride_h) * cols + ox * stride_w) * channels
+
+
 @njit(cache=True, parallel=True)
 def _implicit_tiles(a, offsets, panels, bias, mult, shift, out_zp, act_min, act_max, stride_h, stride_w,
                     out_h, out_w, cout, chunk):
@@ -168,12 +189,7 @@ def _implicit_tiles(a, offsets, panels, bias, mult, shift, out_zp, act_min, act_
         scratch = np.empty((MR, nr), np.int8)
         bases = np.empty(MR, np.intp)
         for i in range(0, count, MR):
-            for r in range(MR):  # rows past the last position repeat it
-                pos = first + min(i + r, count - 1)
-                b = pos // (out_h * out_w)
-                oy = (pos // out_w) % out_h
-                ox = pos % out_w
-                bases[r] = ((b * rows + oy * stride_h) * cols + ox * stride_w) * channels
+            _position_bases(bases, first, i, count, out_h, out_w, rows, cols, channels, stride_h, stride_w)
             for p in range(panels.shape[0]):
                 tile_product(a, bases, offsets, panels, p, tile)
                 requantize_block(tile, min(MR, count - i), bias, mult, shift, p * nr, out, first + i,
@@ -251,29 +267,12 @@ def grad_input_prepared(p: ConvParams, w: np.ndarray, in_shape: tuple):
     cols = max(in_w + (k_w - 1) * v.dil_w, left + v.out_w)
     channels = cout + (cout & 1)
     panels = pack_filters(np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)), channels)
-    offsets = np.array([(ky * v.dil_h * cols + kx * v.dil_w) * channels for ky in range(k_h) for kx in range(k_w)],
-                       np.intp)
+    offsets = tap_offsets(k_h, k_w, v.dil_h, v.dil_w, cols, channels)
 
     def run(g: np.ndarray) -> np.ndarray:
-        g16 = _into_border(g, top, left, rows, cols, channels)
+        g16 = _offset_into_border(g, 0, top, left, rows, cols, channels)
         return conv2d_int32_implicit(g16, offsets, panels, in_h, in_w, cin).reshape(g.shape[0], in_h, in_w, cin)
     return run
-
-
-@njit(cache=True, parallel=True)
-def _into_border(g, top, left, rows, cols, channels):
-    n, h, w, c = g.shape
-    out = np.zeros((n, rows, cols, channels), np.int16)
-    src = g.reshape(-1)
-    dst = out.reshape(-1)
-    for row in prange(n * h):  # flat unsigned indices, as in _offset_into_border
-        b, y = row // h, row % h
-        s0 = np.uint64(row * w * c)
-        d0 = np.uint64(((b * rows + top + y) * cols + left) * channels)
-        for x in range(w):
-            for k in range(c):
-                dst[d0 + np.uint64(x * channels + k)] = src[s0 + np.uint64(x * c + k)]
-    return out
 
 
 @njit(cache=True, parallel=True)
@@ -290,10 +289,7 @@ def conv2d_int32_implicit(x16, offsets, panels, out_h, out_w, cout):
         tile = np.empty((MR, nr), np.int32)
         bases = np.empty(MR, np.intp)
         for i in range(0, count, MR):
-            for r in range(MR):
-                pos = first + min(i + r, count - 1)
-                b = pos // (out_h * out_w)
-                bases[r] = ((b * rows + (pos // out_w) % out_h) * cols + pos % out_w) * channels
+            _position_bases(bases, first, i, count, out_h, out_w, rows, cols, channels, 1, 1)
             for p in range(panels.shape[0]):
                 tile_product(x16, bases, offsets, panels, p, tile)
                 o0 = p * nr

@@ -84,7 +84,10 @@ def gemm_panels(a, panels, c):
 
 @njit(cache=True)
 def gemm_i16(a, b, c):
-    """c[i, o] = sum_t a[i, t] * b[o, t] for a (M, K) int16, b (N, K) int8 or int16, c (M, N) int32."""
+    """c[i, o] = sum_t a[i, t] * b[o, t] for a (M, K) int16, b (N, K) int8 or int16, c (M, N) int32.
+
+    The plain product, without an epilogue: the kernels call the tile kernel themselves (to
+    requantize or scatter each tile in place); tests check packing and tiles end to end here."""
     gemm_panels(even_rows(a), pack_panels(b, panel_width(b.shape[0])), c)
 
 

@@ -198,30 +198,35 @@ def _implicit_tiles(a, offsets, panels, bias, mult, shift, out_zp, act_min, act_
 
 
 @njit(cache=True, inline="always")
-def _patch_positions(x, first, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
+def _patch_positions(x, first, count, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top, pad_left,
                      out_h, out_w, k_h, k_w):
-    # im2col for the output positions first .. first + len(patch) (b, oy, ox flattened):
-    # patch[i, tap] = x - zp_in as int16; cells outside the input are 0, which is what LiteRT's
-    # padding means (the pad value is the input zero point).
+    # im2col for the output positions first .. first + count (b, oy, ox flattened) into patch's
+    # first rows: patch[i, tap] = x - zp_in as int16; cells outside the input are 0, which is what
+    # LiteRT's padding means (the pad value is the input zero point). Flat unsigned indices: no
+    # negative-index fix-ups in the copy loops (and no row views, whose reference counts cost).
     _, in_h, in_w, cin = x.shape
+    src = x.reshape(-1)
+    dst = patch.reshape(-1)
+    width = patch.shape[1]
+    offset = np.int16(input_offset)
     b = first // (out_h * out_w)
     oy = (first // out_w) % out_h
     ox = first % out_w
-    # (direct indexing, no row views: a view in a loop costs a reference-count update in numba)
-    for i in range(patch.shape[0]):
+    for i in range(count):
         x0 = ox * stride_w - pad_left
-        k = 0
+        k = np.uint64(i * width)
         for ky in range(k_h):
             iy = oy * stride_h - pad_top + ky * dil_h
             for kx in range(k_w):
                 ix = x0 + kx * dil_w
                 if 0 <= iy < in_h and 0 <= ix < in_w:
+                    s0 = np.uint64(((b * in_h + iy) * in_w + ix) * cin)
                     for c in range(cin):
-                        patch[i, k + c] = np.int16(np.int16(x[b, iy, ix, c]) + input_offset)
+                        dst[k + np.uint64(c)] = np.int16(src[s0 + np.uint64(c)]) + offset
                 else:
                     for c in range(cin):
-                        patch[i, k + c] = 0
-                k += cin
+                        dst[k + np.uint64(c)] = 0
+                k += np.uint64(cin)
         ox += 1  # the next position, in (b, oy, ox) order
         if ox == out_w:
             ox = 0
@@ -376,27 +381,35 @@ def _grad_weight_chunks(x, g, geometry, task, tasks, total):
     patch = np.empty((GW_CHUNK + 1, taps), np.int16)
     panels = np.zeros((n_panels, GW_CHUNK // 2, 2 * nr), np.int16)
     g_t = np.zeros((cout, GW_CHUNK), np.int16)
+    gt_flat = g_t.reshape(-1)
+    panels_flat = panels.reshape(-1)
+    patch_flat = patch.reshape(-1)
+    g_flat = g.reshape(-1)
     tile = np.empty((MR, nr), np.int32)
     bases = np.empty(MR, np.intp)
     one_tap = np.zeros(1, np.intp)
     for chunk in range(task, (positions + GW_CHUNK - 1) // GW_CHUNK, tasks):
         first = chunk * GW_CHUNK
         count = min(GW_CHUNK, positions - first)
-        _patch_positions(x, first, patch[:count], input_offset, stride_h, stride_w, dil_h, dil_w, pad_top,
+        _patch_positions(x, first, count, patch, input_offset, stride_h, stride_w, dil_h, dil_w, pad_top,
                          pad_left, out_h, out_w, k_h, k_w)
         if count & 1:  # the last pair's other half: a zero error times a zero patch row
             for t in range(taps):
                 patch[count, t] = 0
             for c in range(cout):
                 g_t[c, count] = 0
-        for pair in range((count + 1) // 2):
+        for pair in range((count + 1) // 2):  # flat unsigned indices, as in _patch_positions
+            s0 = np.uint64(2 * pair * taps)
             for p in range(n_panels):
+                d0 = np.uint64((p * (GW_CHUNK // 2) + pair) * 2 * nr)
                 for j in range(min(nr, taps - p * nr)):
-                    panels[p, pair, 2 * j] = patch[2 * pair, p * nr + j]
-                    panels[p, pair, 2 * j + 1] = patch[2 * pair + 1, p * nr + j]
-        for pos in range(count):
-            for c in range(cout):
-                g_t[c, pos] = g[first + pos, c]
+                    t = np.uint64(p * nr + j)
+                    panels_flat[d0 + np.uint64(2 * j)] = patch_flat[s0 + t]
+                    panels_flat[d0 + np.uint64(2 * j + 1)] = patch_flat[s0 + np.uint64(taps) + t]
+        for c in range(cout):  # flat unsigned indices: the strided gather vectorizes
+            row = np.uint64(c * GW_CHUNK)
+            for pos in range(count):
+                gt_flat[row + np.uint64(pos)] = g_flat[np.uint64((first + pos) * cout + c)]
         used = panels[:, :(count + 1) // 2]
         for i in range(0, cout, MR):
             row_bases(bases, i, cout, GW_CHUNK)

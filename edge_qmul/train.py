@@ -262,6 +262,7 @@ class Trainer:
         self.master_dtype = np.int16 if (127.5 * 2 ** frac_bits) < 2 ** 15 else np.int32
         self.master: dict[str, np.ndarray] = {}
         self.velocity: dict[str, np.ndarray] = {}
+        self._update_cache: dict[str, tuple] = {}
         for i in self.trainable_ops:
             op = model.ops[i]
             w = model.tensors[op.inputs[1]].data
@@ -510,20 +511,15 @@ class Trainer:
         """-lr * gradient on one parameter: master + int8 weights, or int32 biases, in place."""
         if lr == 0.0:
             return
-        model, F = self.model, self.frac_bits
-        op = self._op_by_name[name.rsplit(".", 1)[0]]
+        F = self.frac_bits
+        w_t, b_t, s_w, stride, cout, s_in = self._update_info(name)
         sign = -1 if lr > 0 else 1  # descent for lr > 0
         decay_m, decay_s = quantize_multiplier(abs(lr) * self.weight_decay) if self.weight_decay else (0, 0)
         mu = int(round(self.momentum * Q15))
-        w_t = model.tensors[op.inputs[1]]
-        depthwise = op.kind == "DEPTHWISE_CONV_2D"
-        cout = w_t.shape[3] if depthwise else w_t.shape[0]
-        s_w = np.broadcast_to(w_t.quant.scale.astype(np.float64), (cout,))
         velocity = self._velocity(name, pg.acc.shape)
         if name.endswith(".weight"):
             # int8 steps per unit of acc, times 2^F: |lr| * scale / s_w[c] * 2^F
             mult, shift = quantize_multipliers(abs(lr) * pg.scale / s_w * 2 ** F)
-            stride = 1 if depthwise else w_t.data.size // cout  # channel = (i // stride) % cout
             if not w_t.data.flags.writeable:
                 w_t.data = w_t.data.copy()
             _sgd_weights(self.master[name].reshape(-1), pg.acc.reshape(-1), w_t.data.reshape(-1),
@@ -531,13 +527,30 @@ class Trainer:
                          int(127.5 * 2 ** F), F, decay_m, decay_s, velocity.reshape(-1), mu,
                          int(np.iinfo(self.master_dtype).min), int(np.iinfo(self.master_dtype).max))
         else:
-            b_t = model.tensors[op.inputs[2]]
-            s_in = float(model.tensors[op.inputs[0]].quant.s)
             mult, shift = quantize_multipliers(abs(lr) * pg.scale / (s_in * s_w))
             if not b_t.data.flags.writeable:
                 b_t.data = b_t.data.copy()
             _sgd_bias(b_t.data.reshape(-1), pg.acc.reshape(-1), mult, shift, sign,
                       self.stochastic_rounding, velocity.reshape(-1), mu)
+
+    def _update_info(self, name: str) -> tuple:
+        """What the update of one parameter needs that does not change between steps: the weight
+        and bias tensors, the per-channel filter scales, the channel run length of the weight
+        layout (channel = (i // stride) % cout), cout and the input scale; built once per name."""
+        info = self._update_cache.get(name)
+        if info is None:
+            model = self.model
+            op = self._op_by_name[name.rsplit(".", 1)[0]]
+            w_t = model.tensors[op.inputs[1]]
+            b_t = model.tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+            depthwise = op.kind == "DEPTHWISE_CONV_2D"
+            cout = w_t.shape[3] if depthwise else w_t.shape[0]
+            s_w = np.broadcast_to(w_t.quant.scale.astype(np.float64), (cout,))
+            stride = 1 if depthwise else int(np.prod(w_t.shape)) // cout
+            info = (w_t, b_t, np.ascontiguousarray(s_w), stride, cout,
+                    float(model.tensors[op.inputs[0]].quant.s))
+            self._update_cache[name] = info
+        return info
 
     def _velocity(self, name: str, shape: tuple) -> np.ndarray:
         """Momentum buffer (int32, master units), or an empty array without momentum."""

@@ -98,3 +98,33 @@ def test_requantize_tile_matches_scalar_requantize(lanes):
         vector(tile, rows, bias, mult, shift, o0, got, 2, zp, lo, hi)
         scalar(tile, rows, bias, mult, shift, o0, want, 2, zp, lo, hi)
         np.testing.assert_array_equal(got, want, err_msg=f"case {case}")
+
+
+PORTABLE_CHECK = """
+import numpy as np
+from edge_qmul.kernels import tile
+from edge_qmul.tflite import load_tflite
+assert tile._N0 is None and tile._N1 is None, "the portable build must not call x86 instructions"
+for name in ("mobilenet_tiny", "resnet_tiny"):
+    model = load_tflite(f"tests/fixtures/{name}.tflite")
+    d = np.load(f"tests/fixtures/{name}.npz")
+    np.testing.assert_array_equal(model.predict(d["x"]), d["y_builtin"])
+print("portable ok", tile.MR, tile.NR)
+"""
+
+
+def test_portable_build_is_bit_exact_with_litert(tmp_path):
+    # NUMBA_CPU_NAME=generic: numba targets a CPU without AVX, so the tile kernels take the form an
+    # aarch64 board compiles (sext-mul-add, 128-bit-sized blocks); the fixtures must still equal
+    # LiteRT built-in's outputs
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    env.pop("NUMBA_CPU_FEATURES", None)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "portable ok 4 8" in run.stdout

@@ -53,12 +53,13 @@ def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None
     v, r = p.win, p.rq
     cout, k_h, k_w, cin = w.shape
     positions = x.shape[0] * v.out_h * v.out_w
-    rows, cols, channels, offsets = _border_geometry(x.shape[1], x.shape[2], cin, v, k_h, k_w)
+    rows, cols, channels, tap_len, offsets = _border_geometry(x.shape[1], x.shape[2], cin, v, k_h, k_w)
     bias_p, = padded_params(bias)
     mult_p, shift_p = p.panel_requant or padded_params(r.multiplier, r.shift)
-    out = conv2d_int8_implicit(x, w, p.input_offset, v.pad_top, v.pad_left, rows, cols, channels, offsets,
-                               bias_p, mult_p, shift_p, r.out_zero_point, r.act_min, r.act_max, v.stride_h,
-                               v.stride_w, v.out_h, v.out_w, _chunk(positions, 2 * k_h * k_w * channels))
+    out = conv2d_int8_implicit(x, w, p.input_offset, v.pad_top, v.pad_left, rows, cols, channels, tap_len,
+                               offsets, bias_p, mult_p, shift_p, r.out_zero_point, r.act_min, r.act_max,
+                               v.stride_h, v.stride_w, v.out_h, v.out_w,
+                               _chunk(positions, 2 * len(offsets) * tap_len))
     return out.reshape(x.shape[0], v.out_h, v.out_w, cout)
 
 
@@ -70,18 +71,33 @@ def _chunk(positions: int, bytes_per_position: int) -> int:
     return max(1, min(fit, share)) * MR
 
 
+# Inputs with fewer channels than this (the first layers: 1-3 channels) read each window row as one
+# run of k_w * C_in values instead of k_w runs of C_in padded to an even length: fewer, longer
+# tap loops and no padding products.
+WHOLE_ROW_MAX_CHANNELS = 8
+
+
 @functools.lru_cache(maxsize=1024)
 def _border_geometry(in_h: int, in_w: int, cin: int, v: Window, k_h: int, k_w: int):
-    """(rows, cols, channels, tap offsets) of the zero-bordered int16 input the implicit GEMM reads:
-    a border wide enough for every tap of every output position, channels padded to an even count
-    (the tile kernel reads pairs). Zero in the border is exactly LiteRT's padding (the pad value is
+    """(rows, cols, channels, tap length, tap offsets) of the zero-bordered int16 input the
+    implicit GEMM reads: a border wide enough for every tap of every output position. A tap is one
+    filter position (ky, kx) over channels padded to an even count (the tile kernel reads pairs),
+    or, for narrow inputs, a whole window row (ky): k_w * C_in consecutive values, rounded up to an
+    even count by reading one value past the row (times a zero weight; a spare border column keeps
+    that read inside the buffer). Zero in the border is exactly LiteRT's padding (the pad value is
     the input zero point). Computed once per layer shape; the offsets array is read-only."""
     rows = max(in_h + v.pad_top, (v.out_h - 1) * v.stride_h + (k_h - 1) * v.dil_h + 1)
     cols = max(in_w + v.pad_left, (v.out_w - 1) * v.stride_w + (k_w - 1) * v.dil_w + 1)
+    if k_w > 1 and v.dil_w == 1 and cin < WHOLE_ROW_MAX_CHANNELS:
+        cols += 1
+        run = k_w * cin
+        offsets = tap_offsets(k_h, 1, v.dil_h, 1, cols, cin)
+        offsets.flags.writeable = False
+        return rows, cols, cin, run + (run & 1), offsets
     channels = cin + (cin & 1)
     offsets = tap_offsets(k_h, k_w, v.dil_h, v.dil_w, cols, channels)
     offsets.flags.writeable = False
-    return rows, cols, channels, offsets
+    return rows, cols, channels, channels, offsets
 
 
 def tap_offsets(k_h: int, k_w: int, dil_h: int, dil_w: int, cols: int, channels: int) -> np.ndarray:
@@ -108,9 +124,13 @@ def _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels
         b, iy = row // in_h, row % in_h
         s0 = np.uint64(row * in_w * cin)
         d0 = np.uint64(((b * rows + pad_top + iy) * cols + pad_left) * channels)
-        for ix in range(in_w):
-            for c in range(cin):
-                dst[d0 + np.uint64(ix * channels + c)] = np.int16(src[s0 + np.uint64(ix * cin + c)]) + offset
+        if channels == cin:  # one contiguous run per input row (narrow inputs: 1-3 channels)
+            for k in range(in_w * cin):
+                dst[d0 + np.uint64(k)] = np.int16(src[s0 + np.uint64(k)]) + offset
+        else:
+            for ix in range(in_w):
+                for c in range(cin):
+                    dst[d0 + np.uint64(ix * channels + c)] = np.int16(src[s0 + np.uint64(ix * cin + c)]) + offset
     return out
 
 
@@ -137,14 +157,18 @@ def pack_filters(w, channels):
 
 
 @njit(cache=True)
-def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, channels, offsets, bias, mult, shift,
-                         out_zp, act_min, act_max, stride_h, stride_w, out_h, out_w, chunk):
+def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, channels, tap_len, offsets, bias,
+                         mult, shift, out_zp, act_min, act_max, stride_h, stride_w, out_h, out_w, chunk):
     # The filters packed, then the tile kernel over the input read in place when nothing pads it
     # (no border, an even channel count: the int8 input itself, widened on load, with the input
     # offset folded into the bias as LiteRT does: sum (x + off) w = sum x w + off sum w), or over
     # a zero-bordered int16 copy of x + off otherwise. (One call from Python for all of it.)
     n, in_h, in_w, cin = x.shape
-    panels = pack_filters(w, channels)
+    cout, k_h, k_w, _ = w.shape
+    if tap_len == channels:  # a tap per filter position
+        panels = pack_filters(w, channels)
+    else:  # a tap per window row (_border_geometry)
+        panels = pack_filters(w.reshape(cout, k_h, 1, k_w * cin), tap_len)
     if rows == in_h and cols == in_w and channels == cin:
         folded = bias.copy()
         taps = w.shape[1] * w.shape[2] * cin
@@ -164,13 +188,22 @@ def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, chan
 @njit(cache=True, inline="always")
 def _position_bases(bases, first, i, count, out_h, out_w, rows, cols, channels, stride_h, stride_w):
     """bases[r] = where output position first + i + r (the last one repeated past count) reads its
-    window's corner in an (N, rows, cols, channels) buffer."""
+    window's corner in an (N, rows, cols, channels) buffer. One division for the block, then the
+    next positions by increments (a division per row cost more than the tile kernel: measured)."""
+    pos = first + i
+    b = pos // (out_h * out_w)
+    oy = (pos // out_w) % out_h
+    ox = pos % out_w
     for r in range(MR):
-        pos = first + min(i + r, count - 1)
-        b = pos // (out_h * out_w)
-        oy = (pos // out_w) % out_h
-        ox = pos % out_w
         bases[r] = ((b * rows + oy * stride_h) * cols + ox * stride_w) * channels
+        if i + r + 1 < count:  # rows past the last position repeat it
+            ox += 1
+            if ox == out_w:
+                ox = 0
+                oy += 1
+                if oy == out_h:
+                    oy = 0
+                    b += 1
 
 
 @njit(cache=True, parallel=True)

@@ -197,13 +197,20 @@ def _position_bases(bases, first, i, count, out_h, out_w, rows, cols, channels, 
     for r in range(MR):
         bases[r] = ((b * rows + oy * stride_h) * cols + ox * stride_w) * channels
         if i + r + 1 < count:  # rows past the last position repeat it
-            ox += 1
-            if ox == out_w:
-                ox = 0
-                oy += 1
-                if oy == out_h:
-                    oy = 0
-                    b += 1
+            b, oy, ox = _next_position(b, oy, ox, out_h, out_w)
+
+
+@njit(cache=True, inline="always")
+def _next_position(b, oy, ox, out_h, out_w):
+    """The output position after (b, oy, ox) in (b, oy, ox) order, without a division."""
+    ox += 1
+    if ox == out_w:
+        ox = 0
+        oy += 1
+        if oy == out_h:
+            oy = 0
+            b += 1
+    return b, oy, ox
 
 
 @njit(cache=True, parallel=True)
@@ -260,13 +267,7 @@ def _patch_positions(x, first, count, patch, input_offset, stride_h, stride_w, d
                     for c in range(cin):
                         dst[k + np.uint64(c)] = 0
                 k += np.uint64(cin)
-        ox += 1  # the next position, in (b, oy, ox) order
-        if ox == out_w:
-            ox = 0
-            oy += 1
-            if oy == out_h:
-                oy = 0
-                b += 1
+        b, oy, ox = _next_position(b, oy, ox, out_h, out_w)
 
 
 # --- backward ------------------------------------------------------------------------------------

@@ -32,18 +32,20 @@ class Error:
         return self.values.astype(np.float64) * self.scale
 
 
-def shift_for(max_abs: int, bits: int = ERROR_BITS) -> int:
+@njit(cache=True)
+def shift_for(max_abs, bits=ERROR_BITS):
     """Smallest right shift that brings ``max_abs`` to at most 2^bits - 1."""
-    return max(0, int(max_abs).bit_length() - bits)
+    r = 0
+    while (max_abs >> r) >= (1 << bits):
+        r += 1
+    return r
 
 
 def from_accumulator(acc: np.ndarray, scale: float) -> Error:
     """Round an integer accumulator (any width) to an int16 error; the shift joins the scale."""
-    acc = np.ascontiguousarray(acc)
-    r = shift_for(max_abs(acc.reshape(-1)))
-    if r == 0:
-        return Error(acc.astype(np.int16), float(scale))
-    return Error(rounding_shift_int16(acc.reshape(-1), r).reshape(acc.shape), float(scale) * 2.0 ** r)
+    values = np.empty(np.shape(acc), np.int16)
+    r = round_into(np.ascontiguousarray(acc).reshape(-1), values.reshape(-1), ERROR_BITS)
+    return Error(values, float(scale) * 2.0 ** r)
 
 
 def from_blocks(compute, n: int, shape: tuple, scale: float, block: int) -> Error:
@@ -71,10 +73,7 @@ def from_blocks(compute, n: int, shape: tuple, scale: float, block: int) -> Erro
 def round_into(acc, out, bits):
     """out[:] = acc rounded right by the smallest shift that fits ``bits`` magnitude bits (ties
     toward +inf); returns the shift. One pass for the max-abs, one for the rounding."""
-    m = max_abs(acc)
-    r = 0
-    while (m >> r) >= (1 << bits):
-        r += 1
+    r = shift_for(max_abs(acc), bits)
     if r == 0:
         for i in range(acc.size):
             out[i] = np.int16(acc[i])

@@ -170,10 +170,7 @@ def _to_int32(acc: np.ndarray, scale: float) -> ParamGrad:
 def _narrow_to_int32(acc):
     # one compiled call per parameter (it runs for every parameter of every step): the max-abs,
     # the smallest shift that leaves 30 magnitude bits, the rounding shift and the narrowing
-    m = G.max_abs(acc)
-    r = 0
-    while (m >> r) >= (1 << 30):
-        r += 1
+    r = G.shift_for(G.max_abs(acc), 30)
     out = np.empty(acc.size, np.int32)
     half = (np.int64(1) << (r - 1)) if r else np.int64(0)
     for i in range(acc.size):

@@ -12,6 +12,7 @@ from ..grad import channel_sum
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
                      window_macs as macs)
 from .gemm import MR, padded_params, panel_width, requantize_block, row_bases, tile_product
+from .tile import pack_runs
 
 
 @dataclass(frozen=True)
@@ -136,24 +137,10 @@ def _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels
 
 @njit(cache=True)
 def pack_filters(w, channels):
-    """pack_panels of the filters (C_out, KH, KW, C_in) with C_in zero-padded to ``channels``, in
-    panels of panel_width(C_out) columns."""
+    """The filters (C_out, KH, KW, C_in) packed as panels of panel_width(C_out) columns, C_in
+    zero-padded to ``channels`` per tap."""
     cout, k_h, k_w, cin = w.shape
-    nr = panel_width(cout)
-    k = k_h * k_w * channels
-    k2 = (k + 1) // 2
-    out = np.zeros(((cout + nr - 1) // nr, k2, 2 * nr), np.int16)
-    dst = out.reshape(-1)
-    src = w.reshape(-1)
-    for o in range(cout):  # flat unsigned indices: no negative-index fix-ups in the loop
-        base = np.uint64((o // nr) * k2 * 2 * nr + 2 * (o % nr))
-        for tap in range(k_h * k_w):
-            s0 = np.uint64((o * k_h * k_w + tap) * cin)
-            t0 = tap * channels
-            for c in range(cin):
-                t = t0 + c
-                dst[base + np.uint64((t >> 1) * 2 * nr + (t & 1))] = src[s0 + np.uint64(c)]
-    return out
+    return pack_runs(w.reshape(cout, k_h * k_w * cin), panel_width(cout), cin, channels)
 
 
 @njit(cache=True)

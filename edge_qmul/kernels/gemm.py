@@ -1,8 +1,9 @@
 """The int16 matrix product the kernels share: C[i, o] = sum_t A[i, t] * B[o, t], int32.
 
 A holds rows of int16 (activations minus their zero point, or int16 errors), B int8 weights or
-int16 values. B is packed into panels of NR columns once per call (``tile.pack_panels``); each
-MR x NR block of C is then one call of the register-blocked tile kernel (``tile.tile_kernel``)
+int16 values. B is packed into panels of panel_width(N) columns once per call
+(``tile.pack_panels``); each MR x width block of C is then one call of the register-blocked tile
+kernel of that width (``tile_product``)
 into a small int32 tile, which the caller's epilogue reads while it is still in L1: the plain
 product here copies it out, the convolution and FC kernels requantize it straight to int8.
 Sums are exact int32; callers guarantee the true sums fit int32.

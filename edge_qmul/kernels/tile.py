@@ -185,14 +185,29 @@ tile_kernel_quarter = make_tile_kernel(MR, NR_QUARTER, _L2, _N2)
 
 @njit(cache=True)
 def pack_panels(b, nr=NR):
-    """B (N, K) int16 -> panels (ceil(N / nr), ceil(K / 2), 2 * nr): [panel][k pair][column][2], zero-padded."""
+    """B (N, K) int8/int16 -> panels (ceil(N / nr), ceil(K / 2), 2 * nr): [panel][k pair][column][2],
+    zero-padded."""
+    return pack_runs(b, nr, b.shape[1], b.shape[1])
+
+
+@njit(cache=True)
+def pack_runs(b, nr, run, padded_run):
+    """pack_panels of a B whose rows are runs of ``run`` values (a filter's channels per tap), each
+    placed ``padded_run`` apart in k with zeros between: K' = K / run * padded_run."""
     n, k = b.shape
-    k2 = (k + 1) // 2
+    k_out = k // run * padded_run
+    k2 = (k_out + 1) // 2
     out = np.zeros(((n + nr - 1) // nr, k2, 2 * nr), np.int16)
-    for o in range(n):
-        p, j = o // nr, o % nr
-        for t in range(k):
-            out[p, t >> 1, 2 * j + (t & 1)] = b[o, t]
+    dst = out.reshape(-1)
+    src = np.ascontiguousarray(b).reshape(-1)
+    for o in range(n):  # flat unsigned indices: no negative-index fix-ups in the loop
+        base = np.uint64((o // nr) * k2 * 2 * nr + 2 * (o % nr))
+        for r in range(k // run):
+            s0 = np.uint64(o * k + r * run)
+            t0 = r * padded_run
+            for c in range(run):
+                t = t0 + c
+                dst[base + np.uint64((t >> 1) * 2 * nr + (t & 1))] = src[s0 + np.uint64(c)]
     return out
 
 

@@ -27,6 +27,8 @@ class Tensor:
     quant: QuantParams | None = None
     data: np.ndarray | None = None
     shape_signature: tuple[int, ...] | None = None
+    variable: bool = False  # state an op reads and writes across invocations (LSTM): zeros at the start
+
 
     @property
     def is_constant(self) -> bool:
@@ -54,12 +56,22 @@ class Op:
         return f"{self.kind.lower()}_{self.index}"
 
 
-# Input slots that hold trainable parameters, per op kind: (slot, parameter suffix).
-PARAMETER_SLOTS = {
-    "CONV_2D": ((1, "weight"), (2, "bias")),
-    "DEPTHWISE_CONV_2D": ((1, "weight"), (2, "bias")),
-    "FULLY_CONNECTED": ((1, "weight"), (2, "bias")),
-}
+class _ParameterSlots:
+    """Input slots that hold trainable parameters, per op kind: (slot, parameter suffix), as the
+    kernel registry declares them (read lazily: the kernels import this module)."""
+
+    def get(self, kind: str, default=()):
+        from .kernels import parameter_slots
+        return parameter_slots(kind) or default
+
+    def __getitem__(self, kind: str):
+        return self.get(kind)
+
+    def __contains__(self, kind: str) -> bool:
+        return bool(self.get(kind))
+
+
+PARAMETER_SLOTS = _ParameterSlots()
 
 
 class Model:
@@ -150,14 +162,20 @@ class Model:
                     (op.kind == "QUANTIZE" and op.outputs[0] in core_in)
                     or (op.kind == "DEQUANTIZE" and op.inputs[0] in core_out)):
                 continue
+            # a variable (state) tensor no op has written yet reads as None: the kernel's zero state
             args = [values[i] if i in values else (self.tensors[i].data if i >= 0 else None)
                     for i in op.inputs]
             if timings is None:
-                values[op.outputs[0]] = evaluate(op, params, args)
+                result = evaluate(op, params, args)
             else:
                 t0 = time.perf_counter()
-                values[op.outputs[0]] = evaluate(op, params, args)
+                result = evaluate(op, params, args)
                 timings.append((op, time.perf_counter() - t0))
+            if len(op.outputs) == 1:
+                values[op.outputs[0]] = result
+            else:
+                for t, v in zip(op.outputs, result):
+                    values[t] = v
         return values
 
     def _check_batch(self, x: np.ndarray, t: int, where: str) -> np.ndarray:

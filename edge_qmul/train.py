@@ -25,13 +25,12 @@ from numba import njit
 
 from . import grad as G
 from .errors import ModelError
-from .graph import PARAMETER_SLOTS, Model
-from .kernels import add, conv, depthwise, fully_connected, mean, pool, shape
+from .graph import Model
+from .kernels import KERNELS, Backward, MemoryQuery, conv
 from .profile import Profiler, phase_or_nothing
 from .quant import dequantize, quantize_multiplier, quantize_multipliers
 
 HEADS = ("ce", "soft", "neg_ce", "entropy")
-PARAM_KERNELS = {"CONV_2D": conv, "DEPTHWISE_CONV_2D": depthwise, "FULLY_CONNECTED": fully_connected}
 Q15 = 1 << 15
 BLOCK_BYTES = 8 * 1024  # int32 input-gradient sums held at once (grad.from_blocks)
 BLOCKS_PER_BATCH = 8  # ... or an eighth of the batch, if more: each block costs a few kernel calls
@@ -203,17 +202,6 @@ def _sum_rescaled(a, ma, sa, b, mb, sb):
     return out
 
 
-def clamp_range(op, params) -> tuple[int, int] | None:
-    """The int8 clamp an op's output went through (None: the op copies values, no clamp)."""
-    if op.kind in PARAM_KERNELS:
-        return params.rq.act_min, params.rq.act_max
-    if op.kind in ("ADD", "AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        return params.act_min, params.act_max
-    if op.kind in ("MEAN", "QUANTIZE"):
-        return -128, 127
-    return None
-
-
 # --- the trainer ---------------------------------------------------------------------------------
 
 class Trainer:
@@ -260,15 +248,15 @@ class Trainer:
         self.master: dict[str, np.ndarray] = {}
         self.velocity: dict[str, np.ndarray] = {}
         self._update_cache: dict[str, tuple] = {}
-        for i in self.trainable_ops:
-            op = model.ops[i]
-            w = model.tensors[op.inputs[1]].data
-            self.master[f"{op.name}.weight"] = (w.astype(np.int32) << frac_bits).astype(self.master_dtype)
+        for name, t in self._trainable_tensors().items():
+            w = model.tensors[t].data
+            if w.dtype == np.int8:  # int8 parameters keep fixed-point masters; int32 biases do not need one
+                self.master[name] = (w.astype(np.int32) << frac_bits).astype(self.master_dtype)
         self._needs_grad = self._needs_grad_tensors()
 
     # --- setup ---
     def _select(self, trainable) -> list[int]:
-        with_params = [op.index for op in self.model.ops if op.kind in PARAM_KERNELS]
+        with_params = [op.index for op in self.model.ops if KERNELS[op.kind].parameters]
         if trainable is None:
             return with_params
         if isinstance(trainable, str) and trainable.startswith("last:"):
@@ -292,6 +280,16 @@ class Trainer:
                 raise ModelError(f"trainable: unknown op {t!r}; ops with parameters: {', '.join(by_name)}")
         return sorted(set(chosen))
 
+    def _trainable_tensors(self) -> dict[str, int]:
+        """Parameter name -> tensor index, for the parameters of the trainable ops."""
+        out = {}
+        for i in self.trainable_ops:
+            op = self.model.ops[i]
+            for slot, suffix in KERNELS[op.kind].parameters:
+                if slot < len(op.inputs) and op.inputs[slot] >= 0:
+                    out[f"{op.name}.{suffix}"] = op.inputs[slot]
+        return out
+
     def _logits_tensor(self) -> int:
         out = self.model.core_outputs[0]
         for op in self.model.ops:
@@ -304,7 +302,7 @@ class Trainer:
         trainable = set(self.trainable_ops)
         for op in self.model.ops:
             if op.index in trainable or any(i in need for i in op.inputs if i >= 0):
-                need.add(op.outputs[0])
+                need.update(op.outputs)
         return need
 
     def learning_rate(self) -> float:
@@ -378,112 +376,68 @@ class Trainer:
     def _backward(self, values: dict, errors: dict, groups: list) -> None:
         """Walk the ops backward from the logits' error down to the first trainable op.
 
-        Memory is what makes this work on a board: each op's output error is masked in place, the
-        activations an op no longer needs are dropped as soon as its backward is done, and input
-        gradients are summed a few samples at a time (grad.from_blocks).
+        Each op's kernel does its own backward (kernels/contract.py); the walk only masks the
+        output error by the op's clamp (the STE), hands parameter gradients to the groups (or, in
+        step(), applies them at once), and sums errors that meet at a tensor read by two ops.
+        Memory is what makes this work on a board: the activations an op no longer needs are
+        dropped as soon as its backward is done, and input gradients are summed a few samples at
+        a time (grad.from_blocks).
         """
         model = self.model
         prepared = model._ensure_prepared()
         first = min(self.trainable_ops) if self.trainable_ops else len(model.ops)
+        trainable = set(self.trainable_ops)
         for op in reversed(model.ops[first:]):
-            out = op.outputs[0]
-            if out not in errors:
+            if not any(t in errors for t in op.outputs):
                 continue
-            err = errors.pop(out)
+            kernel = KERNELS[op.kind]
             params = prepared[op.index]
-            clamp = clamp_range(op, params)
-            if clamp:
-                G.clamp_mask(err.values, values[out], *clamp)
-            values.pop(out, None)  # later (upstream) ops never read this activation
-            for t, e in self._backward_op(op, params, values, err, groups):
+            errs = [errors.pop(t, None) for t in op.outputs]
+            clamp = kernel.clamp(params)
+            if clamp and errs[0] is not None:
+                G.clamp_mask(errs[0].values, values[op.outputs[0]], *clamp)
+            # later (upstream) ops never read the outputs: dropped now, unless the backward reads them
+            outs = [values.pop(t, None) for t in op.outputs]
+            shapes = [None if v is None else v.shape for v in outs]
+            if not kernel.needs_outputs:
+                outs = [None] * len(outs)
+            wants = [self._wants_error(t) for t in op.inputs]
+            trained = op.index in trainable
+            if not trained and not any(wants):
+                continue
+            inputs = [None if t < 0 else values[t] if t in values else model.tensors[t].data for t in op.inputs]
+            if trained and self._update_during_backward and any(wants):
+                # step() updates the parameters in place as soon as their gradient exists; the input
+                # error still needs the values the forward used: an int8 copy (a quarter of the int32
+                # gradient it replaces)
+                for slot, _ in kernel.parameters:
+                    if slot < len(inputs) and inputs[slot] is not None and inputs[slot].dtype == np.int8:
+                        inputs[slot] = inputs[slot].copy()
+            x = inputs[0]
+            n = next(sh[0] for sh in shapes if sh is not None)
+            per_sample = 4 * int(np.prod(x.shape[1:])) if x is not None and x.ndim else 4
+            ctx = Backward(op, model, inputs, outs, errs, wants,
+                           block=input_gradient_block(n, per_sample, self.block_bytes), train=trained,
+                           groups=[rows for rows, _ in groups], emit=self._emitter(op, groups),
+                           patch_bytes=self.patch_bytes)
+            for t, e in zip(op.inputs, kernel.backward(params, ctx)):
+                if e is None or not self._wants_error(t):
+                    continue
                 errors[t] = _combine_errors(errors[t], e) if t in errors else e
+
+    def _emitter(self, op, groups: list):
+        """ctx.emit for one op: an int64 (or int32) gradient sum with its scale, for group k."""
+        def emit(k: int, suffix: str, sums: np.ndarray, scale: float) -> None:
+            name = f"{op.name}.{suffix}"
+            pg = _to_int32(sums, scale)
+            if self._update_during_backward:
+                self._apply_param(name, pg, self.learning_rate())
+            else:
+                groups[k][1].params[name] = pg
+        return emit
 
     def _wants_error(self, t: int) -> bool:
         return t >= 0 and t in self._needs_grad and t != self.model.core_inputs[0]
-
-    def _backward_op(self, op, params, values: dict, err: G.Error, groups: list):
-        """Parameter gradients into each group's Gradients (its rows of the batch); returns
-        [(input tensor, its error)]."""
-        model, kind, g = self.model, op.kind, err.values
-        x_t = op.inputs[0]
-        x = values[x_t] if x_t in values else model.tensors[x_t].data
-        # input gradients are summed a block of samples at a time (input_gradient_block)
-        n = g.shape[0]
-        per_sample = 4 * int(np.prod(x.shape[1:]))
-        block = input_gradient_block(n, per_sample, self.block_bytes)
-        if kind in PARAM_KERNELS:
-            kernel = PARAM_KERNELS[kind]
-            w = model.tensors[op.inputs[1]].data
-            per_group: list[dict[str, ParamGrad]] = []
-            if op.index in self.trainable_ops:
-                s_x = float(model.tensors[x_t].quant.s)
-                for rows, _ in groups:
-                    extra = {"patch_bytes": self.patch_bytes} if kind == "CONV_2D" else {}
-                    gw, gb = kernel.grad_params(params, x[rows], g[rows], **extra) if len(groups) > 1 else \
-                        kernel.grad_params(params, x, g, **extra)
-                    mine = {f"{op.name}.weight": _to_int32(gw, err.scale * s_x)}
-                    if len(op.inputs) > 2 and op.inputs[2] >= 0:
-                        mine[f"{op.name}.bias"] = _to_int32(gb, err.scale)
-                    per_group.append(mine)
-                    del gw, gb
-            if self._update_during_backward and per_group:
-                # step(): update this op now and keep no gradient for later; the input error below
-                # still needs the weights the forward used, kept as an int8 copy (a quarter of the
-                # int32 gradient it replaces).
-                if self._wants_error(x_t):
-                    w = w.copy()
-                for name, pg in per_group[0].items():
-                    self._apply_param(name, pg, self.learning_rate())
-                for mine in per_group:
-                    mine.clear()  # the int32 gradients go now, before the input error is made
-                per_group = []
-            for (_, grads), mine in zip(groups, per_group):
-                grads.params.update(mine)
-            if not self._wants_error(x_t):
-                return []
-            wq = model.tensors[op.inputs[1]].quant
-            cout = w.shape[3] if kind == "DEPTHWISE_CONV_2D" else w.shape[0]
-            # products meeting in one input gradient: C_out*KH*KW (conv), M*KH*KW (depthwise), C_out (FC)
-            terms = w.shape[0] if kind == "FULLY_CONNECTED" else w.size // x.shape[-1]
-            m, fold_shift, factor = G.channel_fold(np.broadcast_to(wq.scale.astype(np.float64), (cout,)), terms)
-            folded = G.fold_channel_scale(g, m, fold_shift)
-            del g, err.values
-            in_shape = tuple(x.shape[1:])
-            if hasattr(kernel, "grad_input_prepared"):  # filters rearranged once, not once per block
-                per_block = kernel.grad_input_prepared(params, w, in_shape)
-            else:
-                per_block = lambda gb: kernel.grad_input(params, w, gb, in_shape)  # noqa: E731
-            return [(x_t, G.from_blocks(lambda a, b: per_block(folded[a:b]),
-                                        n, in_shape, err.scale * factor, block))]
-        if kind == "ADD":
-            pairs = []
-            b_t = op.inputs[1]
-            y = values[b_t] if b_t in values else model.tensors[b_t].data
-            for t, (acc, factor) in zip(op.inputs, add.backward(params, x, y, g)):
-                if self._wants_error(t):
-                    pairs.append((t, G.Error(acc.copy(), err.scale * factor) if acc.dtype == np.int16
-                                  else G.from_accumulator(acc, err.scale * factor)))
-            return pairs
-        if not self._wants_error(x_t):
-            return []
-        if kind == "AVERAGE_POOL_2D":
-            bits = pool.average_fraction_bits(params, G.ERROR_BITS)
-            return [(x_t, G.from_blocks(lambda a, b: pool.grad_input_average(params, x[a:b], g[a:b], bits),
-                                        n, x.shape[1:], err.scale * 2.0 ** -bits, block))]
-        if kind == "MAX_POOL_2D":
-            return [(x_t, G.from_blocks(lambda a, b: pool.grad_input_max(params, x[a:b], g[a:b]),
-                                        n, x.shape[1:], err.scale, block))]
-        if kind == "MEAN":
-            acc, factor = mean.backward(params, x, g)
-            return [(x_t, G.Error(acc, err.scale * factor))]
-        if kind == "RESHAPE":
-            acc, factor = shape.backward_reshape(params, x, g)
-            return [(x_t, G.Error(acc, err.scale * factor))]
-        if kind == "PAD":
-            acc, factor = shape.backward_pad(params, x, g)
-            return [(x_t, G.Error(np.ascontiguousarray(acc), err.scale * factor))]
-        raise ModelError(f"op {kind} (index {op.index}) has no backward; it cannot sit between "
-                         "a trainable op and the loss")
 
     # --- update ---
     def apply(self, gradients: Gradients, weight: float = 1.0) -> None:
@@ -509,43 +463,50 @@ class Trainer:
         if lr == 0.0:
             return
         F = self.frac_bits
-        w_t, b_t, s_w, stride, cout, s_in = self._update_info(name)
+        tensor, s_real, stride, count = self._update_info(name)
         sign = -1 if lr > 0 else 1  # descent for lr > 0
         decay_m, decay_s = quantize_multiplier(abs(lr) * self.weight_decay) if self.weight_decay else (0, 0)
         mu = int(round(self.momentum * Q15))
         velocity = self._velocity(name, pg.acc.shape)
-        if name.endswith(".weight"):
+        if not tensor.data.flags.writeable:
+            tensor.data = tensor.data.copy()
+        if name in self.master:
             # int8 steps per unit of acc, times 2^F: |lr| * scale / s_w[c] * 2^F
-            mult, shift = quantize_multipliers(abs(lr) * pg.scale / s_w * 2 ** F)
-            if not w_t.data.flags.writeable:
-                w_t.data = w_t.data.copy()
-            _sgd_weights(self.master[name].reshape(-1), pg.acc.reshape(-1), w_t.data.reshape(-1),
-                         mult, shift, stride, cout, sign, self.stochastic_rounding,
+            mult, shift = quantize_multipliers(abs(lr) * pg.scale / s_real * 2 ** F)
+            _sgd_weights(self.master[name].reshape(-1), pg.acc.reshape(-1), tensor.data.reshape(-1),
+                         mult, shift, stride, count, sign, self.stochastic_rounding,
                          int(127.5 * 2 ** F), F, decay_m, decay_s, velocity.reshape(-1), mu,
                          int(np.iinfo(self.master_dtype).min), int(np.iinfo(self.master_dtype).max))
         else:
-            mult, shift = quantize_multipliers(abs(lr) * pg.scale / (s_in * s_w))
-            if not b_t.data.flags.writeable:
-                b_t.data = b_t.data.copy()
-            _sgd_bias(b_t.data.reshape(-1), pg.acc.reshape(-1), mult, shift, sign,
+            mult, shift = quantize_multipliers(abs(lr) * pg.scale / s_real)
+            _sgd_bias(tensor.data.reshape(-1), pg.acc.reshape(-1), mult, shift, stride, count, sign,
                       self.stochastic_rounding, velocity.reshape(-1), mu)
 
     def _update_info(self, name: str) -> tuple:
-        """What the update of one parameter needs that does not change between steps: the weight
-        and bias tensors, the per-channel filter scales, the channel run length of the weight
-        layout (channel = (i // stride) % cout), cout and the input scale; built once per name."""
+        """What the update of one parameter needs that does not change between steps: its tensor,
+        the real scale of each channel, the channel run length of its layout (channel =
+        (i // stride) % count) and the channel count; built once per name.
+
+        A parameter's real scale is its tensor's quantization (per channel along its axis, or
+        one); a bias the file gives no quantization gets input scale x filter scale (slot 1)."""
         info = self._update_cache.get(name)
         if info is None:
             model = self.model
             op = self._op_by_name[name.rsplit(".", 1)[0]]
-            w_t = model.tensors[op.inputs[1]]
-            b_t = model.tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
-            depthwise = op.kind == "DEPTHWISE_CONV_2D"
-            cout = w_t.shape[3] if depthwise else w_t.shape[0]
-            s_w = np.broadcast_to(w_t.quant.scale.astype(np.float64), (cout,))
-            stride = 1 if depthwise else int(np.prod(w_t.shape)) // cout
-            info = (w_t, b_t, np.ascontiguousarray(s_w), stride, cout,
-                    float(model.tensors[op.inputs[0]].quant.s))
+            t = self._trainable_tensors()[name]
+            tensor = model.tensors[t]
+            q = tensor.quant
+            if q is None:  # a bias the file gave no quantization: input scale x filter scale
+                w_q = model.tensors[op.inputs[1]].quant
+                scale, axis = float(model.tensors[op.inputs[0]].quant.s) * w_q.scale.astype(np.float64), 0
+            else:
+                scale, axis = q.scale.astype(np.float64), q.axis if q.per_channel else 0
+            shape = tensor.data.shape
+            count = scale.size
+            if count > 1 and (axis >= len(shape) or shape[axis] != count):
+                raise ModelError(f"{name}: {count} scales do not fit shape {list(shape)} along axis {axis}")
+            stride = int(np.prod(shape[axis + 1:])) if count > 1 else int(tensor.data.size)
+            info = (tensor, np.ascontiguousarray(np.broadcast_to(scale, (count,))), stride, count)
             self._update_cache[name] = info
         return info
 
@@ -579,8 +540,7 @@ class Trainer:
         params = model.parameter_tensors()
         weights = sum(model.tensors[t].data.nbytes for t in params.values())
         n_params = sum(model.tensors[t].data.size for t in params.values())
-        trainable = {f"{model.ops[i].name}.{suffix}" for i in self.trainable_ops
-                     for _, suffix in PARAMETER_SLOTS[model.ops[i].kind]}
+        trainable = set(self._trainable_tensors())
         trainable_elems = sum(model.tensors[t].data.size for n, t in params.items() if n in trainable)
         master = sum(m.nbytes for m in self.master.values())
         optimizer = 4 * trainable_elems if self.momentum else 0
@@ -589,71 +549,50 @@ class Trainer:
         def elems(t: int) -> int:
             return batch * int(np.prod(model.tensors[t].shape[1:]))
 
-        core = [model.core_inputs[0]] + [op.outputs[0] for op in model.ops
+        core = [model.core_inputs[0]] + [t for op in model.ops
                                          if not (op.kind == "DEQUANTIZE" and op.inputs[0] in model.core_outputs)
-                                         and not (op.kind == "QUANTIZE" and op.outputs[0] in model.core_inputs)]
+                                         and not (op.kind == "QUANTIZE" and op.outputs[0] in model.core_inputs)
+                                         for t in op.outputs]
         acts = {t: elems(t) for t in core}
         saved = sum(acts.values())
-        threads = max(1, numba.get_num_threads())
         pending = {self.logits_tensor: 2 * elems(self.logits_tensor)}
         pending32 = {self.logits_tensor: 4 * elems(self.logits_tensor)}
         persistent = weights + master + optimizer
         peak, at = persistent + saved + grads, {"saved_activations": saved, "errors_and_sums": 0}
-        peak32 = 4 * n_params + 4 * trainable_elems + (optimizer and 4 * trainable_elems) + 4 * saved
+        fixed32 = 4 * n_params + 4 * trainable_elems + (optimizer and 4 * trainable_elems)
+        peak32 = fixed32 + 4 * saved
         first = min(self.trainable_ops) if self.trainable_ops else len(model.ops)
+        trainable_ops = set(self.trainable_ops)
         for op in reversed(model.ops[first:]):
-            out = op.outputs[0]
-            if out not in pending:
+            outs = [t for t in op.outputs if t in pending]
+            if not outs:
                 continue
-            e_out = pending.pop(out)
-            e32 = pending32.pop(out)
+            for t in outs:
+                pending.pop(t)
+            e32 = sum(pending32.pop(t) for t in outs)
             x_t = op.inputs[0]
-            x_e = elems(x_t)
-            need = self._wants_error(x_t)
-            block = min(batch, input_gradient_block(batch, 4 * x_e // batch, self.block_bytes))
-            new_x = 2 * x_e if need else 0
-            if op.kind in PARAM_KERNELS:
-                trained = op.index in self.trainable_ops
-                w = model.tensors[op.inputs[1]].data.size if trained else 0
-                b = model.tensors[op.inputs[2]].data.size if trained and len(op.inputs) > 2 \
-                    and op.inputs[2] >= 0 else 0
-                # int64 weight sums; then the int32 gradients (applied at once by step(), which
-                # keeps an int8 copy of the weights for the input error); then the input error
-                copy = w if step and need else 0
-                patch = 0
-                if trained and op.kind == "CONV_2D":  # the weight gradient's workspace
-                    _, oh, ow, cout = model.tensors[out].shape
-                    w_shape = model.tensors[op.inputs[1]].data.shape
-                    taps = int(np.prod(w_shape[1:]))
-                    patch = conv.grad_weight_plan(batch, batch * oh * ow, cout, taps, w_shape[3], self.patch_bytes)[1]
-                t = max(e_out + 8 * w + patch, e_out + 4 * (w + b) + copy,
-                        (copy + e_out + new_x + 6 * x_e * block // batch) if need else 0)
-            elif op.kind == "ADD":
-                t = 3 * e_out
-            elif op.kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-                t = e_out + new_x + 6 * x_e * block // batch
-            elif op.kind in ("MEAN", "PAD"):
-                t = e_out + new_x
-            else:
-                t = e_out
-            acts.pop(out, None)  # _backward drops an op's output activation before its backward
+            need = [i for i in op.inputs if self._wants_error(i)]
+            per_sample = 4 * int(np.prod(model.tensors[x_t].shape[1:])) if x_t >= 0 else 4
+            block = min(batch, input_gradient_block(batch, per_sample, self.block_bytes))
+            q = MemoryQuery(batch, elems, self._wants_error, block, op.index in trainable_ops, step,
+                            self.patch_bytes)
+            t = KERNELS[op.kind].backward_bytes(op, model, q)  # includes the op's output errors
+            for o in op.outputs:
+                acts.pop(o, None)  # _backward drops an op's output activations before its backward
             errs = sum(pending.values())
-            if need and x_t in pending:
-                t += 4 * x_e + new_x  # combining two errors: int32 sum, then the int16 result
+            for i in need:
+                if i in pending:
+                    t += 6 * elems(i)  # combining two errors: int32 sum, then the int16 result
             now = persistent + sum(acts.values()) + grads + errs + t
             if now > peak:
                 peak, at = now, {"saved_activations": sum(acts.values()), "errors_and_sums": errs + t}
-            # the float32 computation done the same way has the same im2col workspace, in float32
-            patch32 = 2 * patch if op.kind in PARAM_KERNELS else 0
-            peak32 = max(peak32, 4 * n_params + 4 * trainable_elems + (optimizer and 4 * trainable_elems)
-                         + 4 * sum(acts.values()) + sum(pending32.values()) + e32 + (4 * x_e if need else 0),
-                         4 * n_params + 4 * trainable_elems + (optimizer and 4 * trainable_elems)
-                         + 4 * sum(acts.values()) + sum(pending32.values()) + e32 + patch32)
-            inputs = op.inputs[:2] if op.kind == "ADD" else [x_t]
-            for i in inputs:
-                if self._wants_error(i):
-                    pending[i] = 2 * elems(i)
-                    pending32[i] = 4 * elems(i)
+            # the float32 computation done the same way (its workspace in float32: twice the int16 one)
+            made32 = sum(4 * elems(i) for i in need)
+            base32 = fixed32 + 4 * sum(acts.values()) + sum(pending32.values()) + e32
+            peak32 = max(peak32, base32 + made32, base32 + 2 * q.workspace)
+            for i in need:
+                pending[i] = 2 * elems(i)
+                pending32[i] = 4 * elems(i)
         return {"batch": batch, "weights": weights, "master_weights": master, "optimizer_state": optimizer,
                 "gradients": grads, **at, "total": peak, "float32_total": peak32}
 
@@ -730,10 +669,12 @@ def _sgd_weights(master, acc, weight, mult, shift, stride, count, sign, stochast
 
 
 @njit(cache=True)
-def _sgd_bias(bias, acc, mult, shift, sign, stochastic, velocity, mu_q15):
-    """One SGD step on int32 biases in place (their scale s_in * s_w is fine enough for no master)."""
+def _sgd_bias(bias, acc, mult, shift, stride, count, sign, stochastic, velocity, mu_q15):
+    """One SGD step on int32 biases in place (their scale s_in * s_w is fine enough for no master);
+    element c belongs to channel (c // stride) % count."""
     for c in range(bias.size):
-        d = sign * _round_scaled(acc[c], mult[c], shift[c], stochastic)
+        ch = (c // stride) % count
+        d = sign * _round_scaled(acc[c], mult[ch], shift[ch], stochastic)
         if velocity.size:
             v = ((np.int64(velocity[c]) * mu_q15 + (1 << 14)) >> 15) + d
             v = min(max(v, -(2**31)), 2**31 - 1)

@@ -78,24 +78,44 @@ def litert_interpreter(model_bytes: bytes):
 
 def run_litert(interp, xs: list[np.ndarray]) -> np.ndarray:
     """Run ``interp`` one sample at a time (its input has batch 1) over batches ``xs``."""
+    return run_litert_outputs(interp, xs)[0]
+
+
+def run_litert_outputs(interp, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """Every output of ``interp`` (in the model's output order) over batches ``xs``, one sample at a
+    time; a model without inputs runs once. Outputs are joined along axis 0 (a batch-1 axis)."""
     ins = interp.get_input_details()
-    out = interp.get_output_details()[0]["index"]
-    n = xs[0].shape[0]
-    ys = []
+    outs = [d["index"] for d in interp.get_output_details()]
+    n = xs[0].shape[0] if xs else 1
+    ys: list[list[np.ndarray]] = [[] for _ in outs]
     for i in range(n):
         for d, x in zip(ins, xs):
             interp.set_tensor(d["index"], np.ascontiguousarray(x[i:i + 1]))
         interp.invoke()
-        ys.append(interp.get_tensor(out).copy())
-    return np.concatenate(ys, axis=0)
+        for k, t in enumerate(outs):
+            y = interp.get_tensor(t).copy()
+            ys[k].append(y if y.ndim else y.reshape(1))
+    return [np.concatenate(y, axis=0) for y in ys]
 
 
-def compare(model: Model, xs: list[np.ndarray], interp=None) -> str | None:
-    """None if the engine's ``predict`` equals LiteRT bit for bit on batches ``xs``, else a message."""
+def compare(model: Model, xs: list[np.ndarray], interp=None, got=None) -> str | None:
+    """None if the engine's ``predict`` (or ``got``: one array, or a list of one per output) equals
+    LiteRT bit for bit on batches ``xs``, else a message naming the output that differs."""
     if interp is None:
         interp = litert_interpreter(to_bytes(model))
-    want = run_litert(interp, xs)
-    got = np.asarray(model.predict(*xs))
+    wants = run_litert_outputs(interp, xs)
+    gots = model.predict(*xs) if got is None else got
+    gots = list(gots) if isinstance(gots, (list, tuple)) else [gots]
+    if len(gots) != len(wants):
+        return f"outputs: engine {len(gots)} vs LiteRT {len(wants)}"
+    for k, (want, got_k) in enumerate(zip(wants, gots)):
+        msg = _compare_one(np.asarray(got_k), want, xs)
+        if msg is not None:
+            return msg if len(wants) == 1 else f"output {k}: {msg}"
+    return None
+
+
+def _compare_one(got: np.ndarray, want: np.ndarray, xs: list[np.ndarray]) -> str | None:
     if got.shape != want.shape:
         return f"shape: engine {got.shape} vs LiteRT {want.shape}"
     if got.dtype != want.dtype:

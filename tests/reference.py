@@ -54,22 +54,22 @@ def _dequantize64(q: np.ndarray, qp: QuantParams) -> np.ndarray:
     return scale * (q.astype(np.float64) - zp)
 
 
-def clamp_range(model: Model, op) -> tuple[float, float]:
-    """The real clamp range of ``op``'s output: ``s_out * (act_min - z_out), s_out * (act_max - z_out)``."""
-    qo = model.tensors[op.outputs[0]].quant
+def clamp_range(model: Model, op, k: int = 0) -> tuple[float, float]:
+    """The real clamp range of ``op``'s output ``k``: ``s_out * (act_min - z_out), s_out * (act_max - z_out)``."""
+    qo = model.tensors[op.outputs[k]].quant
     lo, hi = activation_range(op.options.get("activation", "NONE"), qo)
     s, z = float(qo.s), qo.zp
     return s * (lo - z), s * (hi - z)
 
 
-def inside_mask(model: Model, op, y: np.ndarray) -> np.ndarray:
+def inside_mask(model: Model, op, y: np.ndarray, k: int = 0) -> np.ndarray:
     """STE mask of ``op``'s output value ``y``: True where strictly inside the real clamp range.
 
     "Strictly" has a tolerance of ``MASK_TOL * s_out``, so a value that sits on a bound up to
     float64 rounding (e.g. a dequantized int8 equal to act_min) counts as clipped.
     """
-    lo, hi = clamp_range(model, op)
-    tol = MASK_TOL * float(model.tensors[op.outputs[0]].quant.s)
+    lo, hi = clamp_range(model, op, k)
+    tol = MASK_TOL * float(model.tensors[op.outputs[k]].quant.s)
     return (y > lo + tol) & (y < hi - tol)
 
 
@@ -271,10 +271,29 @@ def _operand(model, values, t):
     return _constant(model, t)
 
 
-def _op_forward(model: Model, op, values: dict[int, np.ndarray], params: dict[str, np.ndarray]) -> np.ndarray:
-    """The unclipped float64 result of one op."""
-    x = _operand(model, values, op.inputs[0])
+# Ops registered by other modules (tests/ref_*.py): kind -> (forward, backward).
+#   forward(model, op, xs) -> [y per output]: xs are float64 real values per input slot (constants
+#       dequantized, None for an absent optional input); outputs unclipped.
+#   backward(model, op, xs, ys, gs) -> [gradient per input slot or None] (gs: masked output
+#       gradients, None where nothing reached an output), or ([...], {suffix: parameter gradient}).
+REGISTERED: dict = {}
+
+
+def register(kind: str, forward, backward) -> None:
+    """Add the float64 forward and backward of an op kind (see REGISTERED)."""
+    REGISTERED[kind] = (forward, backward)
+
+
+def _slot_values(model: Model, op, values: dict[int, np.ndarray]) -> list:
+    return [None if t < 0 else _operand(model, values, t) for t in op.inputs]
+
+
+def _op_forward(model: Model, op, values: dict[int, np.ndarray], params: dict[str, np.ndarray]):
+    """The unclipped float64 result of one op (a list for registered ops: one per output)."""
     kind = op.kind
+    if kind in REGISTERED:
+        return REGISTERED[kind][0](model, op, _slot_values(model, op, values))
+    x = _operand(model, values, op.inputs[0])
     if kind in PARAMETER_SLOTS:
         w = params[f"{op.name}.weight"]
         b = params.get(f"{op.name}.bias")
@@ -308,8 +327,14 @@ def forward(model: Model, x_real: np.ndarray, params: dict[str, np.ndarray] | No
     p = _merged(model, params)
     values = {model.core_inputs[0]: np.asarray(x_real, dtype=np.float64)}
     for op in core_ops(model):
-        lo, hi = clamp_range(model, op)
-        values[op.outputs[0]] = np.clip(_op_forward(model, op, values, p), lo, hi)
+        ys = _op_forward(model, op, values, p)
+        for k, y in enumerate(ys if isinstance(ys, list) else [ys]):
+            t = op.outputs[k]
+            if model.tensors[t].quant is None:  # int32 / float values (a FILL's shape, ...)
+                values[t] = y
+                continue
+            lo, hi = clamp_range(model, op, k)
+            values[t] = np.clip(y, lo, hi)
     return values
 
 
@@ -446,11 +471,24 @@ def _backward_all(model: Model, acts, grad_out, params=None):
     grads: dict[int, np.ndarray] = {output_tensor(model): np.asarray(grad_out, dtype=np.float64)}
     pgrads = {name: np.zeros_like(v) for name, v in p.items()}
     for op in reversed(core_ops(model)):
-        y_t = op.outputs[0]
-        if y_t not in grads:
+        if not any(y_t in grads for y_t in op.outputs):
             continue  # nothing downstream of this op reaches the output
-        g = grads[y_t] * inside_mask(model, op, acts[y_t])
-        for t, gt in _op_backward(model, op, acts, g, p, pgrads):
+        if op.kind in REGISTERED:
+            gs = [grads[y_t] * inside_mask(model, op, acts[y_t], k) if y_t in grads else None
+                  for k, y_t in enumerate(op.outputs)]
+            xs = _slot_values(model, op, acts)
+            ys = [acts.get(y_t) for y_t in op.outputs]
+            res = REGISTERED[op.kind][1](model, op, xs, ys, gs)
+            gx, pg = res if isinstance(res, tuple) else (res, {})
+            for suffix, v in pg.items():
+                pgrads[f"{op.name}.{suffix}"] = v
+            pairs = [(t, v) for t, v in zip(op.inputs, gx)
+                     if v is not None and t >= 0 and not model.tensors[t].is_constant]
+        else:
+            y_t = op.outputs[0]
+            g = grads[y_t] * inside_mask(model, op, acts[y_t])
+            pairs = _op_backward(model, op, acts, g, p, pgrads)
+        for t, gt in pairs:
             grads[t] = grads[t] + gt if t in grads else gt
     return pgrads, grads
 
@@ -469,3 +507,12 @@ def dequantized_values(model: Model, values: dict[int, np.ndarray]) -> dict[int,
             continue
         out[t] = float(tensor.quant.s) * (np.asarray(v).astype(np.float64) - tensor.quant.zp)
     return out
+
+
+# The float64 references of the op families that live in their own modules register here.
+for _module in ("ref_binary", "ref_activation", "ref_movement", "ref_resize", "ref_lstm"):
+    try:
+        __import__(_module)
+    except ModuleNotFoundError as _e:
+        if _e.name != _module:
+            raise

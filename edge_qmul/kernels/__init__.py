@@ -1,52 +1,55 @@
-"""The int8 kernels, one module per op family, and the table that maps op names to them.
+"""The int8 kernels, one module per op family, and the registry that maps op names to them.
 
-Each entry: ``prepare(op, model) -> params`` (plain Python: checks, multipliers, geometry), then
-``forward(params, *inputs) -> output`` (compiled integer loops), and ``macs(op, model)``.
+Each module ends with ``KERNELS = {op name: Kernel(...)}``: prepare, forward, backward, clamp,
+macs, backward_bytes, parameter slots and calibration rule (the contract is kernels/contract.py).
+The graph, the trainer, calibration and the memory report read this registry only.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections import Counter
 
 import numpy as np
 
 from ..errors import ModelError
-from . import add, conv, depthwise, fully_connected, mean, pool, quantize, shape, softmax
+from . import (activation, add, binary, conv, depthwise, fully_connected, lstm, mean, movement, pool,
+               quantize, resize, shape, softmax)
+from .contract import Backward, Kernel, MemoryQuery
+
+_MODULES = (conv, depthwise, fully_connected, add, binary, activation, pool, mean, shape, movement,
+            resize, softmax, quantize, lstm)
+
+KERNELS: dict[str, Kernel] = {}
+for _m in _MODULES:
+    for _name, _k in getattr(_m, "KERNELS", {}).items():
+        if _name in KERNELS:
+            raise RuntimeError(f"op {_name} registered twice (kernels.{_m.__name__})")
+        KERNELS[_name] = _k
+
+if "MEAN" not in KERNELS:  # mean.py's own entry is being written; until then its old functions
+    def _mean_backward(p, ctx):
+        if not ctx.wants[0]:
+            return [None, None]
+        from ..grad import Error
+        acc, factor = mean.backward(p, ctx.inputs[0], ctx.errors[0].values)
+        return [Error(acc, ctx.errors[0].scale * factor), None]
+    KERNELS["MEAN"] = Kernel(mean.prepare, mean.forward, _mean_backward, lambda p: (-128, 127), mean.macs)
+
+SUPPORTED_OPS = tuple(sorted(KERNELS))
 
 
-class Kernel(NamedTuple):
-    prepare: Callable
-    forward: Callable
-    macs: Callable
-
-
-def _no_macs(op, model) -> int:
-    return 0
-
-
-KERNELS: dict[str, Kernel] = {
-    "CONV_2D": Kernel(conv.prepare, conv.forward, conv.macs),
-    "DEPTHWISE_CONV_2D": Kernel(depthwise.prepare, depthwise.forward, depthwise.macs),
-    "FULLY_CONNECTED": Kernel(fully_connected.prepare, fully_connected.forward, fully_connected.macs),
-    "ADD": Kernel(add.prepare, add.forward, add.macs),
-    "AVERAGE_POOL_2D": Kernel(pool.prepare, pool.forward_average, pool.macs),
-    "MAX_POOL_2D": Kernel(pool.prepare, pool.forward_max, pool.macs),
-    "MEAN": Kernel(mean.prepare, mean.forward, mean.macs),
-    "PAD": Kernel(shape.prepare_pad, shape.forward_pad, _no_macs),
-    "RESHAPE": Kernel(shape.prepare_reshape, shape.forward_reshape, _no_macs),
-    "SOFTMAX": Kernel(softmax.prepare, softmax.forward, softmax.macs),
-    "QUANTIZE": Kernel(quantize.prepare_quantize, quantize.forward_quantize, _no_macs),
-    "DEQUANTIZE": Kernel(quantize.prepare_dequantize, quantize.forward_dequantize, _no_macs),
-}
-
-SUPPORTED_OPS = tuple(KERNELS)
+def unsupported_ops(model) -> Counter:
+    """Op name -> how many ops of the model the engine has no kernel for."""
+    return Counter(op.kind for op in model.ops if op.kind not in KERNELS)
 
 
 def check_supported(model) -> None:
-    """Raise ModelError naming the first op outside the supported set, or one that fails to prepare."""
-    for op in model.ops:
-        if op.kind not in KERNELS:
-            raise ModelError(f"unsupported op {op.kind} at index {op.index}; "
-                             f"supported: {', '.join(SUPPORTED_OPS)}")
+    """Raise ModelError listing every unsupported op with its count; then prepare every op
+    (ModelError naming the first op that fails to prepare)."""
+    missing = unsupported_ops(model)
+    if missing:
+        listed = ", ".join(f"{k} x{n}" for k, n in sorted(missing.items()))
+        raise ModelError(f"unsupported ops: {listed} ({sum(missing.values())} of {len(model.ops)} ops); "
+                         f"supported: {', '.join(SUPPORTED_OPS)}")
     model._prepared = [prepare(op, model) for op in model.ops]
 
 
@@ -59,9 +62,19 @@ def prepare(op, model):
         raise ModelError(f"op {op.kind} (index {op.index}): malformed ({type(e).__name__}: {e})") from None
 
 
-def evaluate(op, params, args: list) -> np.ndarray:
+def evaluate(op, params, args: list):
+    """The op's output (one array) or outputs (a tuple, for ops with several)."""
     return KERNELS[op.kind].forward(params, *args)
 
 
 def macs(op, model) -> int:
     return KERNELS[op.kind].macs(op, model)
+
+
+def parameter_slots(kind: str) -> tuple:
+    k = KERNELS.get(kind)
+    return k.parameters if k is not None else ()
+
+
+__all__ = ["Backward", "Kernel", "KERNELS", "MemoryQuery", "SUPPORTED_OPS", "check_supported", "evaluate",
+           "macs", "parameter_slots", "prepare", "unsupported_ops", "np"]

@@ -15,7 +15,9 @@ from ..errors import ModelError
 from ..quant import (activation_range, multiply_by_quantized_multiplier,
                      multiply_by_quantized_multiplier_floor_shift, quantize_multiplier,
                      saturating_rounding_doubling_high_mul)
+from ..grad import Error, from_accumulator
 from .common import output, per_tensor, tensor, where
+from .contract import Backward, Kernel, MemoryQuery
 
 # add.cc: int8 inputs are shifted left by 20 bits before rescaling, so the sum keeps precision.
 LEFT_SHIFT = 20
@@ -201,17 +203,33 @@ def add_int8_same(a, b, vector_end, offset1, offset2, mult1, shift1, mult2, shif
 
 # --- backward ------------------------------------------------------------------------------------
 
-def backward(p: AddParams, a: np.ndarray, b: np.ndarray, g: np.ndarray):
+def backward(p: AddParams, ctx: Backward) -> list:
     """The real sum passes its (clamp-masked) error to both inputs unchanged; a broadcast input
-    gets the error summed over the axes it was broadcast along."""
-    outs = []
-    for x in (a, b):
+    gets the error summed (int64) over the axes it was broadcast along."""
+    err = ctx.errors[0]
+    g = err.values
+    out = [None] * len(ctx.op.inputs)
+    for slot in (0, 1):
+        if not ctx.wants[slot]:
+            continue
+        x = ctx.inputs[slot]
         if x.shape == g.shape:
-            outs.append((g, 1.0))
+            out[slot] = Error(g.copy(), err.scale)
             continue
         gx = g.astype(np.int64)
         lead = gx.ndim - x.ndim
         gx = gx.sum(axis=tuple(range(lead)), dtype=np.int64) if lead else gx
         axes = tuple(i for i, s in enumerate(x.shape) if s == 1 and gx.shape[i] != 1)
-        outs.append((gx.sum(axis=axes, keepdims=True, dtype=np.int64) if axes else gx, 1.0))
-    return outs
+        out[slot] = from_accumulator(gx.sum(axis=axes, keepdims=True, dtype=np.int64) if axes else gx, err.scale)
+    return out
+
+
+def clamp(p: AddParams) -> tuple[int, int]:
+    return p.act_min, p.act_max
+
+
+def backward_bytes(op, model, q: MemoryQuery) -> int:
+    return 3 * 2 * q.elems(op.outputs[0])  # the output error and a copy for each input
+
+
+KERNELS = {"ADD": Kernel(prepare, forward, backward, clamp, macs, backward_bytes)}

@@ -9,6 +9,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..grad import channel_sum
+from . import linear as _linear
+from .contract import Kernel
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
                      window_macs as macs)
 from .gemm import MR, padded_params, panel_width, requantize_block, row_bases, tile_product
@@ -540,3 +542,8 @@ def conv2d_grad_input(g, w, in_h, in_w, stride_h, stride_w, dil_h, dil_w, pad_to
                                 gx[b, iy, ix, c] = np.int32(gx[b, iy, ix, c] + d[k + c])
                         k += cin
     return gx
+
+
+KERNELS = {"CONV_2D": Kernel(prepare, forward, _linear.make_backward(grad_params, grad_input_prepared, conv=True),
+                             _linear.clamp, macs, _linear.make_backward_bytes(grad_weight_plan),
+                             parameters=_linear.PARAMETERS)}

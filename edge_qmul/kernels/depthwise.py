@@ -9,6 +9,8 @@ from numba import njit, prange
 from ..errors import ModelError
 from ..grad import channel_sum
 from ..quant import requantize
+from . import linear as _linear
+from .contract import Kernel
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
                      window_macs as macs)
 
@@ -195,3 +197,8 @@ def depthwise_grad_input(g, w, in_h, in_w, cin, depth_multiplier, stride_h, stri
                                 gx[b, iy, ix, c] = np.int32(gx[b, iy, ix, c] + np.int32(g[b, oy, ox, oc])
                                                             * np.int32(w16[ky, kx, oc]))
     return gx
+
+
+KERNELS = {"DEPTHWISE_CONV_2D": Kernel(prepare, forward, _linear.make_backward(grad_params, grad_input, depthwise=True),
+                                       _linear.clamp, macs, _linear.make_backward_bytes(),
+                                       parameters=_linear.PARAMETERS)}

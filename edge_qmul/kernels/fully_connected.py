@@ -9,6 +9,8 @@ from numba import njit, prange
 from ..errors import ModelError
 from ..grad import channel_sum
 from ..quant import activation_range, quantize_multipliers, requantize
+from . import linear as _linear
+from .contract import Kernel
 from .common import Requant, check_output_shape, output, per_tensor, tensor, where
 from .gemm import MR, pack_panels, panel_width, row_bases, tile_product
 
@@ -198,3 +200,9 @@ def fully_connected_grad_input(g, w):
             for k in range(depth):
                 dst[k] = np.int32(dst[k] + gv * np.int32(wr[k]))
     return gx
+
+
+KERNELS = {"FULLY_CONNECTED": Kernel(prepare, forward,
+                                     _linear.make_backward(grad_params, grad_input, fully_connected=True),
+                                     _linear.clamp, macs, _linear.make_backward_bytes(),
+                                     parameters=_linear.PARAMETERS)}

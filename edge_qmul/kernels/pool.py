@@ -8,6 +8,8 @@ from numba import njit, prange
 
 from ..errors import ModelError
 from ..quant import activation_range
+from .. import grad as G
+from .contract import Backward, Kernel, MemoryQuery
 from .common import Window, check_output_shape, output, tensor, where, window
 
 
@@ -185,3 +187,42 @@ def max_pool_grad_input(x, g, filter_h, filter_w, stride_h, stride_w, pad_top, p
                     if by >= 0:
                         gx[b, by, bx, ch] += g[b, oy, ox, ch]
     return gx
+
+
+def _backward(input_sums):
+    def backward(p: PoolParams, ctx: Backward) -> list:
+        if not ctx.wants[0]:
+            return [None]
+        err = ctx.errors[0]
+        x, g = ctx.inputs[0], err.values
+        sums, factor = input_sums(p)
+        return [G.from_blocks(lambda a, b: sums(x[a:b], g[a:b]), g.shape[0], x.shape[1:],
+                              err.scale * factor, ctx.block)]
+    return backward
+
+
+def _average_sums(p: PoolParams):
+    bits = average_fraction_bits(p, G.ERROR_BITS)
+    return (lambda x, g: grad_input_average(p, x, g, bits)), 2.0 ** -bits
+
+
+def _max_sums(p: PoolParams):
+    return (lambda x, g: grad_input_max(p, x, g)), 1.0
+
+
+def clamp(p: PoolParams) -> tuple[int, int]:
+    return p.act_min, p.act_max
+
+
+def backward_bytes(op, model, q: MemoryQuery) -> int:
+    """The output error, the input error, and int32 input sums a block of samples at a time."""
+    x_e = q.elems(op.inputs[0])
+    return 2 * q.elems(op.outputs[0]) + (2 * x_e + 6 * x_e * q.block // q.batch if q.wants(op.inputs[0]) else 0)
+
+
+KERNELS = {
+    "AVERAGE_POOL_2D": Kernel(prepare, forward_average, _backward(_average_sums), clamp, macs, backward_bytes,
+                              output_quant="input"),
+    "MAX_POOL_2D": Kernel(prepare, forward_max, _backward(_max_sums), clamp, macs, backward_bytes,
+                          output_quant="input"),
+}

@@ -14,7 +14,9 @@ from numba import njit
 from ..errors import ModelError
 from ..quant import (QuantParams, multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_neon,
                      quantize_multiplier, round_half_away)
+from ..grad import Error
 from .common import output, per_tensor, tensor, where
+from .contract import Backward, Kernel
 
 
 @dataclass(frozen=True)
@@ -94,3 +96,21 @@ def requantize_int8(x, vector_size, in_zp, multiplier, shift, out_zp):
                 v = multiply_by_quantized_multiplier(d, multiplier, shift) + out_zp
             out[b, i] = min(max(v, -128), 127)
     return out
+
+
+def backward_quantize(p: QuantizeParams, ctx: Backward) -> list:
+    """An int8 -> int8 QUANTIZE inside the core keeps the real value: the error passes unchanged."""
+    if p.from_float or not ctx.wants[0]:
+        return [None]
+    err = ctx.errors[0]
+    return [Error(err.values.copy(), err.scale)]
+
+
+def clamp_quantize(p: QuantizeParams) -> tuple[int, int]:
+    return -128, 127
+
+
+KERNELS = {
+    "QUANTIZE": Kernel(prepare_quantize, forward_quantize, backward_quantize, clamp_quantize),
+    "DEQUANTIZE": Kernel(prepare_dequantize, forward_dequantize),
+}

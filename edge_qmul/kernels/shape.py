@@ -6,7 +6,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ModelError
+from ..grad import Error
 from .common import output, tensor, where
+from .contract import Backward, Kernel, MemoryQuery
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,27 @@ def forward_pad(p: PadParams, x: np.ndarray, *_paddings) -> np.ndarray:
 
 # --- backward (no arithmetic either) -------------------------------------------------------------
 
-def backward_reshape(p: ReshapeParams, x: np.ndarray, g: np.ndarray):
-    return g.reshape(x.shape), 1.0
+def backward_reshape(p: ReshapeParams, ctx: Backward) -> list:
+    if not ctx.wants[0]:
+        return [None] * len(ctx.op.inputs)
+    err = ctx.errors[0]
+    return [Error(err.values.reshape(ctx.inputs[0].shape), err.scale)] + [None] * (len(ctx.op.inputs) - 1)
 
 
-def backward_pad(p: PadParams, x: np.ndarray, g: np.ndarray):
+def backward_pad(p: PadParams, ctx: Backward) -> list:
+    if not ctx.wants[0]:
+        return [None, None]
+    err, x = ctx.errors[0], ctx.inputs[0]
     index = tuple(slice(a, a + s) for (a, _), s in zip(p.pads[1:], x.shape[1:]))
-    return g[(slice(None),) + index], 1.0
+    return [Error(np.ascontiguousarray(err.values[(slice(None),) + index]), err.scale), None]
+
+
+def view_bytes(op, model, q: MemoryQuery) -> int:
+    return 2 * q.elems(op.outputs[0])  # the input error is a view of the output error
+
+
+KERNELS = {
+    "RESHAPE": Kernel(prepare_reshape, forward_reshape, backward_reshape, backward_bytes=view_bytes,
+                      output_quant="input"),
+    "PAD": Kernel(prepare_pad, forward_pad, backward_pad, output_quant="input"),
+}

@@ -16,6 +16,7 @@ from numba import njit
 
 from ..errors import ModelError
 from .common import output, per_tensor, tensor, where
+from .contract import Kernel
 
 
 def _libm_expf():
@@ -85,3 +86,13 @@ def softmax_int8(x, table, out_scale, out_zp):
             q = np.int32(np.floor(np.float64(prob) + 0.5))
             out[r, j] = min(max(q + out_zp, -128), 127)
     return out
+
+
+def softmax_quant(op, model):
+    """int8 SOFTMAX's output quantization is fixed by LiteRT: scale 1/256, zero point -128."""
+    from ..quant import QuantParams
+    return QuantParams(np.array([1 / 256], np.float32), np.array([-128], np.int64), 0)
+
+
+# No backward: the trainer's loss head works on the logits a final SOFTMAX reads.
+KERNELS = {"SOFTMAX": Kernel(prepare, forward, macs=macs, output_quant="fixed", fixed_quant=softmax_quant)}

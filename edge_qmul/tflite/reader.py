@@ -18,7 +18,7 @@ import tflite
 from ..errors import ModelError
 from ..graph import Model, Op, Tensor
 from ..quant import QuantParams
-from .schema import OP_CODES, OPTIONS, TENSOR_TYPES
+from .schema import INT_VECTOR, OP_CODES, OPTIONS, TENSOR_TYPES
 
 FILE_IDENTIFIER = b"TFL3"
 SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")
@@ -192,7 +192,11 @@ def _read_options(o, kind: str, index: int) -> dict:
     opt.Init(tab.Bytes, tab.Pos)
     out = {}
     for key, field, decode, _ in fields:
-        out[key] = decode(getattr(opt, field)())
+        if decode is INT_VECTOR:  # e.g. SqueezeOptions.squeeze_dims; absent reads as []
+            n = _length(getattr(opt, f"{field}Length")(), tab.Bytes, f"op {kind} (index {index}) {key}")
+            out[key] = [int(getattr(opt, field)(j)) for j in range(n)]
+        else:
+            out[key] = decode(getattr(opt, field)())
     return out
 
 
@@ -220,18 +224,20 @@ def _strided_slice_1d(v: np.ndarray, begin: int, end: int, stride: int, o: dict)
 
 
 def _fold_shape_subgraph(tensors: list[Tensor], ops: list[Op], outputs: list[int]) -> list[Op]:
-    """Evaluate SHAPE / STRIDED_SLICE / PACK on static shapes; RESHAPE then drops its shape input."""
+    """Evaluate SHAPE / STRIDED_SLICE / PACK on static shapes; RESHAPE then drops its shape input,
+    and any other op reading a folded value (a FILL's dims) reads it as a constant. STRIDED_SLICE
+    and PACK on data (an input that is not a known int32 value) stay ops (kernels/movement.py)."""
     value: dict[int, np.ndarray] = {i: t.data for i, t in enumerate(tensors)
                                     if t.is_constant and t.dtype == np.int32}
+    folded: set[int] = set()
     kept = []
     for op in ops:
-        if op.kind in SHAPE_OPS:
+        if op.kind in SHAPE_OPS and (op.kind == "SHAPE" or (
+                all(i in value for i in op.inputs) and op.outputs[0] not in outputs)):
             where = f"op {op.kind} (index {op.index})"
             if op.kind == "SHAPE":
                 v = np.array(tensors[op.inputs[0]].shape, np.int32)
             else:
-                if any(i not in value for i in op.inputs):
-                    raise ModelError(f"{where}: only shape arithmetic on constants can be folded")
                 args = [value[i] for i in op.inputs]
                 if op.kind == "PACK":
                     v = np.stack(args, axis=op.options.get("axis", 0)).astype(np.int32)
@@ -243,12 +249,16 @@ def _fold_shape_subgraph(tensors: list[Tensor], ops: list[Op], outputs: list[int
             if op.outputs[0] in outputs:
                 raise ModelError(f"{where}: a shape computation cannot be a model output")
             value[op.outputs[0]] = v
+            folded.add(op.outputs[0])
             continue
         if op.kind == "RESHAPE" and len(op.inputs) > 1:
             shape_in = op.inputs[1]
             if shape_in >= 0 and shape_in not in value:
                 raise ModelError(f"op RESHAPE (index {op.index}): its shape is computed at run time")
             op.inputs = op.inputs[:1]
+        for i in set(op.inputs) & folded:
+            t = tensors[i]
+            t.data = np.asarray(value[i]).astype(t.dtype).reshape(t.shape)
         kept.append(op)
     return kept
 

@@ -30,6 +30,10 @@ PADDING_NUMBERS = {v: k for k, v in PADDINGS.items()}
 WEIGHTS_FORMATS = {0: "DEFAULT", 1: "SHUFFLED4x16INT8"}
 
 # Option codecs: (dict key, schema field name, decode from file, encode to file).
+# INT_VECTOR in both places marks a [int] vector field: the reader and writer handle it themselves
+# (a flatbuffers vector is read by index and must be built before its table starts).
+INT_VECTOR = "int_vector"
+_ints = (INT_VECTOR, INT_VECTOR)
 _ident = (lambda v: v, lambda v: v)
 _bool = (bool, bool)
 _act = (lambda v: ACTIVATIONS.get(v, f"UNKNOWN_{v}"), lambda v: ACTIVATION_NUMBERS[v])
@@ -64,14 +68,54 @@ OPTIONS: dict[str, tuple[str, int, tuple]] = {
     "STRIDED_SLICE": ("StridedSliceOptions", tflite.BuiltinOptions.StridedSliceOptions, (
         ("begin_mask", "BeginMask", *_ident), ("end_mask", "EndMask", *_ident),
         ("ellipsis_mask", "EllipsisMask", *_ident), ("new_axis_mask", "NewAxisMask", *_ident),
-        ("shrink_axis_mask", "ShrinkAxisMask", *_ident))),
+        ("shrink_axis_mask", "ShrinkAxisMask", *_ident), ("offset", "Offset", *_bool))),
     "PACK": ("PackOptions", tflite.BuiltinOptions.PackOptions, (
         ("values_count", "ValuesCount", *_ident), ("axis", "Axis", *_ident))),
     "SHAPE": ("ShapeOptions", tflite.BuiltinOptions.ShapeOptions, ()),
 }
 OPTIONS["MAX_POOL_2D"] = ("Pool2DOptions", tflite.BuiltinOptions.Pool2DOptions, OPTIONS["AVERAGE_POOL_2D"][2])
+_resize = (("align_corners", "AlignCorners", *_bool), ("half_pixel_centers", "HalfPixelCenters", *_bool))
+OPTIONS["RESIZE_BILINEAR"] = ("ResizeBilinearOptions", tflite.BuiltinOptions.ResizeBilinearOptions, _resize)
+OPTIONS["RESIZE_NEAREST_NEIGHBOR"] = ("ResizeNearestNeighborOptions",
+                                      tflite.BuiltinOptions.ResizeNearestNeighborOptions, _resize)
+OPTIONS["MUL"] = ("MulOptions", tflite.BuiltinOptions.MulOptions, (("activation", "FusedActivationFunction", *_act),))
+OPTIONS["SUB"] = ("SubOptions", tflite.BuiltinOptions.SubOptions, (
+    ("activation", "FusedActivationFunction", *_act), ("pot_scale_int16", "PotScaleInt16", *_bool)))
 
 # Versions the writer gives ops it creates (LiteRT's builtin resolver registers these for int8).
 DEFAULT_VERSIONS = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2,
                     "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "MEAN": 2, "PAD": 2, "RESHAPE": 1,
                     "SOFTMAX": 2, "QUANTIZE": 2, "DEQUANTIZE": 2}
+# RESIZE_*: version 3 is int8 with half_pixel_centers (op_version.cc); the resolver takes 1..4.
+DEFAULT_VERSIONS.update({"RESIZE_BILINEAR": 3, "RESIZE_NEAREST_NEIGHBOR": 3})
+# MUL / SUB: version 2 is int8 (op_version.cc); the resolver takes MUL 1..8, SUB 1..5.
+DEFAULT_VERSIONS.update({"MUL": 2, "SUB": 2})
+# Activations: LEAKY_RELU carries alpha; HARD_SWISH an empty table; the others have no options.
+OPTIONS["LEAKY_RELU"] = ("LeakyReluOptions", tflite.BuiltinOptions.LeakyReluOptions, (("alpha", "Alpha", *_ident),))
+OPTIONS["HARD_SWISH"] = ("HardSwishOptions", tflite.BuiltinOptions.HardSwishOptions, ())
+# int8 versions (op_version.cc): LOGISTIC / TANH / RELU / RELU6 2; LEAKY_RELU, HARD_SWISH, RELU_N1_TO_1 1.
+DEFAULT_VERSIONS.update({"LOGISTIC": 2, "TANH": 2, "RELU": 2, "RELU6": 2, "RELU_N1_TO_1": 1,
+                         "LEAKY_RELU": 1, "HARD_SWISH": 1})
+# UNIDIRECTIONAL_SEQUENCE_LSTM (kernels/lstm.py): version 1 is the int8 8x8_16 kernel (op_version.cc)
+OPTIONS["UNIDIRECTIONAL_SEQUENCE_LSTM"] = (
+    "UnidirectionalSequenceLSTMOptions", tflite.BuiltinOptions.UnidirectionalSequenceLSTMOptions, (
+        ("fused_activation_function", "FusedActivationFunction", *_act), ("cell_clip", "CellClip", *_ident),
+        ("proj_clip", "ProjClip", *_ident), ("time_major", "TimeMajor", *_bool),
+        ("asymmetric_quantize_inputs", "AsymmetricQuantizeInputs", *_bool),
+        ("diagonal_recurrent_tensors", "DiagonalRecurrentTensors", *_bool)))
+DEFAULT_VERSIONS.update({"UNIDIRECTIONAL_SEQUENCE_LSTM": 1})
+# Data movement (kernels/movement.py); int8 versions from op_version.cc, inside the resolver's ranges.
+OPTIONS["CONCATENATION"] = ("ConcatenationOptions", tflite.BuiltinOptions.ConcatenationOptions, (
+    ("axis", "Axis", *_ident), ("activation", "FusedActivationFunction", *_act)))
+OPTIONS["SQUEEZE"] = ("SqueezeOptions", tflite.BuiltinOptions.SqueezeOptions, (
+    ("squeeze_dims", "SqueezeDims", *_ints),))
+OPTIONS["SPLIT"] = ("SplitOptions", tflite.BuiltinOptions.SplitOptions, (("num_splits", "NumSplits", *_ident),))
+OPTIONS["SPLIT_V"] = ("SplitVOptions", tflite.BuiltinOptions.SplitVOptions, (("num_splits", "NumSplits", *_ident),))
+OPTIONS["UNPACK"] = ("UnpackOptions", tflite.BuiltinOptions.UnpackOptions, (
+    ("num", "Num", *_ident), ("axis", "Axis", *_ident)))
+for _kind, _table in (("TRANSPOSE", "TransposeOptions"), ("EXPAND_DIMS", "ExpandDimsOptions"),
+                      ("TILE", "TileOptions"), ("FILL", "FillOptions")):
+    OPTIONS[_kind] = (_table, getattr(tflite.BuiltinOptions, _table), ())
+DEFAULT_VERSIONS.update({"CONCATENATION": 2, "STRIDED_SLICE": 4, "SQUEEZE": 1, "EXPAND_DIMS": 1,
+                         "TRANSPOSE": 2, "PACK": 2, "UNPACK": 2, "SPLIT": 2, "SPLIT_V": 2, "FILL": 3,
+                         "TILE": 1})

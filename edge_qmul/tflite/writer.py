@@ -18,7 +18,7 @@ from ..errors import ModelError
 from ..fsutil import atomic_write
 from ..graph import Model
 from .reader import FILE_IDENTIFIER
-from .schema import DEFAULT_VERSIONS, OP_NUMBERS, OPTIONS, TYPE_NUMBERS
+from .schema import DEFAULT_VERSIONS, INT_VECTOR, OP_NUMBERS, OPTIONS, TYPE_NUMBERS
 
 SCHEMA_VERSION = 3
 BUFFER_ALIGNMENT = 16  # as TensorFlow's converter: lets kernels read int32 biases in place
@@ -44,10 +44,13 @@ def _options(b: flatbuffers.Builder, kind: str, options: dict) -> tuple[int, int
         return 0, 0
     table, tag, fields = OPTIONS[kind]
     mod = _module(table)
+    # Vector fields are built first: a flatbuffers table cannot be open while a vector is.
+    vectors = {key: _int_vector(b, options[key]) for key, _, _, encode in fields
+               if encode is INT_VECTOR and key in options}
     getattr(mod, f"{table}Start")(b)
     for key, field, _, encode in fields:
         if key in options:
-            getattr(mod, f"{table}Add{field}")(b, encode(options[key]))
+            getattr(mod, f"{table}Add{field}")(b, vectors[key] if key in vectors else encode(options[key]))
     return tag, getattr(mod, f"{table}End")(b)
 
 

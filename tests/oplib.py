@@ -32,7 +32,7 @@ class GraphBuilder:
                data: np.ndarray | None = None) -> int:
         shape = tuple(int(s) for s in shape)
         if data is not None:
-            data = np.ascontiguousarray(np.asarray(data, dtype=dtype).reshape(shape))
+            data = np.require(np.asarray(data, dtype=dtype).reshape(shape), requirements="C")  # 0-d stays 0-d
         self.tensors.append(Tensor(name, shape, np.dtype(dtype), quant, data))
         return len(self.tensors) - 1
 

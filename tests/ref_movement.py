@@ -25,23 +25,34 @@ def _ints(model, op, slot: int) -> list[int]:
 
 
 def _slice_index(model, op, shape: tuple) -> tuple:
-    """The numpy index of a STRIDED_SLICE spec (TF semantics)."""
+    """The numpy index of a STRIDED_SLICE spec: TF semantics, with LiteRT's reading of a shrunk
+    axis (begin_mask selects its first element; an index out of range is clamped into it)."""
     begin, end, strides = (_ints(model, op, s) for s in (1, 2, 3))
     o = op.options
-    index = []
+    bits = {k: [(o.get(k, 0) >> j) & 1 for j in range(len(begin))]
+            for k in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask", "begin_mask", "end_mask")}
+    kinds = ["ellipsis" if bits["ellipsis_mask"][j] else "new" if bits["new_axis_mask"][j] else "axis"
+             for j in range(len(begin))]
+    span = len(shape) - kinds.count("axis")  # input axes the ellipsis stands for
+    index, axis = [], 0
     for j, (b, e, s) in enumerate(zip(begin, end, strides)):
-        if (o.get("ellipsis_mask", 0) >> j) & 1:
+        if kinds[j] == "ellipsis":
             index.append(Ellipsis)
-        elif (o.get("new_axis_mask", 0) >> j) & 1:
+            axis += span
+            continue
+        if kinds[j] == "new":
             index.append(np.newaxis)
-        elif (o.get("shrink_axis_mask", 0) >> j) & 1:
+            continue
+        size = shape[axis]
+        axis += 1
+        if bits["shrink_axis_mask"][j]:
+            b = 0 if bits["begin_mask"][j] else min(max(b + size if b < 0 else b, 0), size - 1)
             index.append(b)
-        else:
-            if o.get("offset", False):  # end is a length from begin (no ellipsis / new axes here)
-                b = b + shape[j] if b < 0 else b
-                e = b + e
-            index.append(slice(None if (o.get("begin_mask", 0) >> j) & 1 else b,
-                               None if (o.get("end_mask", 0) >> j) & 1 else e, s))
+            continue
+        if o.get("offset", False):  # end is a length from begin (no ellipsis / new axes here)
+            b = b + size if b < 0 else b
+            e = b + e
+        index.append(slice(None if bits["begin_mask"][j] else b, None if bits["end_mask"][j] else e, s))
     return tuple(index)
 
 
@@ -107,6 +118,8 @@ def backward(model, op, xs: list, ys: list, gs: list) -> list:
     """Per input slot, the sum of the output gradients that came from each element (None for
     constants and non-data slots)."""
     slots = [s for s in _data_slots(op) if not model.tensors[op.inputs[s]].is_constant]
+    if not slots:  # constants only (FILL)
+        return [None] * len(op.inputs)
     ids, offset = list(xs), 0
     for s in slots:  # positions, numbered across the data inputs
         size = np.asarray(xs[s]).size

@@ -140,17 +140,13 @@ def gen_strided_slice(rng):
         shape = _shape(rng, rank, 6)
         dtype, q = _dtype(rng, 0.1)
         begin, end, strides, opts = _slice_spec(rng, shape)
-        # the output shape: from numpy on the spec, then checked by the kernel's prepare
-        try:
-            x0 = np.zeros(shape)
-            y0 = ref_movement._one_sample(None, SimpleNamespace(kind="STRIDED_SLICE", options=opts, inputs=[0, 1, 2, 3]),
-                                          [x0]) if False else None
-        except Exception:
-            y0 = None
         g = GraphBuilder()
         x = g.tensor("x", shape, dtype, q)
         ins = [x, _ints(g, "begin", begin), _ints(g, "end", end), _ints(g, "strides", strides)]
-        out_shape = _slice_out_shape(shape, begin, end, strides, opts)
+        try:
+            out_shape = _slice_out_shape(shape, begin, end, strides, opts)
+        except IndexError:  # more indices than axes: the kernel refuses those (tested below)
+            continue
         if out_shape is None:
             continue
         y = g.tensor("y", out_shape, dtype, q)
@@ -353,11 +349,12 @@ def model_case(name: str, i: int):
 def test_random_movement_models_match_litert(name):
     failures = []
     for i in range(N_MODELS):
+        desc = {}
         try:
             model, xs, desc = model_case(name, i)
             msg = compare(model, xs, got=engine_outputs(model, xs))
         except Exception as e:  # a model LiteRT or the engine refuses is a failure too
-            desc, msg = locals().get("desc", {}), f"{type(e).__name__}: {e}"
+            msg = f"{type(e).__name__}: {e}"
         if msg is not None:
             failures.append(f"  model {i}: {desc}\n    {msg}")
     if failures:
@@ -365,6 +362,17 @@ def test_random_movement_models_match_litert(name):
         pytest.fail(f"{name}: {len(failures)} of {N_MODELS} random models disagree with LiteRT "
                     f"(reproduce with tests/test_ops_movement.model_case({name!r}, i)):\n{shown}",
                     pytrace=False)
+
+
+def _unchecked(g, inputs, outputs):
+    """The builder's graph as a Model without the engine's checks (to hand LiteRT what we refuse)."""
+    from edge_qmul.graph import Model
+    raw = Model.__new__(Model)
+    raw.tensors, raw.ops, raw.inputs, raw.outputs = g.tensors, g.ops, list(inputs), list(outputs)
+    raw.metadata, raw.description, raw.signature = {}, "edge_qmul", None
+    for i, op in enumerate(raw.ops):
+        op.index = i
+    return raw
 
 
 def _refused_by_litert(model) -> bool:
@@ -394,13 +402,7 @@ def test_int8_concatenation_without_rescaling_like_litert(case):
     g = _concat_model((q, other), q, "RELU" if case == "activation" else "NONE")
     with pytest.raises(ModelError, match=r"op CONCATENATION \(index 0\)"):
         g.model([0, 1], [2])
-    from edge_qmul.graph import Model
-    raw = Model.__new__(Model)  # the same graph, unchecked, for LiteRT
-    raw.tensors, raw.ops, raw.inputs, raw.outputs = g.tensors, g.ops, [0, 1], [2]
-    raw.metadata, raw.description, raw.signature = {}, "edge_qmul", None
-    for i, op in enumerate(raw.ops):
-        op.index = i
-    assert _refused_by_litert(raw)
+    assert _refused_by_litert(_unchecked(g, [0, 1], [2]))
 
 
 @pytest.mark.parametrize("build", ["batch_slice", "batch_squeeze", "batch_tile", "batch_split",
@@ -534,7 +536,7 @@ def test_movement_backward_matches_reference(name):
             got = g.real()
             cos = float(np.dot(got.ravel(), w.ravel()) / (np.linalg.norm(got) * np.linalg.norm(w)))
             worst = min(worst, cos)
-            np.testing.assert_allclose(got, w, rtol=0, atol=g.scale * 0.5 + 1e-12 * np.abs(w).max(),
+            np.testing.assert_allclose(got, w, rtol=0, atol=g.scale * (0.5 + 1e-4),
                                        err_msg=f"{name} model {i} {desc}: slot {slot}")
             assert cos >= 0.99
             checked += 1
@@ -544,31 +546,25 @@ def test_movement_backward_matches_reference(name):
 
 # --- the option codec for vectors ----------------------------------------------------------------
 
-@pytest.mark.parametrize("dims", [[2], [-1, 1], []])
+@pytest.mark.parametrize("dims", [[2], [-1, 2], []])
 def test_squeeze_dims_round_trip(dims):
     """squeeze_dims is a vector field: written and read back as the same list ([] included)."""
+    from edge_qmul.tflite.reader import _parse
     g = GraphBuilder()
     q = qp(0.1, 1)
-    x = g.tensor("x", (1, 3, 1, 1) if dims else (1, 3), I8, q)
-    y = g.tensor("y", (1, 3, 1) if len(dims) == 1 else (1, 3), I8, q)
+    x = g.tensor("x", (1, 3, 1, 1), I8, q)
+    y = g.tensor("y", (1, 3, 1) if len(dims) == 1 else (1, 3) if dims else (3,), I8, q)
     g.op("SQUEEZE", [x], [y], squeeze_dims=dims)
-    if not dims:  # squeezing every size-1 axis would take the batch: write it unchecked
-        g.op("RESHAPE", [x], [y])
-        g.ops = g.ops[:1]
-        from edge_qmul.tflite.writer import _options
-        import flatbuffers
-        import tflite
-        b = flatbuffers.Builder(64)
-        tag, off = _options(b, "SQUEEZE", {"squeeze_dims": []})
-        b.Finish(off)
-        opt = tflite.SqueezeOptions()
-        opt.Init(b.Output(), flatbuffers.util.GetApplicationOutputOffset(b.Output(), 0)) if False else None
-        assert tag == tflite.BuiltinOptions.SqueezeOptions
-        return
-    model = g.model([x], [y])
-    back = load_tflite(to_bytes(model))
-    assert back.ops[0].options["squeeze_dims"] == dims
-    assert to_bytes(back) == to_bytes(model)
+    if dims:
+        model = g.model([x], [y])
+        back = load_tflite(to_bytes(model))
+        assert back.ops[0].options["squeeze_dims"] == dims
+        assert to_bytes(back) == to_bytes(model)
+    else:  # squeezing every size-1 axis takes the batch too: the engine refuses, the file keeps []
+        with pytest.raises(ModelError, match="batch axis"):
+            g.model([x], [y])
+        _, ops, *_ = _parse(to_bytes(_unchecked(g, [x], [y])))
+        assert ops[0].options["squeeze_dims"] == []
 
 
 # --- the zoo's unrolled LSTM, op by op --------------------------------------------------------------

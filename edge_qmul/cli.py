@@ -18,7 +18,19 @@ class CLIError(Exception):
 
 def _info(args: argparse.Namespace) -> int:
     from .tflite import load_tflite
-    model = load_tflite(args.model)
+    try:
+        model = load_tflite(args.model)
+    except ModelError as e:
+        if not e.unsupported:
+            raise
+        # the whole distance at once: every op without a kernel, with its count and positions
+        total = sum(len(v) for v in e.unsupported.values())
+        print(f"{args.model}: not supported: {total} op(s) of {len(e.unsupported)} kind(s) have no kernel",
+              file=sys.stderr)
+        for kind, where in sorted(e.unsupported.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            shown = ", ".join(map(str, where[:12])) + (", ..." if len(where) > 12 else "")
+            print(f"  {kind:<32} x{len(where):<4} at op index {shown}", file=sys.stderr)
+        return 2
     data = Path(args.model).read_bytes()
     print(f"model: {args.model}")
     print(f"sha256: {hashlib.sha256(data).hexdigest()}")

@@ -73,7 +73,7 @@ def _run(model, op, xs):
         q_raw = o * tc / s_hid + zp_hid
         q = np.clip(q_raw, -128, 127)
         q_in = (q_raw > -128 + TOL) & (q_raw < 127 - TOL)
-        tape.append((x[:, t], h, c, i, f, g, o, c_in, tc, q_in))
+        tape.append((x[:, t], h, c, i, f, g, o, c_in, tc, q_in, c_raw))
         ys[:, t] = s_out * (q - zp_out)
         h = s_st * (q - zp_st)
         c = c_new
@@ -95,7 +95,7 @@ def backward(model, op, xs, ys, gs):
     dh_rec = np.zeros((n, n_cell))   # dL/d(real recurrent input h_t) from step t + 1
     dc_next = np.zeros((n, n_cell))
     for t in range(steps - 1, -1, -1):
-        xt, h_prev, c_prev, i, f, g, o, c_in, tc, q_in = tape[t]
+        xt, h_prev, c_prev, i, f, g, o, c_in, tc, q_in, _ = tape[t]
         dq = (gy[:, t] * s_out + dh_rec * s_st) * q_in        # dL/dq
         dhh = dq / s_hid                                      # dL/d(o * tanh c)
         dc = (dc_next + dhh * o * (1 - tc ** 2)) * c_in

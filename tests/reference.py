@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_qmul.graph import PARAMETER_SLOTS, Model
+from edge_qmul.graph import Model
 from edge_qmul.kernels.common import window
 from edge_qmul.quant import QuantParams, activation_range
 
@@ -30,6 +30,7 @@ from edge_qmul.quant import QuantParams, activation_range
 MASK_TOL = 1e-9
 
 _CONV_KINDS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+_LINEAR_KINDS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _POOL_KINDS = ("AVERAGE_POOL_2D", "MAX_POOL_2D")
 
 
@@ -112,9 +113,8 @@ def real_parameters(model: Model) -> dict[str, np.ndarray]:
     """
     out: dict[str, np.ndarray] = {}
     for op in model.ops:
-        slots = PARAMETER_SLOTS.get(op.kind)
-        if not slots:
-            continue
+        if op.kind not in _LINEAR_KINDS:
+            continue  # registered ops (tests/ref_*.py) read their own parameters
         w_t = model.tensors[op.inputs[1]]
         cout = w_t.shape[3] if op.kind == "DEPTHWISE_CONV_2D" else w_t.shape[0]
         s_w = np.broadcast_to(w_t.quant.scale.astype(np.float64), (cout,))
@@ -294,7 +294,7 @@ def _op_forward(model: Model, op, values: dict[int, np.ndarray], params: dict[st
     if kind in REGISTERED:
         return REGISTERED[kind][0](model, op, _slot_values(model, op, values))
     x = _operand(model, values, op.inputs[0])
-    if kind in PARAMETER_SLOTS:
+    if kind in _LINEAR_KINDS:
         w = params[f"{op.name}.weight"]
         b = params.get(f"{op.name}.bias")
         fn = {"CONV_2D": _conv_forward, "DEPTHWISE_CONV_2D": _depthwise_forward,

@@ -71,10 +71,25 @@ def test_float_model_is_refused():
         load_tflite(data)  # ...but not an int8 one
 
 
-@pytest.mark.parametrize("kind", ["TANH", "LOGISTIC", "CONCATENATION"])
+@pytest.mark.parametrize("kind", ["SQUARED_DIFFERENCE", "GATHER", "ARG_MAX"])
 def test_unsupported_op_names_op_and_index(kind):
-    with pytest.raises(ModelError, match=rf"unsupported op {kind} at index 0"):
+    with pytest.raises(ModelError, match=rf"unsupported ops: {kind} x1 \(at index 0\)"):
         load_tflite(_int8_op_bytes(kind))
+
+
+def test_every_unsupported_op_is_listed_with_its_count():
+    """A user learns the whole distance at once, not one op per attempt."""
+    q = QuantParams([0.05], [3])
+    i8 = np.dtype(np.int8)
+    kinds = ["EXP", "RELU", "EXP", "SQUARED_DIFFERENCE", "EXP", "LOG"]
+    tensors = [Tensor(f"t{i}", (1, 4), i8, q) for i in range(len(kinds) + 1)]
+    ops = [Op(k, [i], [i + 1], {}, version=1) for i, k in enumerate(kinds)]
+    with pytest.raises(ModelError) as e:
+        load_tflite(to_bytes(_raw_model(tensors, ops, [0], [len(kinds)])))
+    msg = str(e.value)
+    assert "EXP x3 (at index 0, 2, 4)" in msg and "LOG x1 (at index 5)" in msg, msg
+    assert "SQUARED_DIFFERENCE x1 (at index 3)" in msg and "5 of 6 ops" in msg, msg
+    assert "RELU x" not in msg  # supported
 
 
 def test_bad_tensor_index():

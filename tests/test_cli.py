@@ -27,3 +27,24 @@ def test_info_bad_file(tmp_path):
     r = _cli("info", str(bad))
     assert r.returncode == 2
     assert "bad.tflite" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_lists_every_unsupported_op(tmp_path, capsys):
+    """A refused model: every op kind without a kernel, with its count and positions, exit 2."""
+    import numpy as np
+
+    from edge_qmul import Op, QuantParams, Tensor
+    from edge_qmul.cli import main
+    from edge_qmul.tflite import to_bytes
+    from test_bad_input import _raw_model
+    q = QuantParams([0.05], [3])
+    kinds = ["EXP", "LOGISTIC", "EXP", "GATHER_ND"]
+    tensors = [Tensor(f"t{i}", (1, 4), np.dtype(np.int8), q) for i in range(len(kinds) + 1)]
+    ops = [Op(k, [i], [i + 1], {}, version=1) for i, k in enumerate(kinds)]
+    path = tmp_path / "m.tflite"
+    path.write_bytes(to_bytes(_raw_model(tensors, ops, [0], [len(kinds)])))
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "3 op(s) of 2 kind(s)" in err[0]
+    assert err[1].split() == ["EXP", "x2", "at", "op", "index", "0,", "2"]
+    assert err[2].split() == ["GATHER_ND", "x1", "at", "op", "index", "3"]

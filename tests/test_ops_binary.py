@@ -25,12 +25,13 @@ SEED = 20240612
 N_MODELS = int(os.environ.get("EDGE_QMUL_RANDOM_OPS_N", "300"))
 I8 = np.int8
 PATTERNS = ("same", "same_const", "bcast_input", "bcast_const", "low_rank_const", "scalar",
-            "per_channel", "row", "column", "both")
+            "per_channel", "row", "column", "both", "generic")
 
 
 def _shapes(rng, pattern: str):
     """(full shape, shape of the other operand, other is constant, operand a's shape)."""
-    ranks = {"row": [2, 3, 4], "column": [2, 3, 4], "both": [3, 4, 5]}.get(pattern, [2, 3, 4, 4, 4, 5, 6])
+    ranks = {"row": [2, 3, 4], "column": [2, 3, 4], "both": [3, 4, 5], "generic": [4, 5, 6]}.get(
+        pattern, [2, 3, 4, 4, 4, 5, 6])
     rank = int(rng.choice(ranks))
     full = (1,) + tuple(int(v) for v in rng.integers(1, 8 if rank < 5 else 4, rank - 1))
     if rng.random() < 0.4:  # a last axis with a 16-wide vector part and a tail
@@ -55,6 +56,11 @@ def _shapes(rng, pattern: str):
     elif pattern == "column":  # (1, ..., H, 1)
         other = full[:-1] + (1,)
         const = rng.random() < 0.5
+    elif pattern == "generic":  # ones alternating between the inputs: no five-fold pattern
+        full = (1,) + tuple(max(d, 2) for d in full[1:])
+        shape_a = tuple(1 if k in (rank - 2, rank - 4) else d for k, d in enumerate(full))
+        other = tuple(1 if k in (rank - 1, rank - 3) else d for k, d in enumerate(full))
+        const = rng.random() < 0.3
     else:  # "both": each input broadcast along an axis the other has
         full = full[:-2] + (max(full[-2], 2), max(full[-1], 2))
         shape_a, other = full[:-1] + (1,), full[:-2] + (1, full[-1])
@@ -171,6 +177,9 @@ def test_backward_matches_float64_reference(kind):
             c = _cosine(got, want[slot])
             worst[slot] = min(worst[slot], c)
             assert c >= 0.99, f"{kind} model {i} slot {slot}: cosine {c:.4f} ({_fmt(desc)})"
+            # the cosine ignores the error's scale: the norms must agree as well
+            ratio = np.linalg.norm(got) / np.linalg.norm(want[slot])
+            assert abs(ratio - 1) < 0.01, f"{kind} model {i} slot {slot}: norm ratio {ratio:.4f}"
     COSINES[kind] = worst
     print(f"{kind}: worst gradient cosine per input slot {worst}")
 

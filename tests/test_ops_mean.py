@@ -174,3 +174,18 @@ def test_mean_backward_broadcasts_the_error():
         np.testing.assert_allclose(gx.real(), want, rtol=1e-12, atol=0)
         ctx.wants = [False, False]
         assert mean.KERNELS["MEAN"].backward(p, ctx) == [None, None]
+
+
+def test_conv1d_fixture_gradients_through_mean_match_reference():
+    """The trainer's integer gradients of the Conv1D model (MEAN over time on the path) against
+    the float64 reference."""
+    import test_train
+    from edge_qmul.graph import Model
+    from edge_qmul.kernels import unsupported_ops
+    from edge_qmul.quant import quantize
+    from edge_qmul.tflite.reader import _parse
+    model = Model(*_parse((ZOO / "conv1d_har_floatio.tflite").read_bytes()))
+    if unsupported_ops(model):
+        pytest.skip(f"other ops of the model are not supported yet: {dict(unsupported_ops(model))}")
+    x8 = quantize(np.load(ZOO / "conv1d_har_floatio.npz")["x"][:8], model.tensors[model.core_inputs[0]].quant)
+    assert test_train.check_gradients(model, x8, np.random.default_rng(0).integers(0, 2, 8)) > 0

@@ -176,3 +176,20 @@ def test_unet_fixture_whole_model_matches_litert_when_supported():
         pytest.skip(f"other ops of the model are not supported yet: {dict(missing)}")
     data = np.load(zoo / "unet_small.npz")
     np.testing.assert_array_equal(np.asarray(model.predict(data["x"])), data["y_builtin"])
+
+
+def test_unet_fixture_gradients_through_resize_match_reference():
+    """The trainer's integer gradients of the zoo U-Net (two RESIZE_NEAREST_NEIGHBOR on the path)
+    against the float64 reference."""
+    from pathlib import Path
+
+    import test_train
+    from edge_qmul.graph import Model
+    from edge_qmul.kernels import unsupported_ops
+    from edge_qmul.tflite.reader import _parse
+    zoo = Path(__file__).parent / "fixtures" / "zoo"
+    model = Model(*_parse((zoo / "unet_small.tflite").read_bytes()))
+    if unsupported_ops(model):
+        pytest.skip(f"other ops of the model are not supported yet: {dict(unsupported_ops(model))}")
+    x8 = np.load(zoo / "unet_small.npz")["x"][:8]
+    assert test_train.check_gradients(model, x8, np.random.default_rng(0).integers(0, 2, 8)) > 0

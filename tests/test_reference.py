@@ -158,7 +158,7 @@ def calibrate(net: Net, model: Model, x: np.ndarray) -> Model:
             return ref._op_forward(model, op, ref.forward(model, x), ref.real_parameters(model))
 
         y = unclipped()
-        if op.kind in ref.PARAMETER_SLOTS:
+        if op.kind in ref._LINEAR_KINDS:
             # scale the filter (and with it the bias' real value) to the wanted spread
             gain = net.targets[y_t] / max(float(np.std(y)), 1e-12)
             wt = tensors[op.inputs[1]]
@@ -175,7 +175,7 @@ def calibrate(net: Net, model: Model, x: np.ndarray) -> Model:
             scale = max(float(np.quantile(y, 0.97)) / (127 - zp), -float(np.quantile(y, 0.03)) / (128 + zp))
         tensors[y_t].quant = qp(scale, zp)
         for slot in (2,):  # keep the int32 bias' own quantization consistent (the writer stores it)
-            if op.kind in ref.PARAMETER_SLOTS and len(op.inputs) > slot and op.inputs[slot] >= 0:
+            if op.kind in ref._LINEAR_KINDS and len(op.inputs) > slot and op.inputs[slot] >= 0:
                 bt = tensors[op.inputs[slot]]
                 s = np.float32(tensors[op.inputs[0]].quant.s) * tensors[op.inputs[1]].quant.scale
                 bt.quant = QuantParams(s, np.zeros(s.size, np.int64), 0)

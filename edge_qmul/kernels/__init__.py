@@ -47,9 +47,13 @@ def check_supported(model) -> None:
     (ModelError naming the first op that fails to prepare)."""
     missing = unsupported_ops(model)
     if missing:
-        listed = ", ".join(f"{k} x{n}" for k, n in sorted(missing.items()))
-        raise ModelError(f"unsupported ops: {listed} ({sum(missing.values())} of {len(model.ops)} ops); "
-                         f"supported: {', '.join(SUPPORTED_OPS)}")
+        where = {k: [op.index for op in model.ops if op.kind == k] for k in missing}
+        listed = ", ".join(f"{k} x{n} (at index {', '.join(map(str, where[k][:8]))}"
+                           f"{', ...' if n > 8 else ''})" for k, n in sorted(missing.items()))
+        e = ModelError(f"unsupported ops: {listed} ({sum(missing.values())} of {len(model.ops)} ops); "
+                       f"supported: {', '.join(SUPPORTED_OPS)}")
+        e.unsupported = where
+        raise e
     model._prepared = [prepare(op, model) for op in model.ops]
 
 

@@ -52,8 +52,6 @@ class BinaryParams:
     vector_end: int     # MUL, same shapes: elements [0, vector_end) are made by the vector body
     scale1: float       # input scales, for the MUL backward
     scale2: float
-    zp1: int
-    zp2: int
 
 
 def prepare(op, model) -> BinaryParams:
@@ -89,9 +87,11 @@ def prepare(op, model) -> BinaryParams:
         table2 = _input_table(-qb.zp, *quantize_multiplier(float(qb.s) / twice_max))
         mo, sh = quantize_multiplier(twice_max / float(np.float32(1 << LEFT_SHIFT) * np.float32(qo.s)))
         if sh > 0:
-            # LiteRT then calls MultiplyByQuantizedMultiplierSmallerThanOneExp with a left shift
-            # (a negative RoundingDivideByPOT exponent: undefined behaviour in C++).
-            raise ModelError(f"{where(op)}: output scale {qo.s:g} is below 2^-19 of the input scales")
+            # An output multiplier >= 1: LiteRT 2.3.0 aborts (a CHECK in
+            # QuantizeMultiplierSmallerThanOneExp) or, above 1, rescales with a negative
+            # RoundingDivideByPOT exponent (undefined behaviour: +-1 on x86).
+            raise ModelError(f"{where(op)}: output scale {qo.s:g} is at or below 2^-19 of the larger "
+                             "input scale; LiteRT cannot run it")
     size = int(np.prod(so[1:], dtype=np.int64))
     same = sa == sb == so
     sample = (1,) + so[1:]
@@ -103,7 +103,7 @@ def prepare(op, model) -> BinaryParams:
             for s in (sa, sb))
     vector = _vector_lanes(sa, sb, size) if kind == "MUL" and not same else np.empty(0, np.bool_)
     return BinaryParams(kind, -qa.zp, -qb.zp, table1, table2, mo, sh, qo.zp, lo, hi, so[1:], size,
-                        index1, index2, vector, size - size % LANES, float(qa.s), float(qb.s), qa.zp, qb.zp)
+                        index1, index2, vector, size - size % LANES, float(qa.s), float(qb.s))
 
 
 def _vector_lanes(shape0: tuple, shape1: tuple, size: int) -> np.ndarray:
@@ -284,27 +284,29 @@ def backward(p: BinaryParams, ctx: Backward) -> list:
             continue
         x = ctx.inputs[slot]
         if p.kind == "SUB":
-            sign = 1 if slot == 0 else -1
             if x.shape == g.shape:
-                out[slot] = Error(g.copy() if sign > 0 else -g, err.scale)
+                out[slot] = Error(-g if slot else g.copy(), err.scale)
             else:
-                out[slot] = from_accumulator(sign * _unbroadcast(g.astype(np.int64), x.shape), err.scale)
+                acc = _unbroadcast(g, x.shape)
+                out[slot] = from_accumulator(-acc if slot else acc, err.scale)
             continue
-        other = ctx.inputs[1 - slot]
-        zp, scale = (p.zp2, p.scale2) if slot == 0 else (p.zp1, p.scale1)
-        prod = np.multiply(g, np.asarray(other, np.int32) - np.int32(zp), dtype=np.int32)
+        # the other input's q - zero point, in [-255, 255]: int16; numpy widens per chunk
+        offset, scale = (p.offset2, p.scale2) if slot == 0 else (p.offset1, p.scale1)
+        other = np.add(ctx.inputs[1 - slot], np.int16(offset), dtype=np.int16)
+        prod = np.multiply(g, other, dtype=np.int32)
         out[slot] = from_accumulator(_unbroadcast(prod, x.shape), err.scale * scale)
     return out
 
 
 def backward_bytes(op, model, q: MemoryQuery) -> int:
-    """The output error, each wanted input's int16 error and, for MUL, the int32 products (output
-    size) and int64 sums of one broadcast input at a time. An upper bound for SUB (copies) too."""
+    """The int16 output error and input errors, and the transients of one input at a time: for MUL
+    the other input's int16 offsets and the int32 products (at most the output's size each), and
+    int64 sums over broadcast axes (the input's size). An upper bound for SUB (no products)."""
     out = q.elems(op.outputs[0])
     wanted = [q.elems(t) for t in op.inputs if t >= 0 and q.wants(t)]
     if not wanted:
         return 2 * out
-    return 2 * out + 2 * sum(wanted) + 4 * out + 8 * max(wanted)
+    return 2 * out + 2 * sum(wanted) + (2 + 4) * out + 8 * max(wanted)
 
 
 KERNELS = {

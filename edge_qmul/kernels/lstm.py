@@ -39,8 +39,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import ModelError
-from ..grad import Error, from_accumulator
-from ..quant import multiply_by_quantized_multiplier, quantize_multipliers, rounding_divide_by_pot
+from ..grad import from_accumulator
+from ..quant import multiply_by_quantized_multiplier, quantize_multipliers
 from .common import tensor, where
 from .contract import Kernel, MemoryQuery
 
@@ -148,7 +148,8 @@ def _exp_negative16(a, integer_bits):
 
 @njit(cache=True)
 def _newton_reciprocal16(a):
-    # x ~ 1 / (1 + a) in F2 by Newton-Raphson, a in F0; returns (x, ) in F2 raw
+    # the Newton-Raphson loop shared by one_over_one_plus_x_for_x_in_0_1 and
+    # one_minus_x_over_one_plus_x_for_x_in_0_1: x ~ 1 / ((1 + a) / 2) in F2, a in F0 (raw values)
     half_denominator = a + 32767
     half_denominator = (half_denominator + (1 if half_denominator >= 0 else -1))
     half_denominator = half_denominator // 2 if half_denominator >= 0 else -((-half_denominator) // 2)
@@ -586,22 +587,39 @@ def lstm_grad_params(dz, x, hprev, x_zp, h_zp):
     steps, dW_h[g] likewise with the previous hidden state, db[g] = sum dz[g]."""
     n, steps, _, n_cell = dz.shape
     n_input = x.shape[2]
-    gx = np.zeros((4, n_cell, n_input), np.int64)
-    gh = np.zeros((4, n_cell, n_cell), np.int64)
-    gb = np.zeros((4, n_cell), np.int64)
+    rows = n * steps
+    # (x - zp) and (h - zp) rows made once; each (gate, cell) row of the gradient sums over rows
+    xc = np.empty((rows, n_input), np.int64)
+    hc = np.empty((rows, n_cell), np.int64)
+    d2 = dz.reshape(rows, 4 * n_cell)
+    for b in range(n):
+        for t in range(steps):
+            for k in range(n_input):
+                xc[b * steps + t, k] = np.int64(x[b, t, k]) - x_zp
+            for k in range(n_cell):
+                hc[b * steps + t, k] = np.int64(hprev[b, t, k]) - h_zp
+    gx = np.zeros((4 * n_cell, n_input), np.int64)
+    gh = np.zeros((4 * n_cell, n_cell), np.int64)
+    gb = np.zeros(4 * n_cell, np.int64)
     for gr in prange(4 * n_cell):
-        g, r = gr // n_cell, gr % n_cell
-        for b in range(n):
-            for t in range(steps):
-                d = dz[b, t, g, r]
-                if d == 0:
-                    continue
-                gb[g, r] += d
-                for k in range(n_input):
-                    gx[g, r, k] += d * (np.int64(x[b, t, k]) - x_zp)
-                for k in range(n_cell):
-                    gh[g, r, k] += d * (np.int64(hprev[b, t, k]) - h_zp)
-    return gx, gh, gb
+        ax = np.zeros(n_input, np.int64)
+        ah = np.zeros(n_cell, np.int64)
+        s = np.int64(0)
+        for row in range(rows):
+            d = d2[row, gr]
+            if d == 0:
+                continue
+            s += d
+            xr = xc[row]
+            hr = hc[row]
+            for k in range(n_input):
+                ax[k] += d * xr[k]
+            for k in range(n_cell):
+                ah[k] += d * hr[k]
+        gx[gr] = ax
+        gh[gr] = ah
+        gb[gr] = s
+    return gx.reshape(4, n_cell, n_input), gh.reshape(4, n_cell, n_cell), gb.reshape(4, n_cell)
 
 
 def backward_bytes(op, model, q: MemoryQuery) -> int:

@@ -64,7 +64,7 @@ def _const_ints(model, op, slot: int, what: str, count: int | None = None) -> li
     if not t.is_constant:
         raise ModelError(f"{where(op)}: {what} (input {slot}, {t.name!r}) must be a constant")
     if np.dtype(t.dtype) not in (np.dtype(np.int32), np.dtype(np.int64)):
-        raise ModelError(f"{where(op)}: {what} ({t.name!r}) is {np.dtype(t.dtype).name}, int32 expected")
+        raise ModelError(f"{where(op)}: {what} ({t.name!r}) is {np.dtype(t.dtype).name}, int32 or int64 expected")
     if len(t.shape) > 1:
         raise ModelError(f"{where(op)}: {what} ({t.name!r}) must be a scalar or a vector")
     values = [int(v) for v in np.asarray(t.data).reshape(-1)]

@@ -50,7 +50,7 @@ def load_tflite(src: str | os.PathLike | bytes | bytearray | memoryview) -> Mode
     try:
         return Model(*parts)
     except ModelError as e:
-        raise ModelError(f"{origin}: {e}") from None
+        raise e.prefixed(origin) from None
 
 
 def _length(n: int, buf: bytes, what: str, elem_bytes: int = 4) -> int:

@@ -49,6 +49,8 @@ class Op:
     options: dict = field(default_factory=dict)
     version: int | None = None  # None: the writer picks the usual int8 version of the op
     index: int = 0
+    intermediates: list[int] = field(default_factory=list)  # tensors that only carry quantization
+                                                             # of an op's internals (an int8 LSTM's gates)
 
     @property
     def name(self) -> str:

@@ -51,6 +51,9 @@ def run(model_bytes: bytes, x: np.ndarray, builtin: bool = True, per_sample: boo
         return it.get_tensor(out).copy()
     ys = []
     for s in range(x.shape[0]):
+        # each sample is its own sequence: state (an LSTM's variable tensors) starts at zero, as the
+        # engine's does
+        it.reset_all_variables()
         it.set_tensor(inp, x[s:s + 1])
         it.invoke()
         ys.append(it.get_tensor(out).copy())

@@ -31,10 +31,12 @@ import numpy as np
 
 from .errors import ModelError
 from .graph import Model, Op, Tensor
+from .kernels import KERNELS, evaluate, prepare
 from .quant import INT8_MAX, INT8_MIN, QuantParams, dequantize, quantize, round_half_away
 
 # Ops whose output shares its input's scale and zero point (data movement or order statistics).
-SHARED_QUANT_OPS = ("MAX_POOL_2D", "AVERAGE_POOL_2D", "RESHAPE", "PAD")
+# Ops whose outputs keep their input's quantization (they move values), from the kernel registry.
+SHARED_QUANT_OPS = tuple(sorted(k for k, v in KERNELS.items() if v.output_quant == "input"))
 WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _INT32 = np.iinfo(np.int32)
 
@@ -100,13 +102,6 @@ def _weight_axis(kind: str) -> int:
     return 3 if kind == "DEPTHWISE_CONV_2D" else 0
 
 
-def _row_abs_sums(kind: str, w_real: np.ndarray) -> np.ndarray:
-    """Per output channel sum |w| over the taps one output element reads."""
-    if kind == "DEPTHWISE_CONV_2D":
-        return np.abs(w_real).sum(axis=(0, 1, 2))
-    return np.abs(w_real).reshape(w_real.shape[0], -1).sum(axis=1)
-
-
 def _measure(v: np.ndarray, activation: str, percentile: float) -> tuple[float, float]:
     v = v.reshape(-1).astype(np.float64)
     if v.size == 0:
@@ -133,21 +128,21 @@ def calibrate(model: Model, calib_x: np.ndarray, input_quantization: QuantParams
     1. Weighted ops (CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED) get their weights quantized per
        channel (from ``float_params[op_index] = (w, b)`` when given, else kept) and their int32 bias
        requantized at the now-final ``s_in * s_w[c]``.
-    2. The output gets a provisional, conservative scale from a bound that cannot be exceeded
-       (``max_c sum|w[c]| * max|x| + |b[c]|``; ``max|a| + max|b|`` for ADD; ``max|x|`` for MEAN).
+    2. The output gets a provisional, conservative scale from a bound that cannot be exceeded,
+       the kernel's ``output_bound`` (``max_c sum|w[c]| * max|x| + |b[c]|`` for weighted ops,
+       ``max|a| + max|b|`` for ADD, ``max|x|`` for MEAN, ...).
     3. The op runs; its dequantized output's range (``percentile`` of the values, min/max for model
        outputs) widened by one provisional step sets a refined scale; the op runs again at that finer
        scale and the re-measured range times ``margin`` sets the final scale and zero point. Outputs
        with a fused RELU / RELU6 get zero point -128 (range [0, max]).
-    4. MAX_POOL_2D, AVERAGE_POOL_2D, RESHAPE and PAD share their input's quantization; SOFTMAX
-       outputs use LiteRT's fixed 1/256, -128.
+    4. Ops the registry marks ``output_quant="input"`` (pools, RESHAPE, PAD, data movement) share
+       their input's quantization; "fixed" ones take what their definition fixes (SOFTMAX 1/256,
+       -128; LOGISTIC, TANH).
 
     ``calib_x`` is a float batch in the model input's real range (quantized with
     ``input_quantization``, or the input tensor's current quantization), or an int8 batch. The model
     is changed in place and returned, re-prepared.
     """
-    from .kernels import evaluate, prepare
-
     tensors = model.tensors
     float_params = float_params or {}
     if len(model.core_inputs) != 1:
@@ -176,21 +171,26 @@ def calibrate(model: Model, calib_x: np.ndarray, input_quantization: QuantParams
         args = [values[i] if i in values else (tensors[i].data if i >= 0 else None) for i in op.inputs]
         return evaluate(op, prepare(op, model), args)
 
+    def store(op, result) -> None:
+        for t, v in zip(op.outputs, [result] if len(op.outputs) == 1 else result):
+            values[t] = v
+
     for op in model.ops:
         if op.kind in ("QUANTIZE", "DEQUANTIZE") and (op.outputs[0] == t_in or op.inputs[0] in core_out):
             continue  # the float interface, if any
+        kernel = KERNELS.get(op.kind)
+        if kernel is None:
+            raise ModelError(f"calibrate: op {op.kind} (index {op.index}) has no kernel")
         out_t = op.outputs[0]
         out = tensors[out_t]
         act = op.options.get("activation", "NONE")
-        if op.kind in SHARED_QUANT_OPS:
-            out.quant = tensors[op.inputs[0]].quant
-            values[out_t] = run(op)
+        if kernel.output_quant in ("input", "fixed"):  # the op's definition sets the output's
+            q = tensors[op.inputs[0]].quant if kernel.output_quant == "input" else kernel.fixed_quant(op, model)
+            for t in op.outputs:
+                tensors[t].quant = q
+            store(op, run(op))
             continue
-        if op.kind == "SOFTMAX":
-            out.quant = QuantParams(np.array([1.0 / 256], np.float32), np.array([INT8_MIN]))
-            values[out_t] = run(op)
-            continue
-        if op.kind in WEIGHTED_OPS:
+        if kernel.parameters and op.kind in WEIGHTED_OPS:
             s_in = float(tensors[op.inputs[0]].quant.s)
             wt = tensors[op.inputs[1]]
             axis = _weight_axis(op.kind)
@@ -198,7 +198,6 @@ def calibrate(model: Model, calib_x: np.ndarray, input_quantization: QuantParams
             w_float, b_float = float_params.get(op.index, (None, None))
             if w_float is not None:
                 wt.data, wt.quant = quantize_weights(w_float, axis)
-            w_real = dequantize(wt.data, wt.quant).astype(np.float64)
             s_w = np.broadcast_to(wt.quant.scale.astype(np.float64), (channels,))
             has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
             if b_float is None:
@@ -215,13 +214,9 @@ def calibrate(model: Model, calib_x: np.ndarray, input_quantization: QuantParams
                 bt.data = np.clip(round_half_away(b_float / b_scale.astype(np.float64)),
                                   _INT32.min, _INT32.max).astype(np.int32)
                 bt.quant = QuantParams(b_scale, np.zeros(channels, np.int64), 0)
-            bound = float(np.max(_row_abs_sums(op.kind, w_real) * absmax(op.inputs[0]) + np.abs(b_float)))
-        elif op.kind == "ADD":
-            bound = absmax(op.inputs[0]) + absmax(op.inputs[1])
-        elif op.kind == "MEAN":
-            bound = absmax(op.inputs[0])
-        else:
+        if kernel.output_bound is None:
             raise ModelError(f"calibrate: op {op.kind} (index {op.index}) has no calibration rule")
+        bound = kernel.output_bound(op, model, absmax)
 
         bound = max(bound, 1e-6)
         pct = output_percentile if out_t in core_out else percentile
@@ -236,7 +231,7 @@ def calibrate(model: Model, calib_x: np.ndarray, input_quantization: QuantParams
             lo, hi = _measure(dequantize(run(op), out.quant), act, pct)
             if hi - lo > 0:
                 out.quant = _activation_quant(lo * mrg, hi * mrg, act)
-        values[out_t] = run(op)
+        store(op, run(op))
 
     model._prepared = None
     from .kernels import check_supported

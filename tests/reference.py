@@ -285,7 +285,9 @@ def register(kind: str, forward, backward) -> None:
 
 
 def _slot_values(model: Model, op, values: dict[int, np.ndarray]) -> list:
-    return [None if t < 0 else _operand(model, values, t) for t in op.inputs]
+    """Real values per input slot; None for an absent input or a state (variable) tensor at zero."""
+    return [None if t < 0 or (t not in values and model.tensors[t].data is None)
+            else _operand(model, values, t) for t in op.inputs]
 
 
 def _op_forward(model: Model, op, values: dict[int, np.ndarray], params: dict[str, np.ndarray]):

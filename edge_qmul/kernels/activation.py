@@ -336,7 +336,21 @@ def fixed_quant(op, model) -> QuantParams:
     return QuantParams(np.float32(1.0 / 128), 0)
 
 
-_computed = Kernel(prepare, forward, backward, clamp, macs, backward_bytes)
+def output_bound(op, model, absmax) -> float:
+    """|f(x)| <= this for |x| <= absmax(input): calibration's starting scale."""
+    a = absmax(op.inputs[0])
+    if op.kind == "HARD_SWISH":  # x * relu6(x + 3) / 6: at least -3/8, at most x for x >= 3
+        return max(0.375, a if a > 3 else a * (a + 3) / 6)
+    if op.kind == "LEAKY_RELU":
+        return a * max(1.0, abs(float(op.options.get("alpha", 0.2))))
+    if op.kind == "RELU6":
+        return min(a, 6.0)
+    if op.kind == "RELU_N1_TO_1":
+        return min(a, 1.0)
+    return a
+
+
+_computed = Kernel(prepare, forward, backward, clamp, macs, backward_bytes, output_bound=output_bound)
 _fixed = Kernel(prepare, forward, backward, clamp, macs, backward_bytes, output_quant="fixed",
                 fixed_quant=fixed_quant)
 

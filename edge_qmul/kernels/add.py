@@ -232,4 +232,8 @@ def backward_bytes(op, model, q: MemoryQuery) -> int:
     return 3 * 2 * q.elems(op.outputs[0])  # the output error and a copy for each input
 
 
-KERNELS = {"ADD": Kernel(prepare, forward, backward, clamp, macs, backward_bytes)}
+def output_bound(op, model, absmax) -> float:
+    return absmax(op.inputs[0]) + absmax(op.inputs[1])
+
+
+KERNELS = {"ADD": Kernel(prepare, forward, backward, clamp, macs, backward_bytes, output_bound=output_bound)}

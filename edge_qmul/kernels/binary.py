@@ -10,9 +10,14 @@ Which LiteRT code each loop reproduces (mul.cc / sub.cc EvalQuantized, x86 build
   they saturate the rescaled product to int16 (vqmovn_s32) and add the zero point in int16,
   wrapping (vaddq_s16), before saturating to int8; the scalar loops clamp the int32 sum.
   ``_vector_lanes`` marks the elements the vector bodies make.
-- SUB: int8 always takes reference_ops::Sub / BroadcastQuantSubSlow, one scalar loop: ADD's
-  arithmetic (inputs shifted left by 20, rescaled to twice the larger scale with
-  MultiplyByQuantizedMultiplierSmallerThanOneExp, subtracted, requantized), half away from zero.
+- SUB: int8 always takes reference_ops::Sub / BroadcastQuantSubSlow (no optimized int8 path), one
+  scalar loop with ADD's arithmetic: each input shifted left by 20 and rescaled to twice the larger
+  scale (MultiplyByQuantizedMultiplierSmallerThanOneExp, half away from zero), the difference
+  requantized the same way. An input's rescale depends on its int8 value only, so it is computed
+  once per value at prepare time (``_input_table``) and looked up.
+
+Batch: LiteRT runs the file's shapes (batch 1) one sample at a time; the loops run one sample per
+task. The error backward (STE) is in ``backward``.
 """
 from __future__ import annotations
 
@@ -79,7 +84,8 @@ def prepare(op, model) -> BinaryParams:
     table1 = table2 = np.empty(0, np.int32)
     if kind == "MUL":
         # mul.cc: the scales are multiplied and divided in float32, then widened to double.
-        mo, sh = quantize_multiplier(float(np.float32(np.float32(qa.s) * np.float32(qb.s)) / np.float32(qo.s)))
+        real = np.float32(np.float32(qa.s) * np.float32(qb.s)) / np.float32(qo.s)
+        mo, sh = quantize_multiplier(float(real))
     else:
         # sub.cc PrepareGeneralSubOp (ADD's arithmetic): 2 * max in float32, ratios in double.
         twice_max = float(np.float32(2) * max(np.float32(qa.s), np.float32(qb.s)))
@@ -219,9 +225,11 @@ def mul_int8(a, b, n, size, index1, index2, vector, vector_end, offset1, offset2
         dst = out[smp]
         if same:  # MulElementwise: 16-wide body, scalar tail
             for i in range(vector_end):
-                dst[i] = _mul(ar[i], br[i], offset1, offset2, out_mult, out_shift, out_zp, act_min, act_max, True)
+                dst[i] = _mul(ar[i], br[i], offset1, offset2, out_mult, out_shift, out_zp,
+                              act_min, act_max, True)
             for i in range(vector_end, size):
-                dst[i] = _mul(ar[i], br[i], offset1, offset2, out_mult, out_shift, out_zp, act_min, act_max, False)
+                dst[i] = _mul(ar[i], br[i], offset1, offset2, out_mult, out_shift, out_zp,
+                              act_min, act_max, False)
         else:
             for i in range(size):
                 dst[i] = _mul(ar[index1[i]], br[index2[i]], offset1, offset2, out_mult, out_shift, out_zp,
@@ -265,7 +273,8 @@ def _unbroadcast(acc: np.ndarray, shape: tuple) -> np.ndarray:
     if acc.shape == tuple(shape):
         return acc
     lead = acc.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(lead + i for i, s in enumerate(shape) if s == 1 and acc.shape[lead + i] != 1)
+    axes = tuple(range(lead)) + tuple(lead + i for i, s in enumerate(shape)
+                                      if s == 1 and acc.shape[lead + i] != 1)
     return acc.sum(axis=axes, dtype=np.int64).reshape(shape)
 
 

@@ -19,9 +19,10 @@ An op family's module owns the op whole, forward and backward on one screen:
   transient sums or copies (``Trainer.memory_report`` adds these up along the backward walk).
 - ``needs_outputs``: the backward reads ``ctx.outputs`` (otherwise the trainer frees them first).
 - ``parameters``: input slots that hold trainable parameters, as (slot, name suffix).
-- ``output_quant``: how calibration sets output 0's quantization: "computed" (from the measured
-  range), "input" (the same as input 0: the op moves values), or "fixed" (the op's definition fixes
-  it: ``fixed_quant(op, model)``).
+- ``output_quant``: how calibration sets the outputs' quantization: "computed" (from the measured
+  range, starting from ``output_bound(op, model, absmax)``: a bound on |output| the op cannot
+  exceed given ``absmax(t)``, the max |real value| of an input tensor), "input" (the same as
+  input 0: the op moves values), or "fixed" (the op's definition fixes it: ``fixed_quant(op, model)``).
 """
 from __future__ import annotations
 
@@ -109,4 +110,5 @@ class Kernel:
     parameters: tuple = ()
     output_quant: str = "computed"
     fixed_quant: Callable | None = None
+    output_bound: Callable | None = None
     needs_outputs: bool = False  # the backward reads ctx.outputs (else they are dropped before it)

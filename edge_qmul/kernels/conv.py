@@ -546,4 +546,5 @@ def conv2d_grad_input(g, w, in_h, in_w, stride_h, stride_w, dil_h, dil_w, pad_to
 
 KERNELS = {"CONV_2D": Kernel(prepare, forward, _linear.make_backward(grad_params, grad_input_prepared, conv=True),
                              _linear.clamp, macs, _linear.make_backward_bytes(grad_weight_plan),
-                             parameters=_linear.PARAMETERS)}
+                             parameters=_linear.PARAMETERS,
+                             output_bound=_linear.output_bound)}

@@ -201,4 +201,5 @@ def depthwise_grad_input(g, w, in_h, in_w, cin, depth_multiplier, stride_h, stri
 
 KERNELS = {"DEPTHWISE_CONV_2D": Kernel(prepare, forward, _linear.make_backward(grad_params, grad_input, depthwise=True),
                                        _linear.clamp, macs, _linear.make_backward_bytes(),
-                                       parameters=_linear.PARAMETERS)}
+                                       parameters=_linear.PARAMETERS,
+                             output_bound=_linear.output_bound)}

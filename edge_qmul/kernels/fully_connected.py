@@ -205,4 +205,5 @@ def fully_connected_grad_input(g, w):
 KERNELS = {"FULLY_CONNECTED": Kernel(prepare, forward,
                                      _linear.make_backward(grad_params, grad_input, fully_connected=True),
                                      _linear.clamp, macs, _linear.make_backward_bytes(),
-                                     parameters=_linear.PARAMETERS)}
+                                     parameters=_linear.PARAMETERS,
+                             output_bound=_linear.output_bound)}

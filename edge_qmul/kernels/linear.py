@@ -19,6 +19,21 @@ def clamp(p) -> tuple[int, int]:
     return p.rq.act_min, p.rq.act_max
 
 
+def output_bound(op, model, absmax) -> float:
+    """max over output channels of sum |w| * max|x| + |b|: no output can exceed it."""
+    w_t = model.tensors[op.inputs[1]]
+    w = w_t.data.astype(np.float64)
+    depthwise = op.kind == "DEPTHWISE_CONV_2D"
+    channels = w.shape[3] if depthwise else w.shape[0]
+    s_w = np.broadcast_to(w_t.quant.scale.astype(np.float64), (channels,))
+    rows = np.abs(w).sum(axis=(0, 1, 2)) if depthwise else np.abs(w).reshape(channels, -1).sum(axis=1)
+    bias = np.zeros(channels)
+    if len(op.inputs) > 2 and op.inputs[2] >= 0:
+        s_in = float(model.tensors[op.inputs[0]].quant.s)
+        bias = np.abs(model.tensors[op.inputs[2]].data.astype(np.float64)) * s_in * s_w
+    return float(np.max(rows * s_w * absmax(op.inputs[0]) + bias))
+
+
 def make_backward(grad_params, grad_input, depthwise: bool = False, fully_connected: bool = False,
                   conv: bool = False):
     """The contract's backward for one of the three weighted ops, from its own ``grad_params`` and

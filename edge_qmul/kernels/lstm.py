@@ -150,7 +150,7 @@ def _exp_negative16(a, integer_bits):
 def _newton_reciprocal16(a):
     # the Newton-Raphson loop shared by one_over_one_plus_x_for_x_in_0_1 and
     # one_minus_x_over_one_plus_x_for_x_in_0_1: x ~ 1 / ((1 + a) / 2) in F2, a in F0 (raw values)
-    half_denominator = a + 32767
+    half_denominator = a + 32767  # RoundingHalfSum(a, F0::One()): (sum + sign) / 2, C division
     half_denominator = (half_denominator + (1 if half_denominator >= 0 else -1))
     half_denominator = half_denominator // 2 if half_denominator >= 0 else -((-half_denominator) // 2)
     x = _wrap16(_const16(1515870810) + _srdhm16(half_denominator, _const16(-1010580540)))

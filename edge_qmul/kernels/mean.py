@@ -44,7 +44,7 @@ class MeanParams:
 
 def resolve_axes(op, model, rank: int) -> list[int]:
     """The axes tensor as LiteRT's ResolveAxis reads it: negatives wrapped, duplicates dropped, in order."""
-    data = np.asarray(tensor(model, op, 1, constant=True).data).reshape(-1)
+    data = np.asarray(tensor(model, op, 1, dtype=np.int32, constant=True).data).reshape(-1)
     axes: list[int] = []
     for a in data.tolist():
         a = int(a)
@@ -175,4 +175,8 @@ def clamp(p: MeanParams) -> tuple[int, int]:
     return -128, 127
 
 
-KERNELS = {"MEAN": Kernel(prepare, forward, backward, clamp, macs)}
+def output_bound(op, model, absmax) -> float:
+    return absmax(op.inputs[0])  # a mean never leaves its inputs' range
+
+
+KERNELS = {"MEAN": Kernel(prepare, forward, backward, clamp, macs, output_bound=output_bound)}

@@ -119,7 +119,9 @@ def _parse(buf: bytes) -> tuple:
         if not op_out or any(t < 0 for t in op_out):
             raise ModelError(f"op {kind} (index {i}) has outputs {op_out}; every op needs at least one, "
                              "each a tensor")
-        ops.append(Op(kind, op_in, op_out, _read_options(o, kind, i), version, i))
+        inter = index_list(o.IntermediatesAsNumpy(), f"op {kind} (index {i}) intermediates") \
+            if o.IntermediatesLength() else []
+        ops.append(Op(kind, op_in, op_out, _read_options(o, kind, i), version, i, inter))
 
     _check_order(tensors, ops, inputs, outputs)
     ops = _fold_shape_subgraph(tensors, ops, outputs)
@@ -271,11 +273,13 @@ def _compact(tensors, ops, inputs, outputs, metadata, description, signature) ->
     for op in ops:
         used.update(i for i in op.inputs if i >= 0)
         used.update(op.outputs)
+        used.update(op.intermediates)
     order = sorted(used)
     remap = {old: new for new, old in enumerate(order)}
     for op in ops:
         op.inputs = [remap[i] if i >= 0 else -1 for i in op.inputs]
         op.outputs = [remap[i] for i in op.outputs]
+        op.intermediates = [remap[i] for i in op.intermediates]
     if signature is not None:
         for key in ("inputs", "outputs"):
             signature[key] = [(n, remap[t]) for n, t in signature[key] if t in remap]

@@ -132,11 +132,14 @@ def to_bytes(model: Model) -> bytes:
         key = (op.kind, version)
         opcode_index.setdefault(key, len(opcode_index))
         ins, outs = _int_vector(b, inputs), _int_vector(b, op.outputs)
+        inter = _int_vector(b, op.intermediates) if op.intermediates else None
         tag, opts = _options(b, op.kind, op.options)
         tflite.OperatorStart(b)
         tflite.OperatorAddOpcodeIndex(b, opcode_index[key])
         tflite.OperatorAddInputs(b, ins)
         tflite.OperatorAddOutputs(b, outs)
+        if inter is not None:
+            tflite.OperatorAddIntermediates(b, inter)
         if tag:
             tflite.OperatorAddBuiltinOptionsType(b, tag)
             tflite.OperatorAddBuiltinOptions(b, opts)

@@ -318,7 +318,13 @@ def backward_bytes(op, model, q: MemoryQuery) -> int:
     return 2 * out + 2 * sum(wanted) + (2 + 4) * out + 8 * max(wanted)
 
 
+def output_bound(op, model, absmax) -> float:
+    """|a * b| <= max|a| max|b|; |a - b| <= max|a| + max|b| (calibration's starting scale)."""
+    a, b = absmax(op.inputs[0]), absmax(op.inputs[1])
+    return a * b if op.kind == "MUL" else a + b
+
+
 KERNELS = {
-    "MUL": Kernel(prepare, forward, backward, clamp, macs, backward_bytes),
-    "SUB": Kernel(prepare, forward, backward, clamp, macs, backward_bytes),
+    "MUL": Kernel(prepare, forward, backward, clamp, macs, backward_bytes, output_bound=output_bound),
+    "SUB": Kernel(prepare, forward, backward, clamp, macs, backward_bytes, output_bound=output_bound),
 }

@@ -637,5 +637,10 @@ def backward_bytes(op, model, q: MemoryQuery) -> int:
     return out + made + saved + sums + params
 
 
+def output_bound(op, model, absmax) -> float:
+    return 1.0  # h = o * tanh(c): a sigmoid times a tanh
+
+
 KERNELS = {"UNIDIRECTIONAL_SEQUENCE_LSTM": Kernel(prepare, forward, backward, clamp, macs, backward_bytes,
-                                                   parameters=PARAMETERS, output_quant="computed")}
+                                                   parameters=PARAMETERS, output_quant="computed",
+                                                   output_bound=output_bound)}

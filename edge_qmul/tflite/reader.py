@@ -3,8 +3,8 @@
 Checks everything before building anything, so bad input raises ModelError and never leaves a
 half-built Model: the file identifier, vector lengths against the file size, tensor and buffer
 indices, buffer sizes against shapes, and (through Model) every op's support and parameters.
-The shape subgraph Keras' Flatten emits (SHAPE -> STRIDED_SLICE -> PACK -> RESHAPE) is evaluated here
-on the file's static shapes and folded away: RESHAPE then takes its target from its output tensor.
+Shape arithmetic (Keras' Flatten, UpSampling2D, an LSTM's initial state) is evaluated on the file's
+static shapes and folded away (fold.py).
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import tflite
 from ..errors import ModelError
 from ..graph import Model, Op, Tensor
 from ..quant import QuantParams
+from .fold import fold_constants
 from .schema import INT_VECTOR, OP_CODES, OPTIONS, TENSOR_TYPES
 
 FILE_IDENTIFIER = b"TFL3"
-SHAPE_OPS = ("SHAPE", "STRIDED_SLICE", "PACK")
 
 
 def load_tflite(src: str | os.PathLike | bytes | bytearray | memoryview) -> Model:
@@ -124,7 +124,7 @@ def _parse(buf: bytes) -> tuple:
         ops.append(Op(kind, op_in, op_out, _read_options(o, kind, i), version, i, inter))
 
     _check_order(tensors, ops, inputs, outputs)
-    ops = _fold_shape_subgraph(tensors, ops, outputs)
+    ops = fold_constants(tensors, ops, outputs)
     metadata = {}
     for i in range(_length(m.MetadataLength(), buf, "metadata")):
         md = m.Metadata(i)
@@ -215,56 +215,6 @@ def _check_order(tensors: list[Tensor], ops: list[Op], inputs: list[int], output
     for t in outputs:
         if t not in known:
             raise ModelError(f"model output {t} ({tensors[t].name!r}) is never computed")
-
-
-def _strided_slice_1d(v: np.ndarray, begin: int, end: int, stride: int, o: dict) -> np.ndarray:
-    if o.get("ellipsis_mask") or o.get("new_axis_mask"):
-        raise ModelError("STRIDED_SLICE with ellipsis or new-axis masks is not supported")
-    b = None if o.get("begin_mask", 0) & 1 else begin
-    e = None if o.get("end_mask", 0) & 1 else end
-    if o.get("shrink_axis_mask", 0) & 1:
-        return np.asarray(v[begin], np.int32)
-    return np.asarray(v[b:e:stride], np.int32)
-
-
-def _fold_shape_subgraph(tensors: list[Tensor], ops: list[Op], outputs: list[int]) -> list[Op]:
-    """Evaluate SHAPE / STRIDED_SLICE / PACK on static shapes; RESHAPE then drops its shape input,
-    and any other op reading a folded value (a FILL's dims) reads it as a constant. STRIDED_SLICE
-    and PACK on data (an input that is not a known int32 value) stay ops (kernels/movement.py)."""
-    value: dict[int, np.ndarray] = {i: t.data for i, t in enumerate(tensors)
-                                    if t.is_constant and t.dtype == np.int32}
-    folded: set[int] = set()
-    kept = []
-    for op in ops:
-        if op.kind in SHAPE_OPS and (op.kind == "SHAPE" or (
-                all(i in value for i in op.inputs) and op.outputs[0] not in outputs)):
-            where = f"op {op.kind} (index {op.index})"
-            if op.kind == "SHAPE":
-                v = np.array(tensors[op.inputs[0]].shape, np.int32)
-            else:
-                args = [value[i] for i in op.inputs]
-                if op.kind == "PACK":
-                    v = np.stack(args, axis=op.options.get("axis", 0)).astype(np.int32)
-                else:
-                    if args[0].ndim != 1:
-                        raise ModelError(f"{where}: only 1-D shape vectors can be sliced")
-                    v = _strided_slice_1d(args[0], int(args[1][0]), int(args[2][0]), int(args[3][0]),
-                                          op.options)
-            if op.outputs[0] in outputs:
-                raise ModelError(f"{where}: a shape computation cannot be a model output")
-            value[op.outputs[0]] = v
-            folded.add(op.outputs[0])
-            continue
-        if op.kind == "RESHAPE" and len(op.inputs) > 1:
-            shape_in = op.inputs[1]
-            if shape_in >= 0 and shape_in not in value:
-                raise ModelError(f"op RESHAPE (index {op.index}): its shape is computed at run time")
-            op.inputs = op.inputs[:1]
-        for i in set(op.inputs) & folded:
-            t = tensors[i]
-            t.data = np.asarray(value[i]).astype(t.dtype).reshape(t.shape)
-        kept.append(op)
-    return kept
 
 
 def _compact(tensors, ops, inputs, outputs, metadata, description, signature) -> tuple:

@@ -71,7 +71,7 @@ OPTIONS: dict[str, tuple[str, int, tuple]] = {
         ("shrink_axis_mask", "ShrinkAxisMask", *_ident), ("offset", "Offset", *_bool))),
     "PACK": ("PackOptions", tflite.BuiltinOptions.PackOptions, (
         ("values_count", "ValuesCount", *_ident), ("axis", "Axis", *_ident))),
-    "SHAPE": ("ShapeOptions", tflite.BuiltinOptions.ShapeOptions, ()),
+    "SHAPE": ("ShapeOptions", tflite.BuiltinOptions.ShapeOptions, (("out_type", "OutType", *_ident),)),
 }
 OPTIONS["MAX_POOL_2D"] = ("Pool2DOptions", tflite.BuiltinOptions.Pool2DOptions, OPTIONS["AVERAGE_POOL_2D"][2])
 _resize = (("align_corners", "AlignCorners", *_bool), ("half_pixel_centers", "HalfPixelCenters", *_bool))
@@ -119,3 +119,7 @@ for _kind, _table in (("TRANSPOSE", "TransposeOptions"), ("EXPAND_DIMS", "Expand
 DEFAULT_VERSIONS.update({"CONCATENATION": 2, "STRIDED_SLICE": 4, "SQUEEZE": 1, "EXPAND_DIMS": 1,
                          "TRANSPOSE": 2, "PACK": 2, "UNPACK": 2, "SPLIT": 2, "SPLIT_V": 2, "FILL": 3,
                          "TILE": 1})
+# Read for shape arithmetic folded at load (fold.py): GATHER's axis, REDUCE_PROD's keep_dims.
+OPTIONS["GATHER"] = ("GatherOptions", tflite.BuiltinOptions.GatherOptions, (
+    ("axis", "Axis", *_ident), ("batch_dims", "BatchDims", *_ident)))
+OPTIONS["REDUCE_PROD"] = ("ReducerOptions", tflite.BuiltinOptions.ReducerOptions, (("keep_dims", "KeepDims", *_bool),))

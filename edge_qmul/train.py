@@ -589,7 +589,7 @@ class Trainer:
             # the float32 computation done the same way (its workspace in float32: twice the int16 one)
             made32 = sum(4 * elems(i) for i in need)
             base32 = fixed32 + 4 * sum(acts.values()) + sum(pending32.values()) + e32
-            peak32 = max(peak32, base32 + made32, base32 + 2 * q.workspace)
+            peak32 = max(peak32, base32 + made32, base32 + q.float32_workspace)
             for i in need:
                 pending[i] = 2 * elems(i)
                 pending32[i] = 4 * elems(i)

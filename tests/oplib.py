@@ -1,14 +1,17 @@
 """Build single-op int8 Models directly (no converter) and run them in LiteRT's builtin kernels.
 
-Used by tests/test_random_ops.py: a model is made with :class:`GraphBuilder`, written with the
-project's own writer (``edge_qmul.tflite.to_bytes``) and run one sample at a time in LiteRT with
-``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`` (the reference the engine must equal bit for bit).
+Used by tests/test_random_ops.py and tests/test_ops_*.py: a model is made with :class:`GraphBuilder`,
+written with the project's own writer (``edge_qmul.tflite.to_bytes``) and run one sample at a time in
+LiteRT with ``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`` (the reference the engine must equal
+bit for bit); :func:`check_random_models` runs a test's numbered random models against it.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
+import pytest
 
 from edge_qmul.graph import Model, Op, Tensor
 from edge_qmul.quant import QuantParams
@@ -132,3 +135,39 @@ def _compare_one(got: np.ndarray, want: np.ndarray, xs: list[np.ndarray]) -> str
         return (f"{len(bad)} of {g.size} elements differ; first at {list(idx)}: engine {got[idx]!r} "
                 f"vs LiteRT {want[idx]!r}; {ins}")
     return None
+
+
+# --- random model loops ------------------------------------------------------------------------------
+
+def fmt_desc(desc) -> str:
+    """A model's description for a failure line: ``k=v, ...`` with floats to 6 digits."""
+    if not isinstance(desc, dict):
+        return repr(desc)
+
+    def f(v):
+        return f"{v:.6g}" if isinstance(v, float) else repr(v)
+    return ", ".join(f"{k}={f(v)}" for k, v in desc.items())
+
+
+def check_random_models(name: str, make_case: Callable[[int], tuple], n: int, reproduce: str,
+                        compare: Callable[..., str | None] = compare, what: str = "random models") -> None:
+    """Run models ``make_case(i) -> (model, input batches, description)`` for i < n through
+    ``compare(model, xs)`` (None when the engine equals LiteRT, else a message); a case that raises,
+    building or running, is a failure too. Fails the test with ``NAME: k of N ... disagree with
+    LiteRT (reproduce with REPRODUCE)`` and the first 8 failures."""
+    pytest.importorskip("ai_edge_litert")
+    failures = []
+    for i in range(n):
+        desc = {}
+        try:
+            model, xs, desc = make_case(i)
+            msg = compare(model, xs)
+        except Exception as e:  # a model LiteRT or the engine refuses is a failure too
+            msg = f"{type(e).__name__}: {e}"
+        if msg is not None:
+            failures.append(f"  model {i}: {fmt_desc(desc)}\n    {msg}")
+    if failures:
+        shown = "\n".join(failures[:8])
+        more = f"\n  ... and {len(failures) - 8} more" if len(failures) > 8 else ""
+        pytest.fail(f"{name}: {len(failures)} of {n} {what} disagree with LiteRT "
+                    f"(reproduce with {reproduce}):\n{shown}{more}", pytrace=False)

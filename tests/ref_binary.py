@@ -11,15 +11,6 @@ import numpy as np
 import reference
 
 
-def _unbroadcast(g: np.ndarray, shape: tuple) -> np.ndarray:
-    while g.ndim > len(shape):
-        g = g.sum(axis=0)
-    for axis, n in enumerate(shape):
-        if n == 1 and g.shape[axis] != 1:
-            g = g.sum(axis=axis, keepdims=True)
-    return g
-
-
 def forward(model, op, xs) -> list:
     a, b = (np.asarray(x, np.float64) for x in xs[:2])
     return [a * b if op.kind == "MUL" else a - b]
@@ -34,7 +25,7 @@ def backward(model, op, xs, ys, gs) -> list:
         ga, gb = g * b, g * a
     else:
         ga, gb = g, -g
-    return [_unbroadcast(ga, a.shape), _unbroadcast(gb, b.shape)]
+    return [reference.unbroadcast(ga, a.shape), reference.unbroadcast(gb, b.shape)]
 
 
 reference.register("MUL", forward, backward)

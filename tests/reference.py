@@ -342,7 +342,7 @@ def forward(model: Model, x_real: np.ndarray, params: dict[str, np.ndarray] | No
 
 # --- backward --------------------------------------------------------------------------------------
 
-def _unbroadcast(g: np.ndarray, shape: tuple) -> np.ndarray:
+def unbroadcast(g: np.ndarray, shape: tuple) -> np.ndarray:
     """Sum ``g`` over the axes along which an operand of ``shape`` was broadcast."""
     while g.ndim > len(shape):
         g = g.sum(axis=0)
@@ -413,7 +413,7 @@ def _op_backward(model: Model, op, acts, g: np.ndarray, params, pgrads) -> list[
         out = []
         for t in op.inputs[:2]:
             if t in acts or not model.tensors[t].is_constant:
-                out.append((t, _unbroadcast(g, _operand(model, acts, t).shape)))
+                out.append((t, unbroadcast(g, _operand(model, acts, t).shape)))
         return out
     if kind == "AVERAGE_POOL_2D":
         xp, valid, win, k_h, k_w = _pool_windows(op, model, x)

@@ -17,7 +17,7 @@ from edge_qmul import kernels
 from edge_qmul.errors import ModelError
 from edge_qmul.grad import Error, clamp_mask, from_float
 from edge_qmul.kernels.contract import Backward
-from oplib import GraphBuilder, compare, log_uniform, pot, qp, random_int8
+from oplib import GraphBuilder, check_random_models, compare, log_uniform, pot, qp, random_int8
 
 import ref_activation
 
@@ -81,31 +81,10 @@ def model_case(kind: str, i: int):
     return model, [xs], desc
 
 
-def _fmt(desc: dict) -> str:
-    return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in desc.items())
-
-
-def _report(kind: str, failures: list, n: int, how: str) -> None:
-    if failures:
-        shown = "\n".join(failures[:8])
-        more = f"\n  ... and {len(failures) - 8} more" if len(failures) > 8 else ""
-        pytest.fail(f"{kind}: {len(failures)} of {n} {how} disagree with LiteRT:\n{shown}{more}",
-                    pytrace=False)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_random_activation_models_match_litert(kind):
-    pytest.importorskip("ai_edge_litert")
-    failures = []
-    for i in range(N_MODELS):
-        model, xs, desc = model_case(kind, i)
-        try:
-            msg = compare(model, xs)
-        except Exception as e:  # a model LiteRT or the engine refuses is a failure too
-            msg = f"{type(e).__name__}: {e}"
-        if msg is not None:
-            failures.append(f"  model {i}: {_fmt(desc)}\n    {msg}")
-    _report(kind, failures, N_MODELS, f"random models (tests/test_ops_activation.model_case({kind!r}, i))")
+    check_random_models(kind, lambda i: model_case(kind, i), N_MODELS,
+                        f"tests/test_ops_activation.model_case({kind!r}, i)")
 
 
 ALL_VALUES = np.arange(-128, 128, dtype=np.int16).astype(I8).reshape(1, 256)
@@ -114,19 +93,13 @@ ALL_VALUES = np.arange(-128, 128, dtype=np.int16).astype(I8).reshape(1, 256)
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_int8_value_matches_litert(kind):
     """Models whose input is all 256 int8 values: every table entry against LiteRT."""
-    pytest.importorskip("ai_edge_litert")
-    n = max(4, N_MODELS // 10)
-    failures = []
-    for i in range(n):
-        rng = np.random.default_rng([SEED, zlib.crc32(kind.encode()), 10**6 + i])
-        q = _quant(rng, kind)
-        try:
-            msg = compare(single_op(kind, (1, 256), *q), [ALL_VALUES])
-        except Exception as e:
-            msg = f"{type(e).__name__}: {e}"
-        if msg is not None:
-            failures.append(f"  case {i}: {q}\n    {msg}")
-    _report(kind, failures, n, "all-256-value models")
+    def case(i):
+        q = _quant(np.random.default_rng([SEED, zlib.crc32(kind.encode()), 10**6 + i]), kind)
+        return single_op(kind, (1, 256), *q), [ALL_VALUES], q
+
+    check_random_models(kind, case, max(4, N_MODELS // 10),
+                        f"tests/test_ops_activation.py: _quant(default_rng([SEED, crc32({kind!r}), 10**6 + i]), {kind!r})",
+                        what="all-256-value models")
 
 
 # Scales whose multiplier differs when s_in / s_out (and s_in * alpha / s_out) is taken in float32

@@ -18,8 +18,8 @@ import ref_binary
 from edge_qmul import grad
 from edge_qmul.kernels import KERNELS, Backward
 from edge_qmul.quant import dequantize
-from oplib import GraphBuilder, compare, log_uniform, qp, random_int8
-from test_random_ops import ACTIVATIONS, SAMPLES, _fmt, _inputs, _scale, _snap
+from oplib import GraphBuilder, check_random_models, fmt_desc, log_uniform, qp, random_int8
+from test_random_ops import ACTIVATIONS, _inputs, _scale, _snap
 
 SEED = 20240612
 N_MODELS = int(os.environ.get("EDGE_QMUL_RANDOM_OPS_N", "300"))
@@ -108,22 +108,8 @@ def model_case(kind: str, i: int):
 
 @pytest.mark.parametrize("kind", ["MUL", "SUB"])
 def test_random_binary_models_match_litert(kind):
-    pytest.importorskip("ai_edge_litert")
-    failures = []
-    for i in range(N_MODELS):
-        model, xs, desc = model_case(kind, i)
-        try:
-            msg = compare(model, xs)
-        except Exception as e:  # a model LiteRT or the engine refuses is a failure too
-            msg = f"{type(e).__name__}: {e}"
-        if msg is not None:
-            failures.append(f"  model {i}: {_fmt(desc)}\n    {msg}")
-    if failures:
-        shown = "\n".join(failures[:8])
-        more = f"\n  ... and {len(failures) - 8} more" if len(failures) > 8 else ""
-        pytest.fail(f"{kind}: {len(failures)} of {N_MODELS} random models disagree with LiteRT "
-                    f"(reproduce with tests/test_ops_binary.model_case({kind!r}, i)):\n{shown}{more}",
-                    pytrace=False)
+    check_random_models(kind, lambda i: model_case(kind, i), N_MODELS,
+                        f"tests/test_ops_binary.model_case({kind!r}, i)")
 
 
 # --- backward ---------------------------------------------------------------------------------------
@@ -176,7 +162,7 @@ def test_backward_matches_float64_reference(kind):
                 continue
             c = _cosine(got, want[slot])
             worst[slot] = min(worst[slot], c)
-            assert c >= 0.99, f"{kind} model {i} slot {slot}: cosine {c:.4f} ({_fmt(desc)})"
+            assert c >= 0.99, f"{kind} model {i} slot {slot}: cosine {c:.4f} ({fmt_desc(desc)})"
             # the cosine ignores the error's scale: the norms must agree as well
             ratio = np.linalg.norm(got) / np.linalg.norm(want[slot])
             assert abs(ratio - 1) < 0.01, f"{kind} model {i} slot {slot}: norm ratio {ratio:.4f}"

@@ -23,7 +23,7 @@ from edge_qmul.kernels.contract import Backward
 from edge_qmul.quant import QuantParams
 from edge_qmul.tflite.reader import _read_options
 from edge_qmul.tflite.schema import OPTIONS, TENSOR_TYPES, TYPE_NUMBERS, OP_NUMBERS
-from oplib import log_uniform, qp
+from oplib import check_random_models, log_uniform, qp
 
 pytest.importorskip("ai_edge_litert")
 
@@ -276,17 +276,25 @@ def test_fixture_model_output():
 
 # --- random models --------------------------------------------------------------------------------------
 
+def model_case(index: int):
+    """Random LSTM ``index``: ((model namespace, op), input batch, description), reproducibly."""
+    rng = np.random.default_rng([SEED, index])
+    model, op = random_lstm(rng)
+    x = random_inputs(rng, model, op)
+    desc = dict(steps=x.shape[1], n_in=x.shape[2], n_cell=model.tensors[op.outputs[0]].shape[-1])
+    return (model, op), x, desc
+
+
+def compare_reset(case, x) -> str | None:
+    """None if the kernel equals LiteRT (its state reset before every sample) on batch ``x``."""
+    model, op = case
+    want = run_litert_reset(interpreter(lstm_tflite(model, op)), x)
+    got = lstm.forward(lstm.prepare(op, model), *slot_arrays(model, op, x))
+    return None if np.array_equal(got, want) else f"{int((got != want).sum())} of {got.size} elements differ"
+
+
 def test_random_lstm_models_bit_exact():
-    bad = []
-    for index in range(N_MODELS):
-        rng = np.random.default_rng([SEED, index])
-        model, op = random_lstm(rng)
-        x = random_inputs(rng, model, op)
-        want = run_litert_reset(interpreter(lstm_tflite(model, op)), x)
-        got = lstm.forward(lstm.prepare(op, model), *slot_arrays(model, op, x))
-        if not np.array_equal(got, want):
-            bad.append(f"model {index}: {int((got != want).sum())} of {got.size} differ")
-    assert not bad, f"{len(bad)} of {N_MODELS} random LSTM models differ from LiteRT: " + "; ".join(bad[:5])
+    check_random_models(KIND, model_case, N_MODELS, "tests/test_ops_lstm.model_case(i)", compare=compare_reset)
 
 
 def test_refuses_unsupported():
@@ -346,13 +354,18 @@ def reference_xs(model, op, x):
     return xs
 
 
-def _gradient_case(model, op, x, rng):
+def random_output_error(model, op, x, rng):
+    """A smooth random loss on the forward's output, masked where the int8 output sits on a bound
+    (the STE), as int16 values and their scale."""
     y_q = lstm.forward(lstm.prepare(op, model), *slot_arrays(model, op, x))
-    # a smooth random loss on the output, masked where the int8 output sits on a bound (the STE)
     gy = rng.standard_normal(y_q.shape)
     gy[(y_q == -128) | (y_q == 127)] = 0
     scale = float(np.abs(gy).max()) / 32767
-    gy_q = np.round(gy / scale).astype(np.int16)
+    return np.round(gy / scale).astype(np.int16), scale
+
+
+def _gradient_case(model, op, x, rng):
+    gy_q, scale = random_output_error(model, op, x, rng)
     _, ex, emitted = engine_gradients(model, op, x, gy_q, scale)
     xs = reference_xs(model, op, x)
     ys = ref_lstm.forward(model, op, xs)
@@ -486,11 +499,7 @@ def test_integer_bptt_matches_float_bptt_of_same_forward():
         rng = np.random.default_rng([SEED, 9, index])
         model, op = random_lstm(rng)
         x = random_inputs(rng, model, op, k=3)
-        y = lstm.forward(lstm.prepare(op, model), *slot_arrays(model, op, x))
-        gy = rng.standard_normal(y.shape)
-        gy[(y == -128) | (y == 127)] = 0
-        scale = float(np.abs(gy).max()) / 32767
-        gy_q = np.round(gy / scale).astype(np.int16)
+        gy_q, scale = random_output_error(model, op, x, rng)
         _, ex, emitted = engine_gradients(model, op, x, gy_q, scale)
         dx, grads = float_bptt_on_engine_forward(model, op, x, gy_q * scale)
         cos = {"input": _cos(ex.real(), dx)}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oplib import GraphBuilder, compare, log_uniform, pot, qp, random_int8
+from oplib import GraphBuilder, check_random_models, compare, log_uniform, pot, qp, random_int8
 
 from edge_qmul import grad as G
 from edge_qmul.errors import ModelError
@@ -75,19 +75,7 @@ def model_case(i: int):
 
 
 def test_random_mean_models_match_litert():
-    pytest.importorskip("ai_edge_litert")
-    failures = []
-    for i in range(N_MODELS):
-        model, xs, desc = model_case(i)
-        try:
-            msg = compare(model, xs)
-        except Exception as e:  # a model LiteRT or the engine refuses is a failure too
-            msg = f"{type(e).__name__}: {e}"
-        if msg is not None:
-            failures.append(f"  model {i}: {desc}\n    {msg}")
-    if failures:
-        pytest.fail(f"MEAN: {len(failures)} of {N_MODELS} random models disagree with LiteRT "
-                    "(tests/test_ops_mean.model_case(i)):\n" + "\n".join(failures[:8]), pytrace=False)
+    check_random_models("MEAN", model_case, N_MODELS, "tests/test_ops_mean.model_case(i)")
 
 
 def test_conv1d_fixture_mean_over_time_matches_litert():

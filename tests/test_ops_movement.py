@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("ai_edge_litert")
 
 import ref_movement  # noqa: E402
-from oplib import GraphBuilder, compare, litert_interpreter, log_uniform, qp  # noqa: E402
+from oplib import GraphBuilder, check_random_models, compare, litert_interpreter, log_uniform, qp  # noqa: E402
 
 from edge_qmul.errors import ModelError  # noqa: E402
 from edge_qmul.grad import Error  # noqa: E402
@@ -85,6 +85,22 @@ def engine_outputs(model, xs: list) -> list:
 
 # --- generators: (Model, [input batches], description) -------------------------------------------
 
+def _operands(g, rng, n_in: int, shape_of, dtype, q, const: int):
+    """``n_in`` operand tensors of shapes ``shape_of(i)`` (drawn in turn, so the random stream
+    interleaves with the values): operand ``const`` a constant, the others model inputs with a
+    random batch each. Returns (operands, model inputs, input batches)."""
+    ins, model_in, xs = [], [], []
+    for i in range(n_in):
+        shape = shape_of(i)
+        if i == const:
+            ins.append(g.tensor(f"c{i}", shape, dtype, q, _values(rng, shape, dtype, 1)))
+        else:
+            ins.append(g.tensor(f"x{i}", shape, dtype, q))
+            model_in.append(ins[-1])
+            xs.append(_values(rng, shape, dtype))
+    return ins, model_in, xs
+
+
 def gen_concatenation(rng):
     rank = int(rng.integers(2, 6))
     base = _shape(rng, rank, 4)
@@ -93,17 +109,15 @@ def gen_concatenation(rng):
     n_in = int(rng.integers(2, 6))
     const = int(rng.integers(n_in)) if rng.random() < 0.4 else -1
     g = GraphBuilder()
-    ins, model_in, xs, sizes = [], [], [], []
-    for i in range(n_in):
+    sizes = []
+
+    def shape_of(i):
         shape = list(base)
         shape[axis] = int(rng.integers(1, 5))
         sizes.append(shape[axis])
-        if i == const:
-            ins.append(g.tensor(f"c{i}", shape, dtype, q, _values(rng, shape, dtype, 1)))
-        else:
-            ins.append(g.tensor(f"x{i}", shape, dtype, q))
-            model_in.append(ins[-1])
-            xs.append(_values(rng, shape, dtype))
+        return shape
+
+    ins, model_in, xs = _operands(g, rng, n_in, shape_of, dtype, q, const)
     out = list(base)
     out[axis] = sum(sizes)
     y = g.tensor("y", out, dtype, q)
@@ -226,14 +240,7 @@ def gen_pack(rng):
     dtype, q = _dtype(rng)
     const = int(rng.integers(n_in)) if n_in > 1 and rng.random() < 0.3 else -1
     g = GraphBuilder()
-    ins, model_in, xs = [], [], []
-    for i in range(n_in):
-        if i == const:
-            ins.append(g.tensor(f"c{i}", shape, dtype, q, _values(rng, shape, dtype, 1)))
-        else:
-            ins.append(g.tensor(f"x{i}", shape, dtype, q))
-            model_in.append(ins[-1])
-            xs.append(_values(rng, shape, dtype))
+    ins, model_in, xs = _operands(g, rng, n_in, lambda i: shape, dtype, q, const)
     out = list(shape)
     out.insert(axis, n_in)
     y = g.tensor("y", out, dtype, q)
@@ -347,21 +354,9 @@ def model_case(name: str, i: int):
 
 @pytest.mark.parametrize("name", list(GENERATORS), ids=list(GENERATORS))
 def test_random_movement_models_match_litert(name):
-    failures = []
-    for i in range(N_MODELS):
-        desc = {}
-        try:
-            model, xs, desc = model_case(name, i)
-            msg = compare(model, xs, got=engine_outputs(model, xs))
-        except Exception as e:  # a model LiteRT or the engine refuses is a failure too
-            msg = f"{type(e).__name__}: {e}"
-        if msg is not None:
-            failures.append(f"  model {i}: {desc}\n    {msg}")
-    if failures:
-        shown = "\n".join(failures[:8])
-        pytest.fail(f"{name}: {len(failures)} of {N_MODELS} random models disagree with LiteRT "
-                    f"(reproduce with tests/test_ops_movement.model_case({name!r}, i)):\n{shown}",
-                    pytrace=False)
+    check_random_models(name, lambda i: model_case(name, i), N_MODELS,
+                        f"tests/test_ops_movement.model_case({name!r}, i)",
+                        compare=lambda model, xs: compare(model, xs, got=engine_outputs(model, xs)))
 
 
 def _unchecked(g, inputs, outputs):

@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 
-from oplib import GraphBuilder, compare, log_uniform, qp, random_int8
+from oplib import GraphBuilder, check_random_models, log_uniform, qp, random_int8
 
 from edge_qmul import grad as G
 from edge_qmul.kernels import resize
@@ -65,20 +65,8 @@ def model_case(kind: str, i: int):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_random_resize_models_match_litert(kind):
-    pytest.importorskip("ai_edge_litert")
-    failures = []
-    for i in range(N_MODELS):
-        model, xs, desc = model_case(kind, i)
-        try:
-            msg = compare(model, xs)
-        except Exception as e:  # a model LiteRT or the engine refuses is a failure too
-            msg = f"{type(e).__name__}: {e}"
-        if msg is not None:
-            failures.append(f"  model {i}: {desc}\n    {msg}")
-    if failures:
-        pytest.fail(f"{kind}: {len(failures)} of {N_MODELS} random models disagree with LiteRT "
-                    f"(tests/test_ops_resize.model_case({kind!r}, i)):\n" + "\n".join(failures[:8]),
-                    pytrace=False)
+    check_random_models(kind, lambda i: model_case(kind, i), N_MODELS,
+                        f"tests/test_ops_resize.model_case({kind!r}, i)")
 
 
 def _cosine(a, b) -> float:

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("ai_edge_litert")
 
-from oplib import GraphBuilder, compare, log_uniform, pot, qp, random_int8  # noqa: E402
+from oplib import GraphBuilder, check_random_models, log_uniform, pot, qp, random_int8  # noqa: E402
 
 SEED = 20240611
 N_MODELS = int(os.environ.get("EDGE_QMUL_RANDOM_OPS_N", "300"))
@@ -467,26 +467,7 @@ def model_case(name: str, i: int):
     return GENERATORS[name](rng)
 
 
-def _fmt(desc: dict) -> str:
-    def f(v):
-        return f"{v:.6g}" if isinstance(v, float) else repr(v)
-    return ", ".join(f"{k}={f(v)}" for k, v in desc.items())
-
-
 @pytest.mark.parametrize("name", list(GENERATORS), ids=list(GENERATORS))
 def test_random_single_op_models_match_litert(name):
-    failures = []
-    for i in range(N_MODELS):
-        model, xs, desc = model_case(name, i)
-        try:
-            msg = compare(model, xs)
-        except Exception as e:  # a model LiteRT or the engine refuses is a failure too
-            msg = f"{type(e).__name__}: {e}"
-        if msg is not None:
-            failures.append(f"  model {i}: {_fmt(desc)}\n    {msg}")
-    if failures:
-        shown = "\n".join(failures[:8])
-        more = f"\n  ... and {len(failures) - 8} more" if len(failures) > 8 else ""
-        pytest.fail(f"{name}: {len(failures)} of {N_MODELS} random models disagree with LiteRT "
-                    f"(reproduce with tests/test_random_ops.model_case({name!r}, i)):\n{shown}{more}",
-                    pytrace=False)
+    check_random_models(name, lambda i: model_case(name, i), N_MODELS,
+                        f"tests/test_random_ops.model_case({name!r}, i)")

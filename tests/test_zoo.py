@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import reference as R
+from test_train import cosine
 from edge_qmul import load_tflite
 from edge_qmul.kernels import evaluate
 from edge_qmul.quant import quantize
@@ -20,7 +21,8 @@ ZOO = Path(__file__).parent / "fixtures" / "zoo"
 INDEX = {m["name"]: m for m in json.loads((ZOO / "index.json").read_text())}
 NAMES = sorted(INDEX)
 # The models whose reference gradient takes long (big inputs, many layers) run in the slow tier.
-HEAVY = {"efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_small_min", "mobilenet_v1_025_vww"}
+HEAVY = {"efficientnet_b0", "mobilenet_v3_small", "mobilenet_v3_small_min", "mobilenet_v1_025_vww",
+         "unet_small"}
 
 
 def zoo(name: str):
@@ -79,14 +81,6 @@ def test_zoo_every_intermediate_tensor_equals_litert(name):
     assert checked >= len(model.ops)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 or nb == 0:
-        return 1.0 if na == nb else 0.0
-    return float(a @ b / (na * nb))
-
-
 def _whole_network_gradients(name: str, samples: int = 8, min_cos: float = 0.99) -> dict[str, float]:
     from edge_qmul.train import Trainer, loss_head
     model, d = zoo(name)
@@ -102,14 +96,14 @@ def _whole_network_gradients(name: str, samples: int = 8, min_cos: float = 0.99)
     ref = R.backward(model, acts, dl.reshape(logits.shape))
     cos = {}
     for pname in grads.params:
-        cos[pname] = _cosine(grads[pname].real(), ref[pname])
+        cos[pname] = cosine(grads[pname].real(), ref[pname])
     bad = {k: round(v, 5) for k, v in cos.items() if v < min_cos}
     assert not bad, f"{name}: parameters below cosine {min_cos}: {bad}"
     assert grads.params, f"{name}: no trainable parameters"
     return cos
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in HEAVY and n != "unet_small"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in HEAVY])
 def test_zoo_whole_network_gradients_match_reference(name):
     _whole_network_gradients(name)
 
@@ -184,3 +178,18 @@ def test_zoo_unlearn_default_method(name, tmp_path):
 @pytest.mark.parametrize("name", UNLEARN_MODELS)
 def test_zoo_unlearn_qmul(name, tmp_path):
     _unlearn_zoo(name, "qmul", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["squeezenet_mini", "activations_cnn", "lstm_ts", "lstm_unrolled"])
+def test_zoo_memory_report_matches_measured_peak(name):
+    """The new ops' backward_bytes keep Trainer.memory_report honest: CONCATENATION, MUL, LOGISTIC,
+    HARD_SWISH, TANH, the LSTM, SPLIT / UNPACK / TRANSPOSE."""
+    from test_train import _measured_peak
+    from edge_qmul.train import Trainer
+    model, d = zoo(name)
+    x8 = core_input(model, np.concatenate([d["x"], d["x"]])[:32])
+    classes = int(np.prod(model.tensors[Trainer(model.copy()).logits_tensor].shape[1:]))
+    y = np.random.default_rng(0).integers(0, classes, len(x8))
+    peak, report = _measured_peak(model, x8, y)
+    assert 0.8 <= peak / report["total"] <= 1.2, (peak, report)
+    assert peak <= report["float32_total"], (peak, report)

@@ -212,16 +212,21 @@ def _sub(x, y, table1, table2, out_mult, out_shift, out_zp, act_min, act_max):
 # One sample per task. An operand without a batch axis has one row (step 0). Same shapes (no
 # index arrays) read both rows in order; otherwise each output element gathers its two inputs.
 
+@njit(cache=True, inline="always")
+def _rows(a, b, smp):
+    """Sample ``smp``'s rows of ``a`` and ``b`` (row 0 of an operand without a batch axis)."""
+    step_a = 1 if a.shape[0] > 1 else 0
+    step_b = 1 if b.shape[0] > 1 else 0
+    return a[smp * step_a], b[smp * step_b]
+
+
 @njit(cache=True, parallel=True)
 def mul_int8(a, b, n, size, index1, index2, vector, vector_end, offset1, offset2, out_mult, out_shift,
              out_zp, act_min, act_max):
     out = np.empty((n, size), np.int8)
-    step_a = 1 if a.shape[0] > 1 else 0
-    step_b = 1 if b.shape[0] > 1 else 0
     same = index1.shape[0] == 0
     for smp in prange(n):
-        ar = a[smp * step_a]
-        br = b[smp * step_b]
+        ar, br = _rows(a, b, smp)
         dst = out[smp]
         if same:  # MulElementwise: 16-wide body, scalar tail
             for i in range(vector_end):
@@ -240,12 +245,9 @@ def mul_int8(a, b, n, size, index1, index2, vector, vector_end, offset1, offset2
 @njit(cache=True, parallel=True)
 def sub_int8(a, b, n, size, index1, index2, table1, table2, out_mult, out_shift, out_zp, act_min, act_max):
     out = np.empty((n, size), np.int8)
-    step_a = 1 if a.shape[0] > 1 else 0
-    step_b = 1 if b.shape[0] > 1 else 0
     same = index1.shape[0] == 0
     for smp in prange(n):
-        ar = a[smp * step_a]
-        br = b[smp * step_b]
+        ar, br = _rows(a, b, smp)
         dst = out[smp]
         if same:
             for i in range(size):

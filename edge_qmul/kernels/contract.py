@@ -74,8 +74,8 @@ class MemoryQuery:
     trained: bool                 # this op's parameters are trained
     step: bool                    # Trainer.step (update during backward) rather than gradients()
     patch_bytes: int
-    workspace: int = 0            # set by backward_bytes: an int16 workspace the float32 twin holds
-                                  # in float32 (a conv weight gradient's im2col rows)
+    float32_workspace: int = 0    # set by backward_bytes: what a float32 twin of this backward holds
+                                  # besides errors (a conv's im2col rows in float32, an LSTM's gates)
 
 
 def no_macs(op, model) -> int:

@@ -102,7 +102,7 @@ def make_backward_bytes(grad_weight_plan=None):
             taps = int(np.prod(w_shape[1:]))
             patch = grad_weight_plan(q.batch, q.batch * oh * ow, cout, taps, w_shape[3],
                                                  q.patch_bytes)[1]
-        q.workspace = patch
+        q.float32_workspace = 2 * patch  # the same im2col rows, float32 instead of int16
         return max(e_out + 8 * w + patch, e_out + 4 * (w + b) + copy,
                    (copy + e_out + new_x + 6 * x_e * q.block // q.batch) if need else 0)
 

@@ -633,8 +633,12 @@ def backward_bytes(op, model, q: MemoryQuery) -> int:
     made = 2 * q.elems(op.inputs[INPUT]) if q.wants(op.inputs[INPUT]) else 0
     saved = n * steps * n_cell * 2 * 4 + n * (steps + 1) * n_cell * 2 + n * steps * n_cell  # gates, cells, y copy
     sums = n * steps * 4 * n_cell * 8 + n * steps * n_input * 8
+    # the weight gradient's (x - zp) and (h - zp) rows, int64, for every step of every sample
+    rows = n * steps * (n_input + n_cell) * 8 if q.trained else 0
     params = 8 * 4 * n_cell * (n_input + n_cell + 1) if q.trained else 0
-    return out + made + saved + sums + params
+    # a float32 twin saves float32 gates and cells, float32 gate errors, rows and gradients
+    q.float32_workspace = 2 * saved + sums // 2 + rows // 2 + params // 2
+    return out + made + saved + sums + rows + params
 
 
 def output_bound(op, model, absmax) -> float:

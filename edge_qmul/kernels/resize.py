@@ -120,13 +120,20 @@ def nearest_grad_input(g, rows, cols, in_h, in_w):
     return gx
 
 
-def backward_nearest(p: NearestParams, ctx: Backward) -> list:
+def _backward(ctx: Backward, grad_input, ratio: float, frac_bits: int = 0) -> list:
+    """The input's error (the size input has none): ``grad_input(g, in_h, in_w)`` gives the integer
+    sums of a block of output errors ``g``, in units of the output error's scale times ``ratio``
+    times 2^-frac_bits."""
     if not ctx.wants[0]:
         return [None, None]
     err, (_, in_h, in_w, _) = ctx.zeros_error(0), ctx.inputs[0].shape
     g = err.values
-    return [G.from_blocks(lambda a, b: nearest_grad_input(g[a:b], p.rows, p.cols, in_h, in_w),
-                          g.shape[0], ctx.inputs[0].shape[1:], err.scale * p.ratio, ctx.block), None]
+    return [G.from_blocks(lambda a, b: grad_input(g[a:b], in_h, in_w), g.shape[0], ctx.inputs[0].shape[1:],
+                          err.scale * ratio * 2.0 ** -frac_bits, ctx.block), None]
+
+
+def backward_nearest(p: NearestParams, ctx: Backward) -> list:
+    return _backward(ctx, lambda g, in_h, in_w: nearest_grad_input(g, p.rows, p.cols, in_h, in_w), p.ratio)
 
 
 # --- RESIZE_BILINEAR -----------------------------------------------------------------------------
@@ -170,6 +177,14 @@ def forward_bilinear(p: BilinearParams, x: np.ndarray, *_size) -> np.ndarray:
     return resize_bilinear_int8(x, p.y0, p.y1, p.fy, p.x0, p.x1, p.fx)
 
 
+@njit(cache=True, inline="always")
+def _tap_weights(fy, fx, oy, ox):
+    """The 20-bit weights of output cell (oy, ox)'s taps (y0, x0), (y1, x0), (y0, x1), (y1, x1)."""
+    ty, by = ONE - fy[oy], fy[oy]
+    lx, rx = ONE - fx[ox], fx[ox]
+    return ty * lx, by * lx, ty * rx, by * rx
+
+
 @njit(cache=True, parallel=True)
 def resize_bilinear_int8(x, y0, y1, fy, x0, x1, fx):
     n, _, _, c = x.shape
@@ -178,10 +193,8 @@ def resize_bilinear_int8(x, y0, y1, fy, x0, x1, fx):
     half = np.int64(1) << 19
     for b in prange(n):
         for oy in range(out_h):
-            ty, by = ONE - fy[oy], fy[oy]
             for ox in range(out_w):
-                lx, rx = ONE - fx[ox], fx[ox]
-                w00, w10, w01, w11 = ty * lx, by * lx, ty * rx, by * rx
+                w00, w10, w01, w11 = _tap_weights(fy, fx, oy, ox)
                 for ch in range(c):
                     acc = (np.int64(x[b, y0[oy], x0[ox], ch]) * w00 + np.int64(x[b, y1[oy], x0[ox], ch]) * w10
                            + np.int64(x[b, y0[oy], x1[ox], ch]) * w01 + np.int64(x[b, y1[oy], x1[ox], ch]) * w11)
@@ -198,10 +211,8 @@ def bilinear_grad_input(g, y0, y1, fy, x0, x1, fx, in_h, in_w):
     gx = np.zeros((n, in_h, in_w, c), np.int64)
     for b in prange(n):
         for oy in range(out_h):
-            ty, by = ONE - fy[oy], fy[oy]
             for ox in range(out_w):
-                lx, rx = ONE - fx[ox], fx[ox]
-                w00, w10, w01, w11 = ty * lx, by * lx, ty * rx, by * rx
+                w00, w10, w01, w11 = _tap_weights(fy, fx, oy, ox)
                 for ch in range(c):
                     v = np.int64(g[b, oy, ox, ch])
                     gx[b, y0[oy], x0[ox], ch] += v * w00
@@ -212,13 +223,9 @@ def bilinear_grad_input(g, y0, y1, fy, x0, x1, fx, in_h, in_w):
 
 
 def backward_bilinear(p: BilinearParams, ctx: Backward) -> list:
-    if not ctx.wants[0]:
-        return [None, None]
-    err, (_, in_h, in_w, _) = ctx.zeros_error(0), ctx.inputs[0].shape
-    g = err.values
-    return [G.from_blocks(lambda a, b: bilinear_grad_input(g[a:b], p.y0, p.y1, p.fy, p.x0, p.x1, p.fx, in_h, in_w),
-                          g.shape[0], ctx.inputs[0].shape[1:], err.scale * p.ratio * 2.0 ** -20, ctx.block),
-            None]
+    # the weights are 20-bit fixed point (ONE * ONE)
+    return _backward(ctx, lambda g, in_h, in_w: bilinear_grad_input(g, p.y0, p.y1, p.fy, p.x0, p.x1, p.fx,
+                                                                    in_h, in_w), p.ratio, 20)
 
 
 # --- contract --------------------------------------------------------------------------------------

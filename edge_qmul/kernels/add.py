@@ -16,7 +16,7 @@ from ..quant import (activation_range, multiply_by_quantized_multiplier,
                      multiply_by_quantized_multiplier_floor_shift, quantize_multiplier,
                      saturating_rounding_doubling_high_mul)
 from ..grad import Error, from_accumulator
-from .common import output, per_tensor, tensor, where
+from .common import five_fold, output, per_tensor, tensor, where
 from .contract import Backward, Kernel, MemoryQuery
 
 # add.cc: int8 inputs are shifted left by 20 bits before rescaling, so the sum keeps precision.
@@ -100,24 +100,8 @@ def _loop_schedule(shape0: tuple, shape1: tuple, size: int) -> np.ndarray:
     if e0 == e1:  # kNonBroadcast
         runs(size, 16, ELEMENTWISE_VECTOR)
         return loop
-    category = None
-    for i in range(dims - 1, -1, -1):
-        if e0[i] == e1[i]:
-            continue
-        category = "first" if e0[i] == 1 else "second" if e1[i] == 1 else None
-        break
-    if category is None:  # not broadcastable fast: BroadcastAdd6DSlow
-        return loop
-    sa, sb = (e0, e1) if category == "first" else (e1, e0)
-    y = [1, 1, 1, 1, 1]
-    i = dims - 1
-    for slot, cond in ((4, lambda i: sa[i] == sb[i]), (3, lambda i: sa[i] == 1),
-                       (2, lambda i: sa[i] == sb[i]), (1, lambda i: sb[i] == 1),
-                       (0, lambda i: sa[i] == sb[i])):
-        while i >= 0 and cond(i):
-            y[slot] *= sb[i] if slot != 2 and slot != 1 else sa[i]
-            i -= 1
-    if i >= 0:  # kGenericBroadcast
+    y = five_fold(e0, e1)
+    if y is None:  # kGenericBroadcast, or not broadcastable fast: BroadcastAdd6DSlow
         return loop
     if y[4] > 1:
         runs(y[4], 16, ELEMENTWISE_VECTOR)

@@ -29,7 +29,7 @@ from numba import njit, prange
 from ..errors import ModelError
 from ..grad import Error, from_accumulator
 from ..quant import activation_range, multiply_by_quantized_multiplier, quantize_multiplier
-from .common import output, per_tensor, tensor, where
+from .common import five_fold, output, per_tensor, tensor, where
 from .contract import Backward, Kernel, MemoryQuery
 
 MAX_RANK = 6      # LiteRT's broadcast kernels (kMaxMulBroadcastDim, BroadcastBinaryOpSimple)
@@ -131,34 +131,10 @@ def _vector_lanes(shape0: tuple, shape1: tuple, size: int) -> np.ndarray:
 
     if e0 == e1:
         return runs(size)
-    y = _five_fold(e0, e1)
+    y = five_fold(e0, e1)
     if y is None:
         return vector
     return runs(y[4] if y[4] > 1 else y[3])
-
-
-def _five_fold(e0: tuple, e1: tuple) -> list | None:
-    """reference_ops::ProcessBroadcastShapes: the fivefold sizes y0..y4 of two shapes of one rank,
-    or None for kGenericBroadcast. Input "a" is the one broadcast along the innermost differing axis."""
-    dims = len(e0)
-    first = None
-    for i in range(dims - 1, -1, -1):
-        if e0[i] != e1[i]:
-            first = True if e0[i] == 1 else False if e1[i] == 1 else None
-            break
-    if first is None:
-        return None
-    sa, sb = (e0, e1) if first else (e1, e0)
-    y = [1, 1, 1, 1, 1]
-    i = dims - 1
-    # (slot, condition, which shape's size counts) in ProcessBroadcastShapes' order
-    for slot, cond, src in ((4, lambda i: sa[i] == sb[i], sb), (3, lambda i: sa[i] == 1, sb),
-                            (2, lambda i: sa[i] == sb[i], sa), (1, lambda i: sb[i] == 1, sa),
-                            (0, lambda i: sa[i] == sb[i], sb)):
-        while i >= 0 and cond(i):
-            y[slot] *= src[i]
-            i -= 1
-    return None if i >= 0 else y
 
 
 def forward(p: BinaryParams, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -132,3 +132,27 @@ def conv_requant(op, x, w, out, channels: int, activation: str) -> Requant:
     mult, shift = quantize_multipliers(real)
     lo, hi = activation_range(activation, out.quant)
     return Requant(mult, shift, out.quant.zp, lo, hi)
+
+
+def five_fold(e0: tuple, e1: tuple) -> list | None:
+    """reference_ops::ProcessBroadcastShapes: the fivefold sizes y0..y4 of two shapes of one rank,
+    or None for kGenericBroadcast. Input "a" is the one broadcast along the innermost differing axis."""
+    dims = len(e0)
+    first = None
+    for i in range(dims - 1, -1, -1):
+        if e0[i] != e1[i]:
+            first = True if e0[i] == 1 else False if e1[i] == 1 else None
+            break
+    if first is None:
+        return None
+    sa, sb = (e0, e1) if first else (e1, e0)
+    y = [1, 1, 1, 1, 1]
+    i = dims - 1
+    # (slot, condition, which shape's size counts) in ProcessBroadcastShapes' order
+    for slot, cond, src in ((4, lambda i: sa[i] == sb[i], sb), (3, lambda i: sa[i] == 1, sb),
+                            (2, lambda i: sa[i] == sb[i], sa), (1, lambda i: sb[i] == 1, sa),
+                            (0, lambda i: sa[i] == sb[i], sb)):
+        while i >= 0 and cond(i):
+            y[slot] *= src[i]
+            i -= 1
+    return None if i >= 0 else y

@@ -1,11 +1,12 @@
 """Forward-pass benchmark: the edge_qmul engine against LiteRT (built-in kernels and XNNPACK).
 
-    python benchmarks/forward.py [--json OUT] [--repeats N] [--quick] [--batches 1,32]
+    python benchmarks/forward.py [--json OUT] [--repeats N] [--quick] [--batches 1,32] [--zoo]
 
 For each fixture model (tests/fixtures/*.tflite) and for single CONV_2D / DEPTHWISE_CONV_2D /
 FULLY_CONNECTED layers shaped like real layers of MobileNetV2 (224x224 input) and ResNet-18, built
-with random int8 weights through the project's Model and .tflite writer, this measures the time of
-one batch through
+with random int8 weights through the project's Model and .tflite writer, and with ``--zoo`` for the
+real-world models of tests/fixtures/zoo/*.tflite (rows ``zoo/NAME``; ``--only zoo`` runs just those),
+this measures the time of one batch through
 
   * the engine (``model.forward`` on int8 input; ``model.predict`` for float-interface models, so
     that it runs the same QUANTIZE ... DEQUANTIZE graph LiteRT runs), threads set with
@@ -15,6 +16,11 @@ one batch through
 
 at 1 and 2 threads, all in this one process. LiteRT's input is resized to the batch so the whole
 batch runs in one ``invoke`` (if resizing fails, it runs sample by sample and the row says so).
+Models with variable (state) tensors (an LSTM) get ``reset_all_variables()`` before every invoke,
+batched or per sample: LiteRT keeps state between invokes, the engine starts every sample as its own
+sequence from zero state (as the fixtures' ``y_builtin`` were made).
+PyTorch (if installed) runs a float32 twin of the graph; a model with ops the twin does not know
+gets "-" in the torch columns.
 Everything is warmed up first (numba compilation is not timed). Each repeat times enough
 back-to-back batches to last at least ``--min-time`` seconds and records the time per batch; the
 repeats of the three backends are interleaved, and the reported value is the median over repeats.
@@ -61,6 +67,7 @@ except ImportError:  # pragma: no cover
     torch = None
 
 FIXTURES = ROOT / "tests" / "fixtures"
+ZOO = FIXTURES / "zoo"
 FIXTURE_BATCH = 8
 LAYER_BATCH = 1
 THREADS = (1, 2)
@@ -169,7 +176,10 @@ def single_layers(quick: bool):
 class LiteRT:
     """One interpreter, resized to the batch if it can be; ``run(x) -> outputs[0]``."""
 
-    def __init__(self, content: bytes, batch: int, threads: int, builtin: bool):
+    def __init__(self, content: bytes, batch: int, threads: int, builtin: bool, stateful: bool = False):
+        # stateful: the model has variable tensors (an LSTM's state), which LiteRT carries from one
+        # invoke to the next; every invoke then starts from reset (zero) state, as the engine does
+        self.stateful = stateful
         kw = {"num_threads": threads}
         if builtin:
             kw["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
@@ -180,6 +190,8 @@ class LiteRT:
         try:
             self.interp.resize_tensor_input(self.inp["index"], [batch] + list(self.inp["shape"][1:]))
             self.interp.allocate_tensors()
+            if stateful:
+                self.interp.reset_all_variables()
             # Outputs behind a shape-computing subgraph (Keras Flatten) only get their batched
             # shape when the graph runs, so check after one invoke, not after allocate_tensors.
             self.interp.set_tensor(self.inp["index"], np.zeros([batch] + list(self.inp["shape"][1:]),
@@ -198,6 +210,8 @@ class LiteRT:
     def run(self, x: np.ndarray) -> np.ndarray:
         it = self.interp
         if self.batched:
+            if self.stateful:  # each sample of the batch is its own sequence from zero state
+                it.reset_all_variables()
             it.set_tensor(self.in_idx, x)
             it.invoke()
             return it.get_tensor(self.out_idx)
@@ -208,6 +222,8 @@ class LiteRT:
         it = self.interp
         outs = []
         for i in range(x.shape[0]):
+            if self.stateful:  # each sample is its own sequence: zero state, as the engine's
+                it.reset_all_variables()
             it.set_tensor(self.in_idx, x[i:i + 1])
             it.invoke()
             outs.append(it.get_tensor(self.out_idx).copy())
@@ -245,7 +261,32 @@ def time_calls(fns: list, repeats: int, min_time: float) -> list[float]:
 
 
 def model_macs(model: Model) -> int:
-    return int(sum(op_macs(op, model) for op in model.ops))
+    """Multiply-accumulates of one sample; ops without a count (or that fail to give one) count 0."""
+    total = 0
+    for op in model.ops:
+        try:
+            total += int(op_macs(op, model) or 0)
+        except Exception:  # noqa: BLE001 -- a benchmark column, not worth a crash
+            pass
+    return total
+
+
+def is_stateful(model: Model) -> bool:
+    """The model has variable (state) tensors, e.g. an UNIDIRECTIONAL_SEQUENCE_LSTM's."""
+    return any(getattr(t, "variable", False) for t in model.tensors)
+
+
+def torch_twin(model: Model, x_float: np.ndarray):
+    """``(net, xt)``: the model's float32 torch twin and input, or None if the twin cannot be built
+    or run (ops it does not know, like SOFTMAX, LSTM, CONCATENATION, ...)."""
+    try:
+        net = TorchTwin(model).eval()
+        xt = torch.from_numpy(np.ascontiguousarray(x_float, dtype=np.float32))
+        with torch.inference_mode():
+            net(xt)
+    except Exception:  # noqa: BLE001 -- ValueError for unknown ops; anything else: no torch column either
+        return None
+    return net, xt
 
 
 def input_batch(model: Model, batch: int, rng, fixture: Path | None) -> np.ndarray:
@@ -276,17 +317,20 @@ def bench_case(name, model, content, batch, x, threads, repeats, min_time):
     float_io = model.tensors[model.inputs[0]].dtype == np.float32
     engine_fn = model.predict if float_io else model.forward
     y_engine = np.asarray(engine_fn(x))
-    builtin = LiteRT(content, batch, threads, builtin=True)
+    stateful = is_stateful(model)
+    builtin = LiteRT(content, batch, threads, builtin=True, stateful=stateful)
     y_builtin = builtin.run(x).copy()
-    xnn = LiteRT(content, batch, threads, builtin=False)
+    xnn = LiteRT(content, batch, threads, builtin=False, stateful=stateful)
     y_xnn = xnn.run(x).copy()
     fns = [lambda: engine_fn(x), lambda: builtin.run(x), lambda: xnn.run(x)]
+    twin = None
     if torch is not None:  # the same graph in float32 eager PyTorch, from the dequantized weights
         torch.set_num_threads(threads)
-        net = TorchTwin(model).eval()
         x_float = x if x.dtype == np.float32 else \
             ((x.astype(np.float32) - model.tensors[model.inputs[0]].quant.zp) * model.tensors[model.inputs[0]].quant.s)
-        xt = torch.from_numpy(np.ascontiguousarray(x_float, dtype=np.float32))
+        twin = torch_twin(model, x_float)
+    if twin is not None:
+        net, xt = twin
 
         def torch_fn():
             with torch.inference_mode():
@@ -294,7 +338,7 @@ def bench_case(name, model, content, batch, x, threads, repeats, min_time):
         fns.append(torch_fn)
     times = time_calls(fns, repeats, min_time)
     engine_s, builtin_s, xnn_s = times[:3]
-    torch_s = times[3] if torch is not None else None
+    torch_s = times[3] if twin is not None else None
     busy_other = _busy_other(stat0, t0, pt0)
 
     # The engine's reference is LiteRT built-in run one sample at a time (how the fixtures' y_builtin
@@ -302,7 +346,7 @@ def bench_case(name, model, content, batch, x, threads, repeats, min_time):
     # DEQUANTIZE takes a vectorized path on larger tensors that computes q*s - zp*s instead of
     # (q - zp)*s, 1 ulp apart on some float outputs. So count both.
     if builtin.batched and batch > 1:
-        y_ref = LiteRT(content, 1, threads, builtin=True).run_per_sample(x)
+        y_ref = LiteRT(content, 1, threads, builtin=True, stateful=stateful).run_per_sample(x)
     else:
         y_ref = y_builtin
     mism = count_mismatches(y_engine, y_builtin)
@@ -314,6 +358,10 @@ def bench_case(name, model, content, batch, x, threads, repeats, min_time):
         notes.append("float io: engine runs predict()")
     if not builtin.batched or not xnn.batched:
         notes.append("litert per-sample (resize failed)")
+    if stateful:
+        notes.append("variable tensors: litert state reset before each invoke")
+    if torch is not None and twin is None:
+        notes.append("no torch twin (ops it does not know)")
     return {
         "name": name, "threads": threads, "batch": batch,
         "engine_s": engine_s, "litert_builtin_s": builtin_s, "litert_xnnpack_s": xnn_s, "torch_s": torch_s,
@@ -451,6 +499,8 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     ap.add_argument("--batches", default="1,32", help="batch sizes for every model and layer (default 1,32; "
                     "--quick: the fixtures at 8 and the layers at 1)")
+    ap.add_argument("--zoo", action="store_true", help="also the real-world models of tests/fixtures/zoo "
+                    "(rows zoo/NAME, at the fixtures' batches; --only zoo runs just those)")
     ap.add_argument("--only", default=None, help="comma-separated name substrings: run only those rows "
                     "(e.g. --only 'rn18,expand')")
     ap.add_argument("--from-json", type=Path, default=None, help="print the tables of an earlier run's "
@@ -478,6 +528,13 @@ def main(argv=None) -> int:
         for batch in fixture_batches:
             cases.append((path.stem, model, content, batch,
                           input_batch(model, batch, rng, path.with_suffix(".npz"))))
+    if args.zoo:
+        for path in sorted(ZOO.glob("*.tflite")):
+            model = load_tflite(path)
+            content = path.read_bytes()
+            for batch in fixture_batches:
+                cases.append((f"zoo/{path.stem}", model, content, batch,
+                              input_batch(model, batch, rng, path.with_suffix(".npz"))))
     for name, model in single_layers(args.quick):
         for batch in layer_batches:
             cases.append((name, model, to_bytes(model), batch, input_batch(model, batch, rng, None)))
@@ -486,7 +543,8 @@ def main(argv=None) -> int:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         cases = [c for c in cases if any(w in c[0] for w in wanted)]
         if not cases:
-            ap.error(f"--only {args.only!r} matches no model or layer")
+            hint = " (the zoo's rows need --zoo)" if not args.zoo and any("zoo" in w for w in wanted) else ""
+            ap.error(f"--only {args.only!r} matches no model or layer{hint}")
     print(f"# {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, "
           f"numpy {np.__version__}, numba {numba.__version__} ("
           f"threads {threads}); repeats={repeats} min_time={min_time}s; load average {_loadavg()}",

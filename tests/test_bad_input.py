@@ -139,3 +139,40 @@ def test_forward_input_checks_leave_model_usable():
     with pytest.raises(ModelError, match="NaN or inf"):
         f.predict(bad)
     np.testing.assert_array_equal(m.forward(d["x"]), d["y_builtin"])  # still fine
+
+
+def test_unsupported_op_reading_a_state_tensor_is_named():
+    """A recurrent op the engine lacks reads a variable (state) tensor no op writes: the error names
+    the op, not 'reads tensor N before any op writes it'."""
+    q = QuantParams([0.05], [3])
+    i8 = np.dtype(np.int8)
+    tensors = [Tensor("x", (1, 5, 4), i8, q), Tensor("w", (6, 4), i8, q, data=np.ones((6, 4), np.int8)),
+               Tensor("r", (6, 6), i8, q, data=np.ones((6, 6), np.int8)),
+               Tensor("b", (6,), np.dtype(np.int32), data=np.zeros(6, np.int32)),
+               Tensor("state", (1, 6), i8, q, variable=True), Tensor("y", (1, 5, 6), i8, q)]
+    ops = [Op("UNIDIRECTIONAL_SEQUENCE_RNN", [0, 1, 2, 3, 4], [5], {}, version=1)]
+    with pytest.raises(ModelError, match=r"unsupported ops: UNIDIRECTIONAL_SEQUENCE_RNN x1 \(at index 0\)"):
+        load_tflite(to_bytes(_raw_model(tensors, ops, [0], [5])))
+
+
+@pytest.mark.parametrize("name", ["lstm_ts", "lstm_unrolled", "conv1d_har_floatio", "squeezenet_mini"])
+def test_random_corruption_of_zoo_models_never_crashes(name):
+    """The reader paths the zoo added (intermediates, variable tensors, vector options, folding,
+    ops with several outputs): corrupted files give a Model that runs or a ModelError."""
+    from pathlib import Path
+    zoo = Path(__file__).parent / "fixtures" / "zoo"
+    data = (zoo / f"{name}.tflite").read_bytes()
+    x = np.load(zoo / f"{name}.npz")["x"][:2]
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        bad = bytearray(data)
+        for pos in rng.integers(0, len(bad), size=rng.integers(1, 5)):
+            bad[pos] = int(rng.integers(0, 256))
+        try:
+            m = load_tflite(bytes(bad))
+        except ModelError:
+            continue
+        try:
+            m.predict(x)
+        except ModelError:
+            pass

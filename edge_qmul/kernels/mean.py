@@ -168,7 +168,9 @@ def backward(p: MeanParams, ctx: Backward) -> list:
     err, x = ctx.zeros_error(0), ctx.inputs[0]
     n = err.values.shape[0]
     g = err.values.reshape((n,) + p.kept_shape)
-    return [Error(np.ascontiguousarray(np.broadcast_to(g, x.shape)), err.scale / p.count), None]
+    # a copy, never a view: the error is masked in place by the op upstream (over 1 x 1 axes the
+    # broadcast is a read-only view of the output error itself)
+    return [Error(np.broadcast_to(g, x.shape).copy(), err.scale / p.count), None]
 
 
 def clamp(p: MeanParams) -> tuple[int, int]:

@@ -54,6 +54,17 @@ FOLDERS = {
 INTEGER = (np.dtype(np.int32), np.dtype(np.int64))
 
 
+def _reshape_target(in_shape: tuple, shape: np.ndarray, where: str) -> tuple:
+    """RESHAPE's output shape for a static input shape: one -1 takes what is left."""
+    dims = [int(d) for d in np.ravel(shape)]
+    size = int(np.prod(in_shape))
+    known = int(np.prod([d for d in dims if d != -1]))
+    if dims.count(-1) > 1 or (dims.count(-1) == 1 and (known == 0 or size % known)) \
+            or (dims.count(-1) == 0 and known != size) or any(d < -1 for d in dims):
+        raise ModelError(f"{where}: cannot reshape {list(in_shape)} to {dims}")
+    return tuple(size // known if d == -1 else d for d in dims)
+
+
 def fold_constants(tensors: list, ops: list, outputs: list[int]) -> list:
     """Evaluate the shape arithmetic of ``ops`` (see the module docstring); returns the ops kept."""
     value: dict[int, np.ndarray] = {i: t.data for i, t in enumerate(tensors)
@@ -83,8 +94,16 @@ def fold_constants(tensors: list, ops: list, outputs: list[int]) -> list:
             continue
         if op.kind == "RESHAPE" and len(op.inputs) > 1:
             shape_in = op.inputs[1]
-            if shape_in >= 0 and shape_in not in value:
-                raise ModelError(f"{where}: its shape is computed at run time from data")
+            if shape_in >= 0:
+                if shape_in not in value:
+                    raise ModelError(f"{where}: its shape is computed at run time from data")
+                # the converter can store a stale static shape on the output (Keras 3's
+                # UpSampling2D: [1, 1, 16, 64] for a computed [1, 16, 16, 64]); LiteRT uses the
+                # computed one, and so does the engine
+                out = tensors[op.outputs[0]]
+                target = _reshape_target(tensors[op.inputs[0]].shape, value[shape_in], where)
+                if target != tuple(out.shape):
+                    out.shape = target
             op.inputs = op.inputs[:1]
         for i in set(op.inputs) & folded:
             t = tensors[i]

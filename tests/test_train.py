@@ -287,3 +287,26 @@ def test_training_from_scratch_reaches_target(dataset, target):
     """Integer MACs only, mean of 3 seeds (float32 references: digits 96.9-97.4%, mnist1d 93-94%)."""
     accuracies = [train_from_scratch(dataset, seed=seed)[1] for seed in (0, 1, 2)]
     assert np.mean(accuracies) >= target, accuracies
+
+
+def test_mean_over_one_cell_gives_a_writable_error():
+    """MEAN over 1 x 1 axes (DenseNet / NASNet at small inputs): its input error is masked in place
+    by the conv before it, so it must be an array of its own, not a read-only broadcast view."""
+    from oplib import GraphBuilder, qp
+    rng = np.random.default_rng(0)
+    g = GraphBuilder()
+    x = g.tensor("x", (1, 1, 1, 4), np.int8, qp(0.05, 0))
+    w = g.tensor("w", (4, 1, 1, 4), np.int8, qp([0.02] * 4, [0] * 4), rng.integers(-100, 100, (4, 1, 1, 4)))
+    b = g.tensor("b", (4,), np.int32, None, np.zeros(4, np.int32))
+    c = g.tensor("c", (1, 1, 1, 4), np.int8, qp(0.1, 0))
+    axes = g.tensor("axes", (2,), np.int32, None, np.array([1, 2], np.int32))
+    m = g.tensor("m", (1, 4), np.int8, qp(0.1, 0))
+    fw = g.tensor("fw", (3, 4), np.int8, qp([0.03] * 3, [0] * 3), rng.integers(-100, 100, (3, 4)))
+    y = g.tensor("y", (1, 3), np.int8, qp(0.2, 0))
+    g.op("CONV_2D", [x, w, b], [c], padding="VALID", stride_h=1, stride_w=1, activation="NONE",
+         dilation_h=1, dilation_w=1)
+    g.op("MEAN", [c, axes], [m], keep_dims=False)
+    g.op("FULLY_CONNECTED", [m, fw, -1], [y], activation="NONE")
+    model = g.model([x], [y])
+    x8 = rng.integers(-128, 128, (8, 1, 1, 4)).astype(np.int8)
+    assert check_gradients(model, x8, rng.integers(0, 3, 8)) == 3

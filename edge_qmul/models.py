@@ -5,6 +5,8 @@ Each architecture function returns a :class:`~edge_qmul.graph.Model` whose .tfli
 
 ``mlp``             RESHAPE (flatten) -> [FULLY_CONNECTED + RELU] * len(hidden) -> FULLY_CONNECTED
 ``digits_cnn``      CONV 3x3 16 SAME RELU, CONV 3x3 32 /2 SAME RELU, MAX_POOL 2x2, RESHAPE, FC
+``mnist_cnn``       CONV 3x3 8 SAME RELU, MAX_POOL 2x2, CONV 3x3 16 SAME RELU, MAX_POOL 2x2, RESHAPE, FC
+                    (LeNet-like, for 28x28 MNIST: 28 -> 14 -> 7, 7x7x16 = 784 features)
 ``mnist1d_cnn``     three 1x5 CONV_2D of 32 channels (strides 1, 2, 2) + RELU, RESHAPE, FC
 ``mobilenet_tiny``  stem CONV 3x3 /2 RELU6; inverted residual blocks (1x1 expand RELU6, DEPTHWISE 3x3
                     RELU6, 1x1 linear projection, ADD where shapes match); MEAN over H, W; FC
@@ -432,6 +434,25 @@ def digits_cnn(input_shape: Sequence[int] = (8, 8, 1), num_classes: int = 10, se
     return g.finish(g.fc(x, int(num_classes)), calib_x, input_range, seed)
 
 
+def mnist_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, seed: int = 0,
+              calib_x: np.ndarray | None = None, input_range: tuple[float, float] | None = None,
+              channels: tuple[int, int] = (8, 16)) -> Model:
+    """CONV 3x3 SAME RELU, MAX_POOL 2x2, CONV 3x3 SAME RELU, MAX_POOL 2x2, RESHAPE, FC: on 28x28
+    inputs 28 -> 14 -> 7 positions, 7 x 7 x channels[1] features. A pool halves only the sides
+    longer than 1 (none on a 1x1 map), so small and 1-D (1, W, C) inputs build too."""
+    h, w, _ = _spatial(input_shape, "mnist_cnn")
+    g = _Builder("mnist_cnn", input_shape, seed)
+    x = g.input
+    for c in channels:
+        x = g.conv(x, int(c), _k(h, 3), (1, 1), "SAME", "RELU")
+        _, hh, ww, _ = g.shape(x)
+        if hh >= 2 or ww >= 2:
+            ph, pw = min(2, hh), min(2, ww)
+            x = g.max_pool(x, (ph, pw), (ph, pw))
+    x = g.flatten(x)
+    return g.finish(g.fc(x, int(num_classes)), calib_x, input_range, seed)
+
+
 def mnist1d_cnn(input_shape: Sequence[int] = (1, 40, 1), num_classes: int = 10, seed: int = 0,
                 calib_x: np.ndarray | None = None, input_range: tuple[float, float] | None = None,
                 channels: int = 32, kernel: int = 5, strides: Sequence[int] = (1, 2, 2)) -> Model:
@@ -489,6 +510,7 @@ def resnet_tiny(input_shape: Sequence[int] = (8, 8, 1), num_classes: int = 10, s
 _BUILDERS: dict[str, Callable[..., Model]] = {
     "mlp": mlp,
     "digits_cnn": digits_cnn,
+    "mnist_cnn": mnist_cnn,
     "mnist1d_cnn": mnist1d_cnn,
     "mobilenet_tiny": mobilenet_tiny,
     "resnet_tiny": resnet_tiny,

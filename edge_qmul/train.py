@@ -713,6 +713,7 @@ def fit(trainer: Trainer, x: np.ndarray, y: np.ndarray, epochs: int, batch_size:
 TRAINING_RECIPES = {
     "digits": {"arch": "digits_cnn", "epochs": 20, "lr": 0.05, "momentum": 0.9, "batch_size": 32},
     "mnist1d": {"arch": "mnist1d_cnn", "epochs": 30, "lr": 0.05, "momentum": 0.9, "batch_size": 32},
+    "mnist5k": {"arch": "mnist_cnn", "epochs": 15, "lr": 0.05, "momentum": 0.9, "batch_size": 32},
 }
 
 

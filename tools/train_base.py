@@ -1,7 +1,7 @@
 """Prepare everything a device needs before it can forget: an int8 base model, its samples, a
 similar-label table and a manifest.
 
-    python tools/train_base.py --out DIR [--dataset digits|mnist1d | --data FILE.npz | --images DIR]
+    python tools/train_base.py --out DIR [--dataset digits|mnist1d|mnist5k | --data FILE.npz | --images DIR]
         [--model M.tflite] [--owners 20] [--validation 0.1] [--arch A] [--epochs E] [--seed 0]
 
 1. loads the data: a built-in dataset (``edge_qmul.datasets``), an .npz with ``x``, ``y`` and optional
@@ -52,7 +52,7 @@ from edge_qmul.unlearn.similar_labels import SimilarLabelTable, build_table  # n
 PROG = "train_base"
 # Hyperparameters for the user's own data: the digits recipe (small images or feature vectors).
 USER_RECIPE = {key: value for key, value in TRAINING_RECIPES["digits"].items() if key != "arch"}
-CONV_ARCHS = ("digits_cnn", "mnist1d_cnn", "mobilenet_tiny", "resnet_tiny")
+CONV_ARCHS = ("digits_cnn", "mnist_cnn", "mnist1d_cnn", "mobilenet_tiny", "resnet_tiny")
 CALIBRATION_SAMPLES = 256
 TABLE_K = 3
 FILES = ("model.tflite", "samples_train.npz", "samples_validation.npz", "table.json")

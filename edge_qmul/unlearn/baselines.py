@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from ..errors import ModelError
 from ..graph import Model
 from ..train import Trainer, combine
 from .loop import Split, UnlearnConfig, UnlearnResult, drive, drive_retain_only
@@ -43,12 +44,20 @@ def ft(model: Model, forget: Split, retain: Split, validation: Split | None, con
 def rl(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
        progress=None, num_classes: int = 0, **_) -> UnlearnResult:
     """Random labels: cross-entropy toward a random wrong class on the forget batch, plus the
-    retain batch's cross-entropy, summed with equal weights."""
+    retain batch's cross-entropy, summed with equal weights.
+
+    ``rl_labels="fixed"``: one random wrong class per sample for the whole run; ``"fresh"``: SalUn's
+    rule (OPTML-Group/Unlearn-Saliency, Classification/unlearn/RL.py, CIFAR-10 branch): labels drawn
+    uniformly over ALL classes (the true one included) for every batch."""
     (xf, yf), (xr, yr) = forget, retain
+    if config.rl_labels not in ("fixed", "fresh"):
+        raise ModelError(f"rl: rl_labels must be 'fixed' or 'fresh', got {config.rl_labels!r}")
     y_rand = random_wrong_labels(yf, num_classes, config.seed)
+    fresh = np.random.default_rng([config.seed, 1]) if config.rl_labels == "fresh" else None
 
     def step(trainer: Trainer, fi: np.ndarray, ri: np.ndarray) -> dict:
-        g_f, g_r = trainer.gradients_groups([(xf[fi], y_rand[fi], "ce"), (xr[ri], yr[ri], "ce")])
+        y_f = fresh.integers(0, num_classes, size=len(fi)) if fresh is not None else y_rand[fi]
+        g_f, g_r = trainer.gradients_groups([(xf[fi], y_f, "ce"), (xr[ri], yr[ri], "ce")])
         trainer.apply(combine([(g_f, 1.0), (g_r, 1.0)]))
         return {"loss_f": g_f.loss, "loss_r": g_r.loss}
 

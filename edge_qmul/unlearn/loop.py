@@ -32,12 +32,16 @@ class UnlearnConfig:
     check_every: int = 2         # steps between two checks of the stopping rule
     stop: bool = True            # the retrain-free stopping rule (methods that forget)
     momentum: float = 0.0
+    weight_decay: float = 0.0    # SGD weight decay (qmul_official)
     trainable: object = None     # Trainer(trainable=...): None = every op with parameters
     seed: int = 0
     target_acc: float | None = None  # stop when forget accuracy <= this; None: validation accuracy
     agr: str = "mean"            # Adaptive Gradient Reweighting rule: "mean" or "harmonic" (DESIGN.md)
-    labels: str = "model"        # similar labels: "model" (best wrong class) or "table"
+    labels: str = "model"        # similar labels: "model" (best wrong class) or "table";
+                                 # qmul_official: "model" (closest wrong class) or "released"
     table_mode: str = "top1"     # with a table: "top1", "sample" or "soft"
+    rl_labels: str = "fixed"     # rl: "fixed" (a random wrong class per sample for the whole run) or
+                                 # "fresh" (SalUn's RL: uniform over all classes, drawn per batch)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -54,6 +58,9 @@ class UnlearnResult:
     steps: int
     stopped_by_rule: bool
     history: list[dict] = field(default_factory=list)
+    # work done, in samples: "train" (forward + backward) and "forward" (forward only: stopping-rule
+    # checks, similar labels); filled by the methods that count it (qmul_official), else empty
+    sample_passes: dict = field(default_factory=dict)
 
 
 def accuracy(model: Model, split: Split, batch: int = 512) -> float:

@@ -426,12 +426,18 @@ def digits_cnn(input_shape: Sequence[int] = (8, 8, 1), num_classes: int = 10, se
     g = _Builder("digits_cnn", input_shape, seed)
     x = g.conv(g.input, channels[0], _k(h, 3), (1, 1), "SAME", "RELU")
     x = g.conv(x, channels[1], _k(h, 3), _s(h, 2), "SAME", "RELU")
+    x = _halve(g, x)
+    x = g.flatten(x)
+    return g.finish(g.fc(x, int(num_classes)), calib_x, input_range, seed)
+
+
+def _halve(g, x):
+    """MAX_POOL 2x2 over the sides longer than 1 (none on a 1x1 map), so small and 1-D inputs build."""
     _, hh, ww, _ = g.shape(x)
     if hh >= 2 or ww >= 2:
         ph, pw = min(2, hh), min(2, ww)
         x = g.max_pool(x, (ph, pw), (ph, pw))
-    x = g.flatten(x)
-    return g.finish(g.fc(x, int(num_classes)), calib_x, input_range, seed)
+    return x
 
 
 def mnist_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, seed: int = 0,
@@ -444,11 +450,7 @@ def mnist_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, s
     g = _Builder("mnist_cnn", input_shape, seed)
     x = g.input
     for c in channels:
-        x = g.conv(x, int(c), _k(h, 3), (1, 1), "SAME", "RELU")
-        _, hh, ww, _ = g.shape(x)
-        if hh >= 2 or ww >= 2:
-            ph, pw = min(2, hh), min(2, ww)
-            x = g.max_pool(x, (ph, pw), (ph, pw))
+        x = _halve(g, g.conv(x, int(c), _k(h, 3), (1, 1), "SAME", "RELU"))
     x = g.flatten(x)
     return g.finish(g.fc(x, int(num_classes)), calib_x, input_range, seed)
 

@@ -12,7 +12,6 @@ import os
 import types
 from pathlib import Path
 
-import flatbuffers
 import numpy as np
 import pytest
 
@@ -21,8 +20,9 @@ from edge_qmul.graph import Op, Tensor
 from edge_qmul.kernels import lstm
 from edge_qmul.kernels.contract import Backward
 from edge_qmul.quant import QuantParams
+from edge_qmul.tflite import to_bytes
 from edge_qmul.tflite.reader import _read_options
-from edge_qmul.tflite.schema import OPTIONS, TENSOR_TYPES, TYPE_NUMBERS, OP_NUMBERS
+from edge_qmul.tflite.schema import OP_NUMBERS, TENSOR_TYPES
 from oplib import check_random_models, log_uniform, qp
 
 pytest.importorskip("ai_edge_litert")
@@ -97,100 +97,12 @@ def random_inputs(rng, model, op, k: int = SAMPLES) -> np.ndarray:
 
 
 def lstm_tflite(model, op) -> bytes:
-    """A .tflite file of the single LSTM op: tensors (state ones is_variable), the op with its
-    options and intermediates; the model input is slot 0, the output the op's."""
-    b = flatbuffers.Builder(4096)
-    import tflite
-
-    buffers = [b""]
-    buf_index = []
-    for t in model.tensors:
-        if t.data is not None:
-            buffers.append(np.ascontiguousarray(t.data).tobytes())
-            buf_index.append(len(buffers) - 1)
-        else:
-            buf_index.append(0)
-    buf_offsets = []
-    for data in buffers:
-        vec = b.CreateByteVector(data) if data else None
-        tflite.BufferStart(b)
-        if vec is not None:
-            tflite.BufferAddData(b, vec)
-        buf_offsets.append(tflite.BufferEnd(b))
-    t_offsets = []
-    for t, bi in zip(model.tensors, buf_index):
-        name = b.CreateString(t.name)
-        shape = b.CreateNumpyVector(np.asarray(t.shape, np.int32))
-        quant = None
-        if t.quant is not None:
-            sc = b.CreateNumpyVector(t.quant.scale.astype(np.float32))
-            zp = b.CreateNumpyVector(t.quant.zero_point.astype(np.int64))
-            tflite.QuantizationParametersStart(b)
-            tflite.QuantizationParametersAddScale(b, sc)
-            tflite.QuantizationParametersAddZeroPoint(b, zp)
-            quant = tflite.QuantizationParametersEnd(b)
-        tflite.TensorStart(b)
-        tflite.TensorAddShape(b, shape)
-        tflite.TensorAddType(b, TYPE_NUMBERS[np.dtype(t.dtype)])
-        tflite.TensorAddBuffer(b, bi)
-        tflite.TensorAddName(b, name)
-        if quant is not None:
-            tflite.TensorAddQuantization(b, quant)
-        if getattr(t, "variable", False):
-            tflite.TensorAddIsVariable(b, True)
-        t_offsets.append(tflite.TensorEnd(b))
-
-    import importlib
-    table, tag, fields = OPTIONS[KIND]
-    mod = importlib.import_module(f"tflite.{table}")
-    getattr(mod, f"{table}Start")(b)
-    for key, field, _, encode in fields:
-        if key in op.options:
-            getattr(mod, f"{table}Add{field}")(b, encode(op.options[key]))
-    opts = getattr(mod, f"{table}End")(b)
-    ins = b.CreateNumpyVector(np.asarray(op.inputs, np.int32))
-    outs = b.CreateNumpyVector(np.asarray(op.outputs, np.int32))
-    inter = b.CreateNumpyVector(np.asarray(op.intermediates, np.int32))
-    tflite.OperatorStart(b)
-    tflite.OperatorAddOpcodeIndex(b, 0)
-    tflite.OperatorAddInputs(b, ins)
-    tflite.OperatorAddOutputs(b, outs)
-    tflite.OperatorAddIntermediates(b, inter)
-    tflite.OperatorAddBuiltinOptionsType(b, tag)
-    tflite.OperatorAddBuiltinOptions(b, opts)
-    op_off = tflite.OperatorEnd(b)
-
-    def vector(start, offsets):
-        start(b, len(offsets))
-        for off in reversed(offsets):
-            b.PrependUOffsetTRelative(off)
-        return b.EndVector()
-
-    tv = vector(tflite.SubGraphStartTensorsVector, t_offsets)
-    ov = vector(tflite.SubGraphStartOperatorsVector, [op_off])
-    iv = b.CreateNumpyVector(np.asarray(model.inputs, np.int32))
-    outv = b.CreateNumpyVector(np.asarray(model.outputs, np.int32))
-    tflite.SubGraphStart(b)
-    tflite.SubGraphAddTensors(b, tv)
-    tflite.SubGraphAddInputs(b, iv)
-    tflite.SubGraphAddOutputs(b, outv)
-    tflite.SubGraphAddOperators(b, ov)
-    sg = tflite.SubGraphEnd(b)
-    tflite.OperatorCodeStart(b)
-    tflite.OperatorCodeAddDeprecatedBuiltinCode(b, OP_NUMBERS[KIND])
-    tflite.OperatorCodeAddBuiltinCode(b, OP_NUMBERS[KIND])
-    tflite.OperatorCodeAddVersion(b, 1)
-    oc = tflite.OperatorCodeEnd(b)
-    ocv = vector(tflite.ModelStartOperatorCodesVector, [oc])
-    sgv = vector(tflite.ModelStartSubgraphsVector, [sg])
-    bv = vector(tflite.ModelStartBuffersVector, buf_offsets)
-    tflite.ModelStart(b)
-    tflite.ModelAddVersion(b, 3)
-    tflite.ModelAddOperatorCodes(b, ocv)
-    tflite.ModelAddSubgraphs(b, sgv)
-    tflite.ModelAddBuffers(b, bv)
-    b.Finish(tflite.ModelEnd(b), file_identifier=b"TFL3")
-    return bytes(b.Output())
+    """A .tflite file of the single LSTM op, written by the project's writer (state tensors
+    is_variable, the op's options and intermediates)."""
+    op.index = 0
+    return to_bytes(types.SimpleNamespace(tensors=model.tensors, ops=[op], inputs=model.inputs,
+                                          outputs=model.outputs, metadata={}, signature=None,
+                                          description="test_ops_lstm"))
 
 
 def interpreter(model_bytes: bytes, preserve: bool = False):

@@ -125,6 +125,7 @@ def run_forget(model_path: Path, store, selector: dict, method: str, overrides: 
         "metrics_after": after,
         "wall_s": wall,
         "steps": result.steps,
+        "sample_passes": result.sample_passes,
         "stopped_by_rule": result.stopped_by_rule,
         "litert_agrees_with_engine": litert_check,
         "committed": False,

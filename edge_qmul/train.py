@@ -240,6 +240,7 @@ class Trainer:
         self.patch_bytes = max(conv.PATCH_BYTES, 4 * self.block_bytes)
         self._update_during_backward = False
         self.steps = 0
+        self.sample_passes = 0  # samples through forward + backward (the work unlearning spends)
         self.trainable_ops = self._select(trainable)
         self._op_by_name = {model.ops[i].name: model.ops[i] for i in self.trainable_ops}
         self.logits_tensor = self._logits_tensor()
@@ -353,6 +354,7 @@ class Trainer:
         checked = [self._check(x, t, h) + (h,) for x, t, h in parts]
         model = self.model
         x = checked[0][0] if len(checked) == 1 else np.concatenate([c[0] for c in checked])
+        self.sample_passes += len(x)
         bounds, start = [], 0
         for c in checked:
             bounds.append(slice(start, start + len(c[0])))

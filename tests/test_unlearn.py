@@ -54,6 +54,35 @@ def test_every_method_runs_and_leaves_the_original_alone(setup, method):
         assert accuracy(result.model, setup["retain"]) > 50  # still a classifier
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sample_passes_count_the_work(setup, method):
+    """Work in samples, computed here from the batch schedule and the stopping rule's checks."""
+    nf, nr, nv = len(setup["forget"][0]), len(setup["retain"][0]), len(setup["validation"][0])
+    if method in ("retrain", "ft"):
+        cfg = {"epochs": 1, "retain_batch_size": 64}
+        want = {"train": nr, "forward": 0}
+    elif method == "qmul_official":
+        cfg = {"epochs": 1, "lr": 0.05}
+        want = {"train": 2 * (nf + nr), "forward": nf}  # reweighting pass + training pass; labels
+    else:
+        cfg = {"epochs": 1, "check_every": 2, "batch_size": 32, "retain_batch_size": 32}
+        steps = -(-nf // 32)
+        # each step: a forget batch and (but for gradient ascent) a retain batch of 32
+        want = {"train": nf + (0 if method == "ga" else steps * 32), "forward": None}
+    result = unlearn(setup["model"], setup["forget"], setup["retain"], method=method, config=cfg,
+                     validation=setup["validation"])
+    if want["forward"] is not None:
+        assert result.sample_passes == want, result.sample_passes
+    else:  # the held-out accuracy once, the forget set at every check (and before the first step)
+        checks = sum(1 for h in result.history if "forget_acc" in h)
+        labels = nf if method in ("qmul", "qmul_sl") else 0
+        if result.stopped_by_rule:
+            assert result.sample_passes["train"] <= want["train"], result.sample_passes
+        else:
+            assert result.sample_passes["train"] == want["train"], result.sample_passes
+        assert result.sample_passes["forward"] == nv + checks * nf + labels, result.sample_passes
+
+
 def test_stopping_rule_stops_at_held_out_accuracy(setup):
     result = unlearn(setup["model"], setup["forget"], setup["retain"], method="qmul",
                      config={"epochs": 20, "lr": 0.1}, validation=setup["validation"])

@@ -32,6 +32,8 @@ def retrain(model: Model, forget: Split, retain: Split, validation: Split | None
     steps = config.epochs * -(-len(xr) // config.retain_batch_size)
     trainer = Trainer(model, lr=config.lr, momentum=config.momentum, schedule="cosine",
                       total_steps=steps, trainable=config.trainable)
+    # sample_passes counts the training; the calibration's forward passes (each op up to three
+    # times over <= 256 retain samples) are not in it
     return drive_retain_only(model, retain, config, trainer, progress, "retrain")
 
 

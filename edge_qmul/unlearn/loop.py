@@ -59,7 +59,7 @@ class UnlearnResult:
     stopped_by_rule: bool
     history: list[dict] = field(default_factory=list)
     # work done, in samples: "train" (forward + backward) and "forward" (forward only: stopping-rule
-    # checks, similar labels); filled by the methods that count it (qmul_official), else empty
+    # checks, similar-label passes), so budgets compare methods by work, not by a noisy clock
     sample_passes: dict = field(default_factory=dict)
 
 
@@ -94,10 +94,11 @@ def check_splits(forget: Split, retain: Split, validation: Split | None) -> None
 
 def drive(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
           step: Callable[[Trainer, np.ndarray, np.ndarray], dict], progress=None,
-          method: str = "") -> UnlearnResult:
+          method: str = "", forward_passes: int = 0) -> UnlearnResult:
     """Run ``step(trainer, forget_rows, retain_rows)`` (index arrays into the two sets) over
     shuffled forget batches, each paired with the next retain batch, until the stopping rule fires
-    or the epoch cap is reached."""
+    or the epoch cap is reached. ``forward_passes``: forward-only samples the method already spent
+    (a similar-label pass), added to the stopping rule's in ``sample_passes``."""
     t0 = time.perf_counter()
     # speed over the last bytes here: the forget and retain gradients are held at once anyway
     trainer = Trainer(model, lr=config.lr, momentum=config.momentum, trainable=config.trainable,
@@ -116,13 +117,20 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
     target = config.target_acc if config.target_acc is not None else \
         (accuracy(model, validation) if use_rule else None)
 
+    forward = forward_passes + (len(validation[0]) if use_rule and config.target_acc is None else 0)
+
     def rule() -> bool:
+        nonlocal forward
         fa = accuracy(model, forget)
+        forward += len(xf)
         history.append({"step": steps, "forget_acc": fa, "target_acc": target})
         return fa <= target
 
+    def passes() -> dict:
+        return {"train": trainer.sample_passes, "forward": forward}
+
     if use_rule and rule():
-        return UnlearnResult(model, method, config, time.perf_counter() - t0, 0, True, history)
+        return UnlearnResult(model, method, config, time.perf_counter() - t0, 0, True, history, passes())
     for epoch in range(config.epochs):
         order = rng.permutation(len(xf))
         for s in range(steps_per_epoch):
@@ -141,7 +149,7 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
                 break
         if stopped:
             break
-    return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, stopped, history)
+    return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, stopped, history, passes())
 
 
 def drive_retain_only(model: Model, retain: Split, config: UnlearnConfig, trainer: Trainer | None = None,
@@ -165,4 +173,5 @@ def drive_retain_only(model: Model, retain: Split, config: UnlearnConfig, traine
                 progress({"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
                           "epochs": config.epochs, "loss": losses[-1]})
         history.append({"epoch": epoch, "loss": float(np.mean(losses))})
-    return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, False, history)
+    return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, False, history,
+                         {"train": trainer.sample_passes, "forward": 0})

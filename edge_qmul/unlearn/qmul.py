@@ -44,7 +44,9 @@ def _run(model: Model, forget: Split, retain: Split, validation: Split | None, c
         trainer.apply(combine([(g_f, w_f), (g_r, w_r)]))
         return {"loss_f": g_f.loss, "loss_r": g_r.loss, "w_f": w_f}
 
-    return drive(model, forget, retain, validation, config, step, progress, method)
+    # similar labels from the model cost one forward pass over the forget set (a table costs none)
+    label_pass = len(xf) if method in ("qmul", "qmul_sl") and config.labels != "table" else 0
+    return drive(model, forget, retain, validation, config, step, progress, method, label_pass)
 
 
 def qmul(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,

@@ -58,22 +58,11 @@ class Op:
         return f"{self.kind.lower()}_{self.index}"
 
 
-class _ParameterSlots:
-    """Input slots that hold trainable parameters, per op kind: (slot, parameter suffix), as the
-    kernel registry declares them (read lazily: the kernels import this module)."""
-
-    def get(self, kind: str, default=()):
-        from .kernels import parameter_slots
-        return parameter_slots(kind) or default
-
-    def __getitem__(self, kind: str):
-        return self.get(kind)
-
-    def __contains__(self, kind: str) -> bool:
-        return bool(self.get(kind))
-
-
-PARAMETER_SLOTS = _ParameterSlots()
+def _parameter_slots(kind: str) -> tuple:
+    """Input slots that hold trainable parameters, (slot, suffix), as the kernel registry declares
+    them (imported where used, as this module's other uses of the kernels are)."""
+    from .kernels import parameter_slots
+    return parameter_slots(kind)
 
 
 class Model:
@@ -124,7 +113,7 @@ class Model:
         """Parameter name -> tensor index."""
         out = {}
         for op in self.ops:
-            for slot, suffix in PARAMETER_SLOTS.get(op.kind, ()):
+            for slot, suffix in _parameter_slots(op.kind):
                 if slot < len(op.inputs) and op.inputs[slot] >= 0:
                     out[f"{op.name}.{suffix}"] = op.inputs[slot]
         return out
@@ -245,7 +234,7 @@ class Model:
         for op in self.ops:
             out = self.tensors[op.outputs[0]]
             p = b = 0
-            for slot, _ in PARAMETER_SLOTS.get(op.kind, ()):
+            for slot, _ in _parameter_slots(op.kind):
                 if slot < len(op.inputs) and op.inputs[slot] >= 0:
                     p += int(self.tensors[op.inputs[slot]].data.size)
                     b += int(self.tensors[op.inputs[slot]].data.nbytes)

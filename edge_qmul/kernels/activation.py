@@ -22,8 +22,6 @@ error is ``g * d[q]`` in int32, rounded back to int16 by grad.from_accumulator.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 from dataclasses import dataclass
 
@@ -34,7 +32,7 @@ from ..errors import ModelError
 from ..grad import Error, from_accumulator
 from ..quant import (QuantParams, activation_range, multiply_by_quantized_multiplier,
                      quantize_multiplier)
-from .common import output, per_tensor, tensor, where
+from .common import libm_float32, output, per_tensor, tensor, where
 from .contract import Kernel, MemoryQuery, error_bytes
 
 D_MAX = (1 << 15) - 1  # |d[q]| bound of the derivative table: |g * d| < 2^30 fits int32
@@ -51,20 +49,8 @@ class ActivationParams:
 
 # --- libm float32 functions (LiteRT calls std::exp / std::tanh on float: expf / tanhf) ----------
 
-def _libm(name: str, fallback):
-    path = ctypes.util.find_library("m")
-    try:
-        f = getattr(ctypes.CDLL(path), name) if path else None
-    except (OSError, AttributeError):
-        f = None
-    if f is None:  # no libm (unusual): float64 result rounded to float32, at most 1 ulp off glibc
-        return lambda v: np.float32(fallback(float(v)))
-    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-    return lambda v: np.float32(f(float(v)))
-
-
-_expf = _libm("expf", math.exp)
-_tanhf = _libm("tanhf", math.tanh)
+_expf = libm_float32("expf", math.exp)
+_tanhf = libm_float32("tanhf", math.tanh)
 F1 = np.float32(1.0)
 
 

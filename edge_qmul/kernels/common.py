@@ -5,6 +5,8 @@ parameters that the compiled loops take, so the hot path touches integers only.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,3 +158,18 @@ def five_fold(e0: tuple, e1: tuple) -> list | None:
             y[slot] *= src[i]
             i -= 1
     return None if i >= 0 else y
+
+
+def libm_float32(name: str, fallback):
+    """A libm float32 function (``expf``, ``tanhf``) as LiteRT's kernels call it through std::exp /
+    std::tanh on float; without libm (unusual), ``fallback``'s float64 result rounded to float32
+    (at most 1 ulp from glibc)."""
+    path = ctypes.util.find_library("m")
+    try:
+        f = getattr(ctypes.CDLL(path), name) if path else None
+    except (OSError, AttributeError):
+        f = None
+    if f is None:
+        return lambda v: np.float32(fallback(float(v)))
+    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+    return lambda v: np.float32(f(float(v)))

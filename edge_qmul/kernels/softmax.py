@@ -6,8 +6,6 @@ rounds with std::round. The table is built once at prepare time with the same ex
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 from dataclasses import dataclass
 
@@ -15,23 +13,11 @@ import numpy as np
 from numba import njit
 
 from ..errors import ModelError
-from .common import output, per_tensor, tensor, where
+from .common import libm_float32, output, per_tensor, tensor, where
 from .contract import Kernel
 
 
-def _libm_expf():
-    name = ctypes.util.find_library("m")
-    try:
-        f = ctypes.CDLL(name).expf if name else None
-    except OSError:
-        f = None
-    if f is None:  # no libm (unusual): float64 exp rounded to float32, at most 1 ulp from glibc
-        return lambda v: np.float32(math.exp(float(v)))
-    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-    return lambda v: np.float32(f(float(v)))
-
-
-_expf = _libm_expf()
+_expf = libm_float32("expf", math.exp)
 
 
 @dataclass(frozen=True)

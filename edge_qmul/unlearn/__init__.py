@@ -65,9 +65,9 @@ def make_config(method: str, config: UnlearnConfig | dict | None = None) -> Unle
         raise ModelError(f"unknown config field(s) {', '.join(unknown)} for method {method}")
     cfg = replace(DEFAULTS[method], **config)
     if not (cfg.lr > 0) or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.retain_batch_size < 1 \
-            or cfg.check_every < 1:
-        raise ModelError(f"invalid config for {method}: lr must be > 0 and epochs, batch sizes and "
-                         f"check_every >= 1 (got {cfg})")
+            or cfg.check_every < 1 or (cfg.max_passes is not None and cfg.max_passes < 0):
+        raise ModelError(f"invalid config for {method}: lr must be > 0, epochs, batch sizes and "
+                         f"check_every >= 1 and max_passes >= 0 or None (got {cfg})")
     return cfg
 
 

@@ -77,7 +77,7 @@ def ga(model: Model, forget: Split, retain: Split, validation: Split | None, con
         trainer.apply(g_f)
         return {"loss_f": -g_f.loss}
 
-    return drive(model, forget, retain, validation, config, step, progress, "ga")
+    return drive(model, forget, retain, validation, config, step, progress, "ga", uses_retain=False)
 
 
 def agr_weights(g_f, g_r, rule: str = "harmonic") -> tuple[float, float]:

@@ -42,6 +42,8 @@ class UnlearnConfig:
     table_mode: str = "top1"     # with a table: "top1", "sample" or "soft"
     rl_labels: str = "fixed"     # rl: "fixed" (a random wrong class per sample for the whole run) or
                                  # "fresh" (SalUn's RL: uniform over all classes, drawn per batch)
+    max_passes: int | None = None  # work budget in sample-passes (train + forward): a step that would
+                                   # take the run past it is not taken; None: only the epoch cap
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -92,13 +94,28 @@ def check_splits(forget: Split, retain: Split, validation: Split | None) -> None
         raise ModelError("the retain set is empty: forgetting everything is retraining from nothing")
 
 
+def within_budget(config: UnlearnConfig, used: int, cost: int) -> bool:
+    """Whether a step of ``cost`` sample-passes fits the run's budget after ``used``."""
+    return config.max_passes is None or used + cost <= config.max_passes
+
+
+def report(progress, info: dict, model: Model, passes: dict) -> None:
+    """Call ``progress`` (if any) with a step's ``info``, the work so far (``sample_passes``: train +
+    forward) and ``model``, the model being changed (to read, e.g. to snapshot it; not to change)."""
+    if progress is not None:
+        progress({**info, "sample_passes": passes["train"] + passes["forward"], "passes": dict(passes),
+                  "model": model})
+
+
 def drive(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
           step: Callable[[Trainer, np.ndarray, np.ndarray], dict], progress=None,
-          method: str = "", forward_passes: int = 0) -> UnlearnResult:
+          method: str = "", forward_passes: int = 0, uses_retain: bool = True) -> UnlearnResult:
     """Run ``step(trainer, forget_rows, retain_rows)`` (index arrays into the two sets) over
-    shuffled forget batches, each paired with the next retain batch, until the stopping rule fires
-    or the epoch cap is reached. ``forward_passes``: forward-only samples the method already spent
-    (a similar-label pass), added to the stopping rule's in ``sample_passes``."""
+    shuffled forget batches, each paired with the next retain batch, until the stopping rule fires,
+    the epoch cap is reached or the next step would pass ``config.max_passes``.
+    ``forward_passes``: forward-only samples the method already spent (a similar-label pass), added
+    to the stopping rule's in ``sample_passes``. ``uses_retain``: whether a step trains on its
+    retain batch (its cost in the budget)."""
     t0 = time.perf_counter()
     # speed over the last bytes here: the forget and retain gradients are held at once anyway
     trainer = Trainer(model, lr=config.lr, momentum=config.momentum, trainable=config.trainable,
@@ -139,16 +156,22 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
                 retain_order, retain_pos = rng.permutation(len(xr)), 0
             ridx = retain_order[retain_pos:retain_pos + config.retain_batch_size]
             retain_pos += config.retain_batch_size
+            checks = use_rule and (steps + 1) % config.check_every == 0
+            cost = len(idx) + (len(ridx) if uses_retain else 0) + (len(xf) if checks else 0)
+            if not within_budget(config, trainer.sample_passes + forward, cost):
+                stopped = None  # out of budget
+                break
             info = step(trainer, idx, ridx)
             steps += 1
-            if progress is not None:
-                progress({"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
-                          "epochs": config.epochs, **(info or {})})
-            if use_rule and steps % config.check_every == 0 and rule():
+            if checks and rule():
                 stopped = True
+            report(progress, {"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
+                              "epochs": config.epochs, **(info or {})}, model, passes())
+            if stopped:
                 break
-        if stopped:
+        if stopped is not False:
             break
+    stopped = bool(stopped)
     return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, stopped, history, passes())
 
 
@@ -167,11 +190,16 @@ def drive_retain_only(model: Model, retain: Split, config: UnlearnConfig, traine
         losses = []
         for s in range(steps_per_epoch):
             idx = order[s * config.retain_batch_size:(s + 1) * config.retain_batch_size]
+            if not within_budget(config, trainer.sample_passes, len(idx)):
+                break
             losses.append(trainer.step(xr[idx], yr[idx]))
             steps += 1
-            if progress is not None:
-                progress({"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
-                          "epochs": config.epochs, "loss": losses[-1]})
-        history.append({"epoch": epoch, "loss": float(np.mean(losses))})
+            report(progress, {"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
+                              "epochs": config.epochs, "loss": losses[-1]}, model,
+                   {"train": trainer.sample_passes, "forward": 0})
+        if losses:
+            history.append({"epoch": epoch, "loss": float(np.mean(losses))})
+        if len(losses) < steps_per_epoch:  # out of budget
+            break
     return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, False, history,
                          {"train": trainer.sample_passes, "forward": 0})

@@ -44,7 +44,7 @@ from ..errors import ModelError
 from ..graph import Model
 from ..quant import dequantize
 from ..train import Gradients, ParamGrad, Trainer, _sum_squares
-from .loop import Split, UnlearnConfig, UnlearnResult, accuracy
+from .loop import Split, UnlearnConfig, UnlearnResult, accuracy, report, within_budget
 
 LABEL_RULES = ("model", "released")
 # the project's batch sizes, used for a set smaller than the requested batch (digits, mnist1d: a
@@ -213,9 +213,15 @@ def qmul_official(model: Model, forget: Split, retain: Split, validation: Split 
         stopped = True
         return result()
 
+    def used() -> int:
+        return passes["train"] + passes["forward"]
+
     for epoch in range(config.epochs):
         # CosineAnnealingLR(T_max=epochs), stepped after each epoch: constant within the epoch
         trainer.lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+        # an epoch starts only if its label and reweighting passes fit the budget
+        if not within_budget(config, used(), 2 * nf + nr):
+            break
 
         # 1. similar labels from the current model
         if config.labels == "released":
@@ -237,22 +243,25 @@ def qmul_official(model: Model, forget: Split, retain: Split, validation: Split 
         losses = {"forget": [], "retain": []}
         for what, (x, y, size, w) in (("forget", (xf, targets, bf, w_f)), ("retain", (xr, yr, br, w_r))):
             for b in _batches(rng.permutation(len(x)), size):
+                checks = use_rule and (steps + 1) % config.check_every == 0
+                if not within_budget(config, used(), len(b) + (nf if checks else 0)):
+                    stopped = None  # out of budget
+                    break
                 g = trainer.gradients(x[b], y[b], head="ce")
                 guard.gradient(g, what)
                 trainer.apply(_scaled(g, w))
                 passes["train"] += len(b)
                 losses[what].append(g.loss)
                 steps += 1
-                if progress is not None:
-                    progress({"phase": "qmul_official", "epoch": epoch, "step": steps - epoch * steps_per_epoch,
-                              "steps": steps_per_epoch, "epochs": config.epochs, "pass": what,
-                              "loss": g.loss, "w": w})
-                if use_rule and steps % config.check_every == 0:
+                if checks:
                     guard.weights(f"in epoch {epoch}")
-                    if rule():
-                        stopped = True
-                        break
-            if stopped:
+                    stopped = rule()
+                report(progress, {"phase": "qmul_official", "epoch": epoch, "step": steps - epoch * steps_per_epoch,
+                                  "steps": steps_per_epoch, "epochs": config.epochs, "pass": what,
+                                  "loss": g.loss, "w": w}, model, passes)
+                if stopped:
+                    break
+            if stopped is not False:
                 break
             guard.weights(f"in epoch {epoch} ({what} pass)")
         history.append({"epoch": epoch, "lr": trainer.lr, "norm_f": norms["forget"], "norm_r": norms["retain"],
@@ -260,6 +269,7 @@ def qmul_official(model: Model, forget: Split, retain: Split, validation: Split 
                         "loss_f": float(np.mean(losses["forget"])) if losses["forget"] else None,
                         "loss_r": float(np.mean(losses["retain"])) if losses["retain"] else None,
                         "labels_equal_true": int(np.sum(targets == yf))})
-        if stopped:
+        if stopped is not False:
             break
+    stopped = bool(stopped)
     return result()

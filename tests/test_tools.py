@@ -33,19 +33,35 @@ def test_similar_labels_tool(tmp_path):
 
 
 def test_evaluate_tool(tmp_path):
-    out = tmp_path / "eval.json"
-    r = _run("tools/evaluate.py", "--dataset", "digits", "--methods", "retrain,qmul,ga", "--seeds", "0",
-             "--json", str(out), "--plot", str(tmp_path / "eval.png"))
-    assert r.returncode == 0, r.stderr
-    data = json.loads(out.read_text())
-    assert data["setting"]["dataset"] == "digits" and data["setting"]["seeds"] == [0]
-    for method in ("retrain", "qmul", "ga"):
-        row = data["methods"][method]
-        for key in ("UA", "RA", "TA", "MIA", "RTE_s", "gap", "changed"):
-            assert set(row[key]) == {"mean", "std"}, (method, key)
-    assert data["methods"]["retrain"]["gap"]["mean"] == 0.0
-    assert "| qmul |" in r.stdout
-    assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    """A one-setting suite, tuned and evaluated: every row carries its metrics, work and gap; the
+    generated block of a README is rewritten; a bad suite is refused before any work."""
+    suite = {"settings": [{"name": "random10_digits", "dataset": "digits", "forget": "random:0.1"}],
+             "methods": ["ft", "qmul", "ga"], "budgets": [0.05, 0.1], "tuning_seeds": [100], "eval_seeds": [0],
+             "lrs": [0.01, 0.05], "check_every": [4], "table_budget": 0.1, "default": "ga"}
+    (tmp_path / "suite.json").write_text(json.dumps(suite))
+    from edge_qmul.evaluation.report import BEGIN, END
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# kept\n{BEGIN}\nold\n{END}\nkept too\n")
+    r = _run("tools/evaluate.py", "--suite", str(tmp_path / "suite.json"), "--out", str(tmp_path / "out"),
+             "--readme", str(readme))
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "out/random10_digits.json").read_text())
+    for method in ("ft", "qmul", "ga"):
+        for prot in ("fixed", "rule"):
+            for b in ("0.05", "0.1"):
+                assert data["tuned"][method][prot][b]["config"]["lr"] in (0.01, 0.05)
+                row = data["evaluation"]["per_seed"][0]["methods"][method][prot][b]
+                assert row["passes_train"] + row["passes_forward"] <= float(b) * 23300 + 1e-9
+                assert row["gap"] >= 0 and {"UA", "RA", "TA", "MIA", "changed", "wall_s"} <= set(row)
+    assert data["evaluation"]["per_seed"][0]["retrain"]["gap"] == 0.0
+    text = readme.read_text()
+    assert text.startswith("# kept") and text.endswith("kept too\n") and "old" not in text
+    assert "| qmul | rule |" in text and "Δgap vs ga (default)" in text
+    assert (tmp_path / "out/random10_digits.png").read_bytes()[:4] == b"\x89PNG"
+    bad = dict(suite, methods=["qmul", "nonsense"])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    r = _run("tools/evaluate.py", "--suite", str(tmp_path / "bad.json"), "--out", str(tmp_path / "out2"))
+    assert r.returncode == 2 and "nonsense" in r.stderr and not (tmp_path / "out2").exists()
 
 
 def test_demo(tmp_path):

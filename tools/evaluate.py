@@ -1,5 +1,6 @@
 """The paper-style comparison of unlearning methods on the int8 model, in the engine.
 
+examples:
     python tools/evaluate.py --suite benchmarks/unlearn_suite.json              # everything
     python tools/evaluate.py --suite benchmarks/unlearn_suite.json --settings random10_digits
     python tools/evaluate.py --suite benchmarks/unlearn_suite.json --report     # tables from saved results

@@ -43,7 +43,9 @@ class UnlearnConfig:
     rl_labels: str = "fixed"     # rl: "fixed" (a random wrong class per sample for the whole run) or
                                  # "fresh" (SalUn's RL: uniform over all classes, drawn per batch)
     max_passes: int | None = None  # work budget in sample-passes (train + forward): a step that would
-                                   # take the run past it is not taken; None: only the epoch cap
+                                   # take the run past it is not taken; None: only the epoch cap. The
+                                   # setup before the first step (a similar-label pass, the rule's
+                                   # held-out pass and first check) is always spent, and counted
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items()}

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow bench demo clean
+.PHONY: install test test-slow bench demo eval clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_accuracy.py --json benchmarks/results/train_accuracy.json
 	$(BIN)/python benchmarks/unlearn_qat.py --json benchmarks/results/unlearn_qat.json --markdown
 	$(BIN)/python benchmarks/startup.py --json benchmarks/results/startup.json
+
+# The unlearning comparison: tunes and evaluates every setting of the suite (about 2 hours on 2
+# cores), rewrites benchmarks/README.md's and README.md's generated tables, then the demo's table.
+eval: $(STAMP)
+	$(BIN)/python tools/evaluate.py --suite benchmarks/unlearn_suite.json
+	$(BIN)/python tools/demo.py --out demo_out --readme README.md
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py --out demo_out

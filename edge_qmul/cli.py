@@ -61,6 +61,8 @@ class Progress:
     def __call__(self, info: dict) -> None:
         total = info.get("steps", 0) * info.get("epochs", 1)
         done = info.get("epoch", 0) * info.get("steps", 0) + info.get("step", 0)
+        if info.get("max_passes"):  # a work budget: count work (the epoch cap or the rule may end it sooner)
+            total, done = info["max_passes"], info.get("sample_passes", 0)
         loss = info.get("loss", info.get("loss_f"))
         if self.tqdm is not None:
             if self.bar is None:
@@ -115,7 +117,8 @@ def _unlearn(args: argparse.Namespace) -> int:
         raise CLIError(f"--store {args.store}: no such file")
     if not model_path.is_file():
         raise CLIError(f"--model {model_path}: no such file")
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("seed", args.seed)) if v is not None}
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("seed", args.seed),
+                                   ("budget", args.budget)) if v is not None}
     progress = Progress()
     with Store(args.store) as store:
         cert = run_forget(model_path, store, selector, args.method, overrides, args.table,
@@ -257,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--allow-table-mismatch", action="store_true",
                     help="accept a table made for another model (same class count)")
     un.add_argument("--epochs", type=int, help="epoch cap")
+    un.add_argument("--budget", type=float,
+                    help="work cap as a fraction of retraining's sample-passes (e.g. 0.1; benchmarks/README.md)")
     un.add_argument("--lr", type=float, help="learning rate")
     un.add_argument("--seed", type=int)
     un.add_argument("--retain-max", type=int, help="at most this many retain samples (class-stratified)")

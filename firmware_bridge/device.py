@@ -338,6 +338,8 @@ class Agent:
             total = max(1, info.get("steps", 1) * info.get("epochs", 1))
             done = info.get("epoch", 0) * info.get("steps", 0) + info.get("step", 0)
             fraction = min(1.0, done / total)
+            if info.get("max_passes"):  # a work budget: it ends the run unless the epoch cap does first
+                fraction = max(fraction, min(1.0, info.get("sample_passes", 0) / info["max_passes"]))
             elapsed = time.monotonic() - start
             job.update(phase=info.get("phase", "unlearning"), progress=fraction,
                        eta_s=elapsed / fraction - elapsed if fraction > 0 else None)

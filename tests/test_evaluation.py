@@ -132,3 +132,20 @@ def test_report_block_needs_its_markers(tmp_path):
     readme.write_text(f"a\n{BEGIN}\nold\n{END}\nb\n")
     write_block(readme, ["new"])
     assert readme.read_text() == f"a\n{BEGIN}\n\nnew\n\n{END}\nb\n"
+
+
+def test_budget_is_a_fraction_of_retraining(split):
+    """``budget=0.05``: at most 5% of (retrain's epochs x the retain set) sample-passes."""
+    from edge_qmul.unlearn import DEFAULTS
+    cap = int(0.05 * DEFAULTS["retrain"].epochs * len(split["retain"][0]))
+    seen = []
+    r = unlearn(split["model"], split["forget"], split["retain"], "oeu",
+                {"lr": 0.01, "epochs": 1000, "budget": 0.05, "stop": False}, validation=split["validation"],
+                progress=lambda info: seen.append((info["sample_passes"], info["max_passes"])))
+    assert r.config.max_passes == cap and cap - 64 < r.sample_passes["train"] <= cap
+    assert seen and all(m == cap for _, m in seen) and seen[-1][0] == r.sample_passes["train"]
+    r2 = unlearn(split["model"], split["forget"], split["retain"], "oeu",
+                 {"lr": 0.01, "epochs": 1000, "budget": 0.05, "max_passes": 100, "stop": False})
+    assert r2.config.max_passes == 100
+    with pytest.raises(ModelError, match="budget"):
+        unlearn(split["model"], split["forget"], split["retain"], "oeu", {"budget": 0.0})

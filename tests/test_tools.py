@@ -43,7 +43,7 @@ def test_evaluate_tool(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# kept\n{BEGIN}\nold\n{END}\nkept too\n")
     r = _run("tools/evaluate.py", "--suite", str(tmp_path / "suite.json"), "--out", str(tmp_path / "out"),
-             "--readme", str(readme))
+             "--readme", str(readme), "--summary-readme", "")
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads((tmp_path / "out/random10_digits.json").read_text())
     for method in ("ft", "qmul", "ga"):

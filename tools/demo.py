@@ -100,7 +100,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "demo_out")
     ap.add_argument("--owner", default="user7", help="the simulated user who asks to be forgotten")
     ap.add_argument("--method", default=None, help="unlearning method (default: the product default)")
+    ap.add_argument("--readme", type=Path, help="also write the comparison table into this README's demo block "
+                                                "(make eval: README.md)")
     args = ap.parse_args(argv)
+    if args.readme is not None:  # refuse before any work, not after
+        from edge_qmul.evaluation.report import DEMO_BEGIN, DEMO_END
+        text = args.readme.read_text() if args.readme.is_file() else ""
+        if DEMO_BEGIN not in text or DEMO_END not in text:
+            ap.error(f"--readme {args.readme}: no demo block (the markers {DEMO_BEGIN} ... {DEMO_END})")
     from edge_qmul.unlearn import DEFAULT_METHOD
     method = args.method or DEFAULT_METHOD
     out = args.out
@@ -187,9 +194,14 @@ def main(argv=None) -> int:
         rows[name] = {"forget acc": 100 - m["UA"], "retain acc": m["RA"], "test acc": m["TA"], "MIA": m["MIA"]}
     lines = ["| model | forget acc | retain acc | test acc | MIA |", "|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['forget acc']:.1f} | {r['retain acc']:.1f} | {r['test acc']:.1f} | {r['MIA']:.1f} |")
+        label = f"after (device, {method})" if name == "after (device)" else name
+        lines.append(f"| {label} | {r['forget acc']:.1f} | {r['retain acc']:.1f} | {r['test acc']:.1f} | {r['MIA']:.1f} |")
     table_md = "\n".join(lines)
     print(table_md, flush=True)
+    if args.readme is not None:
+        from edge_qmul.evaluation.report import DEMO_BEGIN, DEMO_END, write_block
+        write_block(args.readme, [table_md], DEMO_BEGIN, DEMO_END)
+        say(f"wrote the table into {args.readme}")
 
     per_class = {name: [100 * float(np.mean(model.forward(x_test[y_test == c]).argmax(1) == c)) for c in range(10)]
                  for name, model in (("before", base), ("after", after), ("retrain", retrained))}

@@ -55,14 +55,16 @@ def run_setting(suite: suite_mod.Suite, name: str, out: Path, tuned_from: Path |
     return result
 
 
-def write_reports(suite: suite_mod.Suite, names: list[str], out: Path, readme: Path | None) -> None:
-    sections = []
+def write_reports(suite: suite_mod.Suite, names: list[str], out: Path, readme: Path | None,
+                  summary_readme: Path | None) -> None:
+    sections, results = [], {}
     for setting in suite.settings:
         path = out / f"{setting.name}.json"
         if not path.exists():
             log(f"{setting.name}: no results at {path} (run it first); left out of the report")
             continue
         result = json.loads(path.read_text())
+        results[setting.name] = result
         rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         section = report.setting_section(setting.name, result, suite,
                                          f"`{rel.with_suffix('')}.{{json,md,png}}`")
@@ -74,6 +76,10 @@ def write_reports(suite: suite_mod.Suite, names: list[str], out: Path, readme: P
     if readme is not None and sections:
         report.write_block(readme, sections)
         log(f"rewrote the generated block of {readme}")
+    if summary_readme is not None and results:
+        report.write_block(summary_readme, [report.summary_table(results, suite)], report.SUMMARY_BEGIN,
+                           report.SUMMARY_END)
+        log(f"rewrote the summary block of {summary_readme}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only write the tables and plots from saved results")
     ap.add_argument("--readme", default=str(ROOT / "benchmarks/README.md"),
                     help="the README whose generated block is rewritten ('' for none)")
+    ap.add_argument("--summary-readme", default=str(ROOT / "README.md"),
+                    help="the README whose summary block (gap per method and setting) is rewritten ('' for none)")
     args = ap.parse_args(argv)
     try:
         suite = suite_mod.Suite.load(args.suite)
@@ -103,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(e))
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     readme = Path(args.readme) if args.readme else None
+    summary_readme = Path(args.summary_readme) if args.summary_readme else None
     if not args.report:
         for name in names:
             run_setting(suite, name, args.out, args.tuned, seeds)
-    write_reports(suite, names, args.out, readme)
+    write_reports(suite, names, args.out, readme, summary_readme)
     return 0
 
 

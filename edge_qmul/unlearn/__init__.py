@@ -65,9 +65,10 @@ def make_config(method: str, config: UnlearnConfig | dict | None = None) -> Unle
         raise ModelError(f"unknown config field(s) {', '.join(unknown)} for method {method}")
     cfg = replace(DEFAULTS[method], **config)
     if not (cfg.lr > 0) or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.retain_batch_size < 1 \
-            or cfg.check_every < 1 or (cfg.max_passes is not None and cfg.max_passes < 0):
+            or cfg.check_every < 1 or (cfg.max_passes is not None and cfg.max_passes < 0) \
+            or (cfg.budget is not None and not cfg.budget > 0):
         raise ModelError(f"invalid config for {method}: lr must be > 0, epochs, batch sizes and "
-                         f"check_every >= 1 and max_passes >= 0 or None (got {cfg})")
+                         f"check_every >= 1, max_passes >= 0 or None, budget > 0 or None (got {cfg})")
     return cfg
 
 
@@ -91,6 +92,9 @@ def unlearn(model: Model, forget: Split, retain: Split, method: str = DEFAULT_ME
         if bad.size:
             raise ModelError(f"{name} set: label {int(y[bad[0]])} at position {int(bad[0])} is "
                              f"outside [0, {num_classes})")
+    if cfg.budget is not None:  # a fraction of what retraining on this retain set would cost
+        passes = int(cfg.budget * DEFAULTS["retrain"].epochs * len(retain[0]))
+        cfg = replace(cfg, max_passes=passes if cfg.max_passes is None else min(passes, cfg.max_passes))
     work = model.copy()
     return METHODS[method](work, forget, retain, validation, cfg, progress=progress, table=table,
                            num_classes=num_classes)

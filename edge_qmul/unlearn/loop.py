@@ -46,6 +46,8 @@ class UnlearnConfig:
                                    # take the run past it is not taken; None: only the epoch cap. The
                                    # setup before the first step (a similar-label pass, the rule's
                                    # held-out pass and first check) is always spent, and counted
+    budget: float | None = None  # the same as a fraction of retraining's work (unlearn.DEFAULTS'
+                                 # retrain epochs x the retain set); with max_passes, the smaller
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -101,12 +103,13 @@ def within_budget(config: UnlearnConfig, used: int, cost: int) -> bool:
     return config.max_passes is None or used + cost <= config.max_passes
 
 
-def report(progress, info: dict, model: Model, passes: dict) -> None:
+def report(progress, info: dict, model: Model, passes: dict, max_passes: int | None = None) -> None:
     """Call ``progress`` (if any) with a step's ``info``, the work so far (``sample_passes``: train +
-    forward) and ``model``, the model being changed (to read, e.g. to snapshot it; not to change)."""
+    forward), the budget (``max_passes``) and ``model``, the model being changed (to read, e.g. to
+    snapshot it; not to change)."""
     if progress is not None:
         progress({**info, "sample_passes": passes["train"] + passes["forward"], "passes": dict(passes),
-                  "model": model})
+                  "max_passes": max_passes, "model": model})
 
 
 def drive(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
@@ -168,7 +171,7 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
             if checks and rule():
                 stopped = True
             report(progress, {"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
-                              "epochs": config.epochs, **(info or {})}, model, passes())
+                              "epochs": config.epochs, **(info or {})}, model, passes(), config.max_passes)
             if stopped:
                 break
         if stopped is not False:
@@ -198,7 +201,7 @@ def drive_retain_only(model: Model, retain: Split, config: UnlearnConfig, traine
             steps += 1
             report(progress, {"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
                               "epochs": config.epochs, "loss": losses[-1]}, model,
-                   {"train": trainer.sample_passes, "forward": 0})
+                   {"train": trainer.sample_passes, "forward": 0}, config.max_passes)
         if losses:
             history.append({"epoch": epoch, "loss": float(np.mean(losses))})
         if len(losses) < steps_per_epoch:  # out of budget

@@ -258,7 +258,7 @@ def qmul_official(model: Model, forget: Split, retain: Split, validation: Split 
                     stopped = rule()
                 report(progress, {"phase": "qmul_official", "epoch": epoch, "step": steps - epoch * steps_per_epoch,
                                   "steps": steps_per_epoch, "epochs": config.epochs, "pass": what,
-                                  "loss": g.loss, "w": w}, model, passes)
+                                  "loss": g.loss, "w": w}, model, passes, config.max_passes)
                 if stopped:
                     break
             if stopped is not False:

@@ -34,9 +34,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py --json benchmarks/results/startup.json
 
 # The unlearning comparison: tunes and evaluates every setting of the suite (about 2 hours on 2
-# cores), rewrites benchmarks/README.md's and README.md's generated tables, then the demo's table.
+# cores), rewrites benchmarks/README.md's and README.md's generated tables, then the stopping
+# target's study and the demo's table.
 eval: $(STAMP)
 	$(BIN)/python tools/evaluate.py --suite benchmarks/unlearn_suite.json
+	$(BIN)/python benchmarks/stopping_target.py
 	$(BIN)/python tools/demo.py --out demo_out --readme README.md
 
 demo: $(STAMP)

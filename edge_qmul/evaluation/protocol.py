@@ -110,8 +110,8 @@ def measure(split: dict, model: Model) -> dict:
     return m
 
 
-def retrain_row(split: dict) -> dict:
-    """Retrain with the original's own recipe (epochs, lr, momentum, batch, cosine)."""
+def retrain(split: dict) -> tuple[dict, Model]:
+    """Retrain with the original's own recipe (epochs, lr, momentum, batch, cosine): (row, model)."""
     recipe = split["setting"].recipe()
     cfg = {"lr": recipe["lr"], "epochs": recipe["epochs"], "momentum": recipe["momentum"],
            "retain_batch_size": recipe["batch_size"], "stop": False, "seed": split["seed"]}
@@ -119,7 +119,12 @@ def retrain_row(split: dict) -> dict:
     row = measure(split, result.model)
     row.update(wall_s=result.wall_s, passes=result.sample_passes, steps=result.steps, stopped_by_rule=False,
                original_VA=metrics.accuracy(split["model"], *split["validation"]))
-    return row
+    return row, result.model
+
+
+def retrain_row(split: dict) -> dict:
+    """retrain()'s row."""
+    return retrain(split)[0]
 
 
 def method_config(split: dict, method: str, protocol: str, config: dict | None) -> dict:

@@ -36,6 +36,8 @@ class UnlearnConfig:
     trainable: object = None     # Trainer(trainable=...): None = every op with parameters
     seed: int = 0
     target_acc: float | None = None  # stop when forget accuracy <= this; None: validation accuracy
+    target: str = "accuracy"     # what the rule matches to the held-out slice: "accuracy", or
+                                 # "confidence" (the mean probability of the true class)
     agr: str = "mean"            # Adaptive Gradient Reweighting rule: "mean" or "harmonic" (DESIGN.md)
     labels: str = "model"        # similar labels: "model" (best wrong class) or "table";
                                  # qmul_official: "model" (closest wrong class) or "released"
@@ -112,6 +114,41 @@ def report(progress, info: dict, model: Model, passes: dict, max_passes: int | N
                   "max_passes": max_passes, "model": model})
 
 
+class StoppingRule:
+    """The retrain-free stopping rule: the forget set's accuracy (or mean true-class confidence,
+    ``config.target="confidence"``) has come down to the level of held-out samples the model never
+    trained on (``validation``), or to ``config.target_acc``. The held-out level is measured once, on
+    the model as it was: the level a model that never saw the forget set reaches on unseen samples.
+    ``forward`` counts the samples its measurements cost; each check is appended to ``history``."""
+
+    def __init__(self, model: Model, forget: Split, validation: Split | None, config: UnlearnConfig,
+                 history: list[dict]) -> None:
+        if config.target not in ("accuracy", "confidence"):
+            raise ModelError(f"target must be 'accuracy' or 'confidence', got {config.target!r}")
+        self.forget, self.history, self.forward = forget, history, 0
+        self.active = config.stop and (config.target_acc is not None or validation is not None)
+        self.what = "acc" if config.target_acc is not None or config.target == "accuracy" else "conf"
+        self.level = None
+        if self.active:
+            if config.target_acc is not None:
+                self.level = config.target_acc
+            else:
+                self.level = self._measure(model, validation)
+                self.forward += len(validation[0])
+
+    def _measure(self, model: Model, split: Split) -> float:
+        if self.what == "acc":
+            return accuracy(model, split)
+        from ..metrics import confidence
+        return 100.0 * float(np.mean(confidence(model, *split))) if len(split[0]) else 0.0
+
+    def check(self, model: Model, step: int) -> bool:
+        value = self._measure(model, self.forget)
+        self.forward += len(self.forget[0])
+        self.history.append({"step": step, f"forget_{self.what}": value, f"target_{self.what}": self.level})
+        return value <= self.level
+
+
 def drive(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
           step: Callable[[Trainer, np.ndarray, np.ndarray], dict], progress=None,
           method: str = "", forward_passes: int = 0, uses_retain: bool = True) -> UnlearnResult:
@@ -133,25 +170,17 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
     steps, stopped = 0, False
     steps_per_epoch = -(-len(xf) // config.batch_size)
 
-    use_rule = config.stop and (config.target_acc is not None or validation is not None)
-    # The held-out accuracy is measured once, on the model as it was: it is the level a model that
-    # never saw the forget set reaches on unseen samples, and it moves little while forgetting.
-    target = config.target_acc if config.target_acc is not None else \
-        (accuracy(model, validation) if use_rule else None)
-
-    forward = forward_passes + (len(validation[0]) if use_rule and config.target_acc is None else 0)
-
-    def rule() -> bool:
-        nonlocal forward
-        fa = accuracy(model, forget)
-        forward += len(xf)
-        history.append({"step": steps, "forget_acc": fa, "target_acc": target})
-        return fa <= target
+    rule = StoppingRule(model, forget, validation, config, history)
+    use_rule = rule.active
+    forward = forward_passes
 
     def passes() -> dict:
-        return {"train": trainer.sample_passes, "forward": forward}
+        return {"train": trainer.sample_passes, "forward": forward + rule.forward}
 
-    if use_rule and rule():
+    def check() -> bool:
+        return rule.check(model, steps)
+
+    if use_rule and check():
         return UnlearnResult(model, method, config, time.perf_counter() - t0, 0, True, history, passes())
     for epoch in range(config.epochs):
         order = rng.permutation(len(xf))
@@ -163,12 +192,12 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
             retain_pos += config.retain_batch_size
             checks = use_rule and (steps + 1) % config.check_every == 0
             cost = len(idx) + (len(ridx) if uses_retain else 0) + (len(xf) if checks else 0)
-            if not within_budget(config, trainer.sample_passes + forward, cost):
+            if not within_budget(config, trainer.sample_passes + forward + rule.forward, cost):
                 stopped = None  # out of budget
                 break
             info = step(trainer, idx, ridx)
             steps += 1
-            if checks and rule():
+            if checks and check():
                 stopped = True
             report(progress, {"phase": method, "epoch": epoch, "step": s + 1, "steps": steps_per_epoch,
                               "epochs": config.epochs, **(info or {})}, model, passes(), config.max_passes)

@@ -44,7 +44,7 @@ from ..errors import ModelError
 from ..graph import Model
 from ..quant import dequantize
 from ..train import Gradients, ParamGrad, Trainer, _sum_squares
-from .loop import Split, UnlearnConfig, UnlearnResult, accuracy, report, within_budget
+from .loop import Split, StoppingRule, UnlearnConfig, UnlearnResult, report, within_budget
 
 LABEL_RULES = ("model", "released")
 # the project's batch sizes, used for a set smaller than the requested batch (digits, mnist1d: a
@@ -193,28 +193,22 @@ def qmul_official(model: Model, forget: Split, retain: Split, validation: Split 
     steps, stopped = 0, False
     steps_per_epoch = -(-nf // bf) + -(-nr // br)
 
-    use_rule = config.stop and (config.target_acc is not None or validation is not None)
-    target = config.target_acc
-    if use_rule and target is None:
-        target = accuracy(model, validation)
-        passes["forward"] += len(validation[0])
-
-    def rule() -> bool:
-        fa = accuracy(model, forget)
-        passes["forward"] += nf
-        history.append({"step": steps, "forget_acc": fa, "target_acc": target})
-        return fa <= target
+    rule = StoppingRule(model, forget, validation, config, history)
+    use_rule = rule.active
 
     def result() -> UnlearnResult:
         return UnlearnResult(model, "qmul_official", config, time.perf_counter() - t0, steps, stopped,
-                             history, sample_passes=dict(passes))
+                             history, sample_passes=both())
 
-    if use_rule and rule():
+    def both() -> dict:
+        return {"train": passes["train"], "forward": passes["forward"] + rule.forward}
+
+    if use_rule and rule.check(model, steps):
         stopped = True
         return result()
 
     def used() -> int:
-        return passes["train"] + passes["forward"]
+        return passes["train"] + passes["forward"] + rule.forward
 
     for epoch in range(config.epochs):
         # CosineAnnealingLR(T_max=epochs), stepped after each epoch: constant within the epoch
@@ -255,10 +249,10 @@ def qmul_official(model: Model, forget: Split, retain: Split, validation: Split 
                 steps += 1
                 if checks:
                     guard.weights(f"in epoch {epoch}")
-                    stopped = rule()
+                    stopped = rule.check(model, steps)
                 report(progress, {"phase": "qmul_official", "epoch": epoch, "step": steps - epoch * steps_per_epoch,
                                   "steps": steps_per_epoch, "epochs": config.epochs, "pass": what,
-                                  "loss": g.loss, "w": w}, model, passes, config.max_passes)
+                                  "loss": g.loss, "w": w}, model, both(), config.max_passes)
                 if stopped:
                     break
             if stopped is not False:

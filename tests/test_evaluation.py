@@ -149,3 +149,24 @@ def test_budget_is_a_fraction_of_retraining(split):
     assert r2.config.max_passes == 100
     with pytest.raises(ModelError, match="budget"):
         unlearn(split["model"], split["forget"], split["retain"], "oeu", {"budget": 0.0})
+
+
+@pytest.mark.parametrize("target", ["accuracy", "confidence"])
+def test_stopping_rule_stops_at_the_first_check_under_the_held_out_level(split, target):
+    """The rule's history is its checks: every one before the last above the held-out level, the last
+    at or under it (measured independently here: metrics on the validation slice)."""
+    from edge_qmul import metrics
+    r = unlearn(split["model"], split["forget"], split["retain"], "qmul",
+                {"lr": 0.05, "epochs": 30, "target": target, "check_every": 2}, validation=split["validation"])
+    what = "acc" if target == "accuracy" else "conf"
+    if target == "accuracy":
+        level = metrics.accuracy(split["model"], *split["validation"])
+    else:
+        level = 100.0 * float(np.mean(metrics.confidence(split["model"], *split["validation"])))
+    checks = r.history
+    assert r.stopped_by_rule and checks and all(c[f"target_{what}"] == pytest.approx(level) for c in checks)
+    assert all(c[f"forget_{what}"] > level for c in checks[:-1]) and checks[-1][f"forget_{what}"] <= level
+    assert r.sample_passes["forward"] == len(split["forget"][0]) * (1 + len(checks)) + len(split["validation"][0])
+    with pytest.raises(ModelError, match="target"):
+        unlearn(split["model"], split["forget"], split["retain"], "qmul", {"target": "loss"},
+                validation=split["validation"])

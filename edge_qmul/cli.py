@@ -131,7 +131,7 @@ def _unlearn(args: argparse.Namespace) -> int:
             cert.pop("_forget_ids")
     if args.report:
         atomic_write(args.report, (json.dumps(cert, indent=1, sort_keys=True) + "\n").encode())
-    print(f"forgot {cert['n_forgotten']} samples with {args.method} in {cert['wall_s']:.2f} s "
+    print(f"forgot {cert['n_forgotten']} samples with {cert['method']} in {cert['wall_s']:.2f} s "
           f"({cert['steps']} steps{', stopped by the held-out rule' if cert['stopped_by_rule'] else ''})")
     for key in ("UA", "RA", "VA", "MIA"):
         b, a = cert["metrics_before"][key], cert["metrics_after"][key]
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="path to an int8 .tflite model")
     info.set_defaults(func=_info)
 
-    from .unlearn import DEFAULT_METHOD, METHODS
+    from .unlearn import DEFAULT_CLASS_METHOD, DEFAULT_METHOD, METHODS
     un = add_command(sub, "unlearn", "forget samples of the store from a model", [
         "edge-qmul unlearn --model model.tflite --store store.db --owner alice --out new.tflite",
         "edge-qmul unlearn --model model.tflite --store store.db --ids ids.txt --method qmul --table table.json "
@@ -254,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--owner", help="forget every sample of this owner")
     un.add_argument("--ids", help="forget the sample ids listed in this file, one per line")
     un.add_argument("--class", dest="label", type=int, help="forget a whole class")
-    un.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
-                    help=f"default {DEFAULT_METHOD}: the best measured gap to retrain (benchmarks/README.md)")
+    un.add_argument("--method", default=None, choices=sorted(METHODS),
+                    help=f"default: {DEFAULT_METHOD} (an owner, listed ids) or {DEFAULT_CLASS_METHOD} (--class), "
+                         "from the measured comparison (benchmarks/README.md)")
     un.add_argument("--table", help="similar-label table (JSON) from the host")
     un.add_argument("--allow-table-mismatch", action="store_true",
                     help="accept a table made for another model (same class count)")

@@ -34,20 +34,22 @@ def describe(selector: dict) -> str:
     return f"{len(selector['ids'])} listed ids"
 
 
-def run_forget(model_path: Path, store, selector: dict, method: str, overrides: dict | None = None,
+def run_forget(model_path: Path, store, selector: dict, method: str | None, overrides: dict | None = None,
                table_path: str | None = None, allow_table_mismatch: bool = False,
                retain_max: int | None = None, out_path: Path | None = None, progress=None,
                request_id: str | None = None, warn=print) -> dict:
     """Run one forget request against an open Store; returns the certificate (not committed).
 
-    ``out_path`` receives the new model (default: next to the old one, named by its hash).
+    ``out_path`` receives the new model (default: next to the old one, named by its hash); ``method``
+    None: the default for the kind of request (``unlearn.default_method``).
     """
     from . import metrics
     from .store import sha256_id
     from .tflite import load_tflite, save_tflite
-    from .unlearn import CLASS_FORGETTING, make_config, unlearn
+    from .unlearn import CLASS_FORGETTING, default_method, make_config, unlearn
     from .unlearn.similar_labels import SimilarLabelTable, TableError, check_table
 
+    method = method or default_method(selector)
     model_path = Path(model_path)
     model = load_tflite(model_path)
     model_before = sha256_file(model_path)

@@ -256,10 +256,11 @@ class Agent:
 
     # --- jobs ---
     def forget(self, body: dict) -> dict:
-        selector, method = body.get("selector"), body.get("method", "oeu")
+        selector, method = body.get("selector"), body.get("method")
         if not isinstance(selector, dict) or len(selector) != 1 or next(iter(selector)) not in ("owner", "ids", "label"):
             raise RemoteError("bad_request", "selector must be one of {owner}, {ids}, {label}")
-        from edge_qmul.unlearn import METHODS
+        from edge_qmul.unlearn import METHODS, default_method
+        method = default_method(selector) if method is None else method
         if not isinstance(method, str) or method not in METHODS:  # (a list: TypeError, "internal")
             raise RemoteError("bad_request", f"unknown method {method!r}")
         if self.active_model() is None:

@@ -47,7 +47,7 @@ class DeviceClient:
         fields = {"owner": owner, "role": role} if owner else {"role": role}
         return self.push("samples", Path(path).read_bytes(), progress, **fields)
 
-    def forget(self, selector: dict, method: str = "oeu", params: dict | None = None, table: str | None = None,
+    def forget(self, selector: dict, method: str | None = None, params: dict | None = None, table: str | None = None,
                retain_max: int | None = None) -> str:
         body = {"selector": selector, "method": method, "params": params or {}, "table": table,
                 "retain_max": retain_max, "job_key": os.urandom(8).hex()}
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     fg.add_argument("--owner", help="forget every sample of this owner")
     fg.add_argument("--ids", help="forget the sample ids listed in this file, one per line")
     fg.add_argument("--class", dest="label", type=int, help="forget a whole class")
-    fg.add_argument("--method", default="oeu")
+    fg.add_argument("--method", default=None, help="default: the device's default for the kind of request "
+                                                   "(edge_qmul.unlearn.default_method)")
     fg.add_argument("--table", help="sha256 of a pushed table")
     fg.add_argument("--wait", action="store_true", help="follow the job's progress until it ends")
     fg.add_argument("--commit", action="store_true", help="with --wait: commit when done")

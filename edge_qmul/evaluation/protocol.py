@@ -132,7 +132,8 @@ def method_config(split: dict, method: str, protocol: str, config: dict | None) 
     (a forgotten class has no held-out level to meet: its target is 0%), the run's seed."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    cfg = {**(config or {}), "stop": protocol == "rule", "seed": split["seed"]}
+    # the budget is the suite's (max_passes, of the recipe's retraining), never the product's default
+    cfg = {**(config or {}), "stop": protocol == "rule", "seed": split["seed"], "budget": None}
     if protocol == "rule" and split["setting"].kind == "class":
         cfg["target_acc"] = CLASS_FORGETTING["target_acc"]
     return cfg

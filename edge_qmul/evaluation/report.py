@@ -90,6 +90,7 @@ def plot(summary: dict, budgets: list[str], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     xs = [100 * float(b) for b in budgets]
     for ax, prot in zip(axes, PROTOCOLS):
@@ -106,7 +107,12 @@ def plot(summary: dict, budgets: list[str], path: Path, title: str) -> None:
             ax.errorbar(x, m, yerr=err, marker="o", capsize=3, label=method,
                         linewidth=2.5 if method == "qmul" else 1.2)
         ax.set_xscale("log")
+        ax.set_yscale("log")  # a collapsed method (gap 50+) must not flatten the others (gap 1-5)
         ax.set_xticks(xs, [f"{x:g}%" for x in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("budget: sample-passes, % of retrain's")
         ax.set_title(f"{prot} protocol" + (" (retrain-free stopping rule)" if prot == "rule" else " (whole budget)"))
         ax.grid(alpha=0.3)

@@ -178,7 +178,7 @@ def bench_model(model: Model, batch: int = 8, forget_size: int = 64, method: str
     forget, retain = (x[forget_rows], y[forget_rows]), (x[retain_rows], y[retain_rows])
     retain_size = len(retain_rows)
     xb, yb = x[:batch], y[:batch]
-    config = make_config(method, {"epochs": unlearn_epochs, "stop": False, "seed": seed})
+    config = make_config(method, {"epochs": unlearn_epochs, "stop": False, "seed": seed, "budget": None})
     sha256 = hashlib.sha256(Path(model_path).read_bytes()).hexdigest() if model_path is not None else None
 
     def report_progress(phase: str, done: int) -> None:
@@ -224,7 +224,7 @@ def bench_model(model: Model, batch: int = 8, forget_size: int = 64, method: str
         f"unlearn {method}",
         lambda: results.append(unlearn(model, forget, retain, method=method, config=config)),
         warm_up=lambda: unlearn(model, forget, retain, method=method,
-                                config=make_config(method, {"epochs": 1, "stop": False, "seed": seed})))
+                                config=make_config(method, {"epochs": 1, "stop": False, "seed": seed, "budget": None})))
     steps = int(results[-1].steps)
     unlearn_median = _median(unlearn_times)
 

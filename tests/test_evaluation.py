@@ -157,7 +157,8 @@ def test_stopping_rule_stops_at_the_first_check_under_the_held_out_level(split, 
     at or under it (measured independently here: metrics on the validation slice)."""
     from edge_qmul import metrics
     r = unlearn(split["model"], split["forget"], split["retain"], "qmul",
-                {"lr": 0.05, "epochs": 30, "target": target, "check_every": 2}, validation=split["validation"])
+                {"lr": 0.05, "epochs": 30, "target": target, "check_every": 2, "budget": None},
+                validation=split["validation"])
     what = "acc" if target == "accuracy" else "conf"
     if target == "accuracy":
         level = metrics.accuracy(split["model"], *split["validation"])

@@ -41,7 +41,7 @@ def test_evaluate_tool(tmp_path):
     (tmp_path / "suite.json").write_text(json.dumps(suite))
     from edge_qmul.evaluation.report import BEGIN, END
     readme = tmp_path / "README.md"
-    readme.write_text(f"# kept\n{BEGIN}\nold\n{END}\nkept too\n")
+    readme.write_text(f"# kept\n{BEGIN}\nOLD-BLOCK\n{END}\nkept too\n")
     r = _run("tools/evaluate.py", "--suite", str(tmp_path / "suite.json"), "--out", str(tmp_path / "out"),
              "--readme", str(readme), "--summary-readme", "")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -55,7 +55,7 @@ def test_evaluate_tool(tmp_path):
                 assert row["gap"] >= 0 and {"UA", "RA", "TA", "MIA", "changed", "wall_s"} <= set(row)
     assert data["evaluation"]["per_seed"][0]["retrain"]["gap"] == 0.0
     text = readme.read_text()
-    assert text.startswith("# kept") and text.endswith("kept too\n") and "old" not in text
+    assert text.startswith("# kept") and text.endswith("kept too\n") and "OLD-BLOCK" not in text
     assert "| qmul | rule |" in text and "Δgap vs ga (default)" in text
     assert (tmp_path / "out/random10_digits.png").read_bytes()[:4] == b"\x89PNG"
     bad = dict(suite, methods=["qmul", "nonsense"])
@@ -67,7 +67,9 @@ def test_evaluate_tool(tmp_path):
 def test_demo(tmp_path):
     """`make demo`'s script: trains, serves over a serial pair, forgets, compares, writes demo_out/."""
     out = tmp_path / "demo_out"
-    r = _run("tools/demo.py", "--out", str(out))
+    from edge_qmul.evaluation.report import DEMO_BEGIN, DEMO_END
+    (tmp_path / "README.md").write_text(f"a\n{DEMO_BEGIN}\nOLD-DEMO\n{DEMO_END}\nb\n")
+    r = _run("tools/demo.py", "--out", str(out), "--readme", str(tmp_path / "README.md"))
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["metrics"]) == {"before", "after (device)", "retrain (host)"}
@@ -97,7 +99,9 @@ def test_demo(tmp_path):
     for png in ("per_class_accuracy.png", "unlearning_loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
         assert f"({png})" in (out / "report.md").read_text()
-    assert "| after (device) |" in r.stdout
+    assert "| after (device, " in r.stdout
+    table = r.stdout[r.stdout.index("| model |"):].split("\n\n")[0].split("\n[")[0].strip()
+    assert table in (tmp_path / "README.md").read_text() and "OLD-DEMO" not in (tmp_path / "README.md").read_text()
     assert json.loads((out / "base" / "manifest.json").read_text())["owners"]["count"] == 20
 
 

@@ -58,6 +58,7 @@ def claim(summary: dict, budgets: list[str], reference: str) -> str:
     """Q-MUL's claim per budget and protocol: its gap against each other method's, paired."""
     head = "| budget | protocol | " + " | ".join(f"{reference} vs {o}" for o in CLAIM_OTHERS) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    counts = {"holds": 0, "fails": 0, "undecided": 0}
     for b in budgets:
         for prot in PROTOCOLS:
             cells = []
@@ -68,8 +69,12 @@ def claim(summary: dict, budgets: list[str], reference: str) -> str:
                     continue
                 # other - reference > 0: the reference's gap is smaller
                 word = {"higher": "holds", "lower": "fails", "undecided": "undecided"}[c["verdict"]]
+                counts[word] += 1
                 cells.append(f"{word} ({-c['mean']:+.2f} [{-c['hi']:+.2f}, {-c['lo']:+.2f}])")
             lines.append(f"| {float(b):.0%} | {prot} | " + " | ".join(cells) + " |")
+    total = sum(counts.values())
+    lines += ["", f"Over all budgets and both protocols: holds in {counts['holds']} of {total} comparisons, "
+                  f"fails in {counts['fails']}, undecided in {counts['undecided']}."]
     return "\n".join(lines)
 
 
@@ -148,7 +153,8 @@ def summary_table(results: dict[str, dict], suite) -> str:
         for n in names:
             s = results[n]["evaluation"]["summary"][m]
             cells.append(" / ".join(fmt(s[p][tb]["gap"]["mean"] if s[p].get(tb) else None, n) for p in PROTOCOLS))
-        label = f"{m} (default)" if m == suite.default else m
+        label = m + (" (default)" if m == suite.default else "") + \
+            (" (default for a class)" if m == getattr(suite, "class_default", None) else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

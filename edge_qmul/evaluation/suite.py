@@ -37,6 +37,7 @@ class Suite:
     base: dict = field(default_factory=dict)       # per-method fixed fields (e.g. rl: fresh labels)
     reference: str = "qmul"                         # the claim's method: paired intervals against it
     default: str = "oeu"                            # the product default: paired intervals against it
+    class_default: str | None = None                # the product default for a whole class (labelled)
     table_budget: float = 0.1
 
     @classmethod

@@ -82,9 +82,11 @@ def accuracy(model: Model, split: Split, batch: int = 512) -> float:
     return 100.0 * hits / len(x)
 
 
-# Forgetting a whole class has no held-out accuracy to meet: the class's accuracy goes to 0, with a
-# longer epoch cap than random forgetting (the forget set is the whole class, not a tenth of the data).
-CLASS_FORGETTING = {"target_acc": 0.0, "epochs": 30}
+# Forgetting a whole class has no held-out accuracy to meet. Measured (benchmarks/README.md, 10% of
+# retraining's work): spending the whole budget beats stopping when the class's accuracy reaches 0%
+# (qmul: mean gap 0.50 against 0.88 over three class settings), at the median tuned lr, 0.1. With
+# stop=True the rule's target is 0%.
+CLASS_FORGETTING = {"stop": False, "lr": 0.1, "target_acc": 0.0, "epochs": 30}
 
 
 def check_splits(forget: Split, retain: Split, validation: Split | None) -> None:

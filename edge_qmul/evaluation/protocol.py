@@ -134,6 +134,8 @@ def method_config(split: dict, method: str, protocol: str, config: dict | None) 
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     # the budget is the suite's (max_passes, of the recipe's retraining), never the product's default
     cfg = {**(config or {}), "stop": protocol == "rule", "seed": split["seed"], "budget": None}
+    if protocol == "fixed":  # no rule: its interval is moot, pinned so the record is not the default's
+        cfg.setdefault("check_every", 2)
     if protocol == "rule" and split["setting"].kind == "class":
         cfg["target_acc"] = CLASS_FORGETTING["target_acc"]
     return cfg

@@ -42,14 +42,25 @@ def rows_at(summary: dict, budget: str) -> list[tuple[str, str, dict]]:
     return out
 
 
+def _work(c: dict, retrain_passes: float) -> str:
+    """Work as % of retraining's: total [interval] (training + forward-only)."""
+    total = cell(c["passes_fraction"], 1, 100.0)
+    if total == "-" or not retrain_passes:
+        return total
+    train, fwd = (100.0 * c[k]["mean"] / retrain_passes for k in ("passes_train", "passes_forward"))
+    return f"{total} ({train:.1f} + {fwd:.1f})"
+
+
 def table(summary: dict, budget: str, reference: str, default: str) -> str:
-    head = ("| method | protocol | UA | RA | TA | MIA | avg gap | gap: forgetting | gap: utility | work (% of retrain) "
+    retrain_passes = summary["retrain"]["passes_train"]["mean"]
+    head = ("| method | protocol | UA | RA | TA | MIA | avg gap | gap: forgetting | gap: utility "
+            "| work, % of retrain (train + forward) "
             f"| wall (s) | changed (%) | Δgap vs {reference} | Δgap vs {default} (default) | rule fired |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for method, prot, c in rows_at(summary, budget):
         lines.append(f"| {method} | {prot} | {cell(c['UA'])} | {cell(c['RA'])} | {cell(c['TA'])} | {cell(c['MIA'])} | "
                      f"{cell(c['gap'])} | {cell(c['gap_forgetting'])} | {cell(c['gap_utility'])} | "
-                     f"{cell(c['passes_fraction'], 1, 100.0)} | {cell(c['wall_s'], 3)} | {cell(c['changed'], 1)} | "
+                     f"{_work(c, retrain_passes)} | {cell(c['wall_s'], 3)} | {cell(c['changed'], 1)} | "
                      f"{_diff(c.get('vs_reference'))} | {_diff(c.get('vs_default'))} | {c.get('stopped_by_rule', '-')} |")
     return "\n".join(lines)
 
@@ -172,6 +183,7 @@ def setting_section(name: str, result: dict, suite, files: str) -> str:
              f"{', '.join(map(str, result['tuning_seeds']))}. Budget {float(tb):.0%} of retrain's sample-passes; "
              f"mean [95% bootstrap interval]; Δgap = method − other, paired by seed.", "",
              table(summary, tb, suite.reference, suite.default), "",
+             f"![{name}: gap against budget](results/unlearn/{name}.png)", "",
              f"Pareto front at {float(tb):.0%} (gap, work): {front}.", "",
              f"Q-MUL's claim ({suite.reference}'s gap against each, paired; negative = {suite.reference} better):", "",
              claim(summary, budgets, suite.reference), ""]

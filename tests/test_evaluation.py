@@ -171,3 +171,14 @@ def test_stopping_rule_stops_at_the_first_check_under_the_held_out_level(split, 
     with pytest.raises(ModelError, match="target"):
         unlearn(split["model"], split["forget"], split["retain"], "qmul", {"target": "loss"},
                 validation=split["validation"])
+
+
+def test_a_diverged_run_is_scored_as_the_original_and_does_not_stop_the_evaluation(split):
+    """qmul_official at lr 10 trips its divergence guard: the row is the original model's, marked."""
+    per_epoch = protocol.official_epoch_passes(split)
+    rows = protocol.run_budgets(split, "qmul_official", "fixed", {"lr": 10.0}, [3 * per_epoch])
+    row = rows[3 * per_epoch]
+    assert "diverged" in row["diverged"]
+    assert {k: row[k] for k in ("UA", "RA", "TA", "MIA", "changed")} == \
+        {k: v for k, v in protocol.measure(split, split["model"]).items() if k in ("UA", "RA", "TA", "MIA", "changed")}
+    assert row["changed"] == 0.0 and row["passes"]["train"] > 0

@@ -16,13 +16,13 @@ that fit.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import datasets, metrics, models
+from ..errors import ModelError
 from ..graph import Model
 from ..quant import quantize
 from ..train import TRAINING_RECIPES, Trainer, fit
@@ -181,6 +181,7 @@ def _observed(split: dict, method: str, cfg: dict, budgets: list) -> dict:
 
     def progress(info: dict) -> None:
         state["steps"] += 1
+        state["passes"] = dict(info["passes"])
         used = info["sample_passes"]
         fits = [b for b in budgets if b is None or used <= b]
         if fits:
@@ -188,8 +189,13 @@ def _observed(split: dict, method: str, cfg: dict, budgets: list) -> dict:
             for b in fits:
                 snaps[b] = snap
     state["t0"] = time.perf_counter()
-    result = unlearn(split["model"], split["forget"], split["retain"], method, cfg,
-                     validation=split["validation"], progress=progress)
+    try:
+        result = unlearn(split["model"], split["forget"], split["retain"], method, cfg,
+                         validation=split["validation"], progress=progress)
+    except ModelError as e:
+        if "diverged" not in str(e):
+            raise
+        return {b: _diverged(split, method, cfg, state, str(e)) for b in budgets}
     out = {}
     for b in budgets:
         if b is None or _used(result.sample_passes) <= b:  # the run ended within this budget
@@ -209,6 +215,16 @@ def _observed(split: dict, method: str, cfg: dict, budgets: list) -> dict:
     return out
 
 
+def _diverged(split: dict, method: str, cfg: dict, state: dict, message: str) -> dict:
+    """A run the divergence guard stopped: on a device the request fails and the model stays as it
+    was (unlearn works on a copy), so it is scored as the original model, with the work it spent."""
+    row = measure(split, split["model"])
+    row.update(passes=state.get("passes", {"train": 0, "forward": 0}), steps=state["steps"],
+               wall_s=time.perf_counter() - state["t0"], stopped_by_rule=False, diverged=message,
+               config={k: v for k, v in make_config(method, cfg).to_dict().items() if k != "trainable"})
+    return row
+
+
 def _used(passes: dict) -> int:
     return int(passes["train"] + passes["forward"])
 
@@ -220,7 +236,3 @@ def gap(row: dict, retrain: dict) -> dict:
     split = metrics.gap_split(row, retrain)
     return {"gap": metrics.average_gap(row, retrain), "gap_forgetting": split["forgetting"],
             "gap_utility": split["utility"]}
-
-
-def isfinite_row(row: dict | None) -> bool:
-    return row is not None and all(math.isfinite(row[k]) for k in ("UA", "RA", "TA"))

@@ -61,7 +61,8 @@ def table(summary: dict, budget: str, reference: str, default: str) -> str:
         lines.append(f"| {method} | {prot} | {cell(c['UA'])} | {cell(c['RA'])} | {cell(c['TA'])} | {cell(c['MIA'])} | "
                      f"{cell(c['gap'])} | {cell(c['gap_forgetting'])} | {cell(c['gap_utility'])} | "
                      f"{_work(c, retrain_passes)} | {cell(c['wall_s'], 3)} | {cell(c['changed'], 1)} | "
-                     f"{_diff(c.get('vs_reference'))} | {_diff(c.get('vs_default'))} | {c.get('stopped_by_rule', '-')} |")
+                     f"{_diff(c.get('vs_reference'))} | {_diff(c.get('vs_default'))} | {c.get('stopped_by_rule', '-')}"
+                     + (f" (diverged {c['diverged']}: scored as the original)" if c.get("diverged") else "") + " |")
     return "\n".join(lines)
 
 

@@ -190,6 +190,9 @@ def summarize(suite: Suite, per_seed: list[dict]) -> dict:
                 stopped = [r["methods"][method][prot][b]["stopped_by_rule"] for r in per_seed
                            if r["methods"][method][prot][b] is not None]
                 cell["stopped_by_rule"] = f"{sum(stopped)}/{len(stopped)}"
+                diverged = [r for r in per_seed if (r["methods"][method][prot][b] or {}).get("diverged")]
+                if diverged:  # scored as the original model (the request fails on a device)
+                    cell["diverged"] = f"{len(diverged)}/{len(per_seed)}"
                 out.setdefault(method, {}).setdefault(prot, {})[b] = cell
     # the stopping target: the original's held-out accuracy against retrain's forget accuracy
     target_minus_retrain_fa = [rec["retrain"]["original_VA"] - (100.0 - rec["retrain"]["UA"]) for rec in per_seed]

@@ -33,8 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/unlearn_qat.py --json benchmarks/results/unlearn_qat.json --markdown
 	$(BIN)/python benchmarks/startup.py --json benchmarks/results/startup.json
 
-# The unlearning comparison: tunes and evaluates every setting of the suite (recorded run: 71 min of
-# one core's work; two settings side by side with NUMBA_NUM_THREADS=1 took 38 min on 2 cores), rewrites benchmarks/README.md's and README.md's generated tables, then the stopping
+# The unlearning comparison: tunes and evaluates every setting of the suite (recorded run: 100 min of
+# one core's work, run as two processes side by side with NUMBA_NUM_THREADS=1), rewrites benchmarks/README.md's and README.md's generated tables, then the stopping
 # target's study and the demo's table.
 eval: $(STAMP)
 	$(BIN)/python tools/evaluate.py --suite benchmarks/unlearn_suite.json

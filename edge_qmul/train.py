@@ -719,6 +719,15 @@ TRAINING_RECIPES = {
 }
 
 
+def fit_recipe(model, recipe: dict, x_int8: np.ndarray, y: np.ndarray, seed: int, progress=None) -> Trainer:
+    """Train ``model`` on (``x_int8``, ``y``) with a recipe's epochs, batch, lr and momentum under a
+    cosine schedule (``TRAINING_RECIPES``); returns the Trainer."""
+    steps = recipe["epochs"] * -(-len(x_int8) // recipe["batch_size"])
+    trainer = Trainer(model, lr=recipe["lr"], momentum=recipe["momentum"], schedule="cosine", total_steps=steps)
+    fit(trainer, x_int8, y, recipe["epochs"], recipe["batch_size"], seed=seed, progress=progress)
+    return trainer
+
+
 def train_from_scratch(dataset: str, seed: int = 0, progress=None, **overrides) -> tuple[Model, float]:
     """Build the dataset's architecture, calibrate it on 256 training samples, train it with the
     recipe (cosine schedule) and return (model, test accuracy). Host-side: loads a built-in dataset."""
@@ -733,9 +742,6 @@ def train_from_scratch(dataset: str, seed: int = 0, progress=None, **overrides) 
     model = models.build(recipe["arch"], ds.input_shape, ds.num_classes, seed=seed, calib_x=calib)
     q = model.tensors[model.core_inputs[0]].quant
     x_train, x_test = quantize(ds.x_train, q), quantize(ds.x_test, q)
-    steps = recipe["epochs"] * -(-len(x_train) // recipe["batch_size"])
-    trainer = Trainer(model, lr=recipe["lr"], momentum=recipe["momentum"], schedule="cosine",
-                      total_steps=steps)
-    fit(trainer, x_train, ds.y_train, recipe["epochs"], recipe["batch_size"], seed=seed, progress=progress)
+    fit_recipe(model, recipe, x_train, ds.y_train, seed, progress)
     accuracy = float(np.mean(model.forward(x_test).argmax(axis=1) == ds.y_test))
     return model, accuracy

@@ -46,7 +46,7 @@ from edge_qmul import ModelError, Model, __version__, datasets, load_tflite, mod
 from edge_qmul.fsutil import atomic_write, fsync_dir  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
 from edge_qmul.store import IMAGE_EXTENSIONS  # noqa: E402
-from edge_qmul.train import TRAINING_RECIPES, Trainer, fit  # noqa: E402
+from edge_qmul.train import TRAINING_RECIPES, fit_recipe  # noqa: E402
 from edge_qmul.unlearn.similar_labels import SimilarLabelTable, build_table  # noqa: E402
 
 PROG = "train_base"
@@ -287,13 +287,11 @@ def train_model(data: Data, train: np.ndarray, arch: str, epochs: int, seed: int
     model = models.build(arch, data.shape, len(data.class_names), seed=seed, calib_x=calib,
                          input_range=data.input_range)
     x8 = quantize(x, model.tensors[model.core_inputs[0]].quant)
-    steps = recipe["epochs"] * -(-len(x8) // recipe["batch_size"])
-    trainer = Trainer(model, lr=recipe["lr"], momentum=recipe["momentum"], schedule="cosine", total_steps=steps)
 
     def progress(epoch: int, step: int, steps_per_epoch: int, loss: float) -> None:
         if step == steps_per_epoch - 1 and (epoch + 1) % max(1, recipe["epochs"] // 4) == 0:
             say(f"   epoch {epoch + 1}/{recipe['epochs']}, loss {loss:.3f}")
-    fit(trainer, x8, y, recipe["epochs"], recipe["batch_size"], seed=seed, progress=progress)
+    fit_recipe(model, recipe, x8, y, seed, progress)
     return model, recipe
 
 

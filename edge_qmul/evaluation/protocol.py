@@ -25,7 +25,7 @@ from .. import datasets, metrics, models
 from ..errors import ModelError
 from ..graph import Model
 from ..quant import quantize
-from ..train import TRAINING_RECIPES, Trainer, fit
+from ..train import TRAINING_RECIPES, fit_recipe
 from ..unlearn import CLASS_FORGETTING, make_config, unlearn
 
 PROTOCOLS = ("fixed", "rule")  # the paper's fixed work, or ours: the retrain-free stopping rule
@@ -73,10 +73,8 @@ def prepare(setting: Setting, seed: int, log=print) -> dict:
     model = models.build(recipe["arch"], ds.input_shape, ds.num_classes, seed=seed, calib_x=calib)
     q = model.tensors[model.core_inputs[0]].quant
     x_all, x_test = quantize(ds.x_train, q), quantize(ds.x_test, q)
-    steps = recipe["epochs"] * -(-len(train_idx) // recipe["batch_size"])
-    trainer = Trainer(model, lr=recipe["lr"], momentum=recipe["momentum"], schedule="cosine", total_steps=steps)
     t0 = time.perf_counter()
-    fit(trainer, x_all[train_idx], ds.y_train[train_idx], recipe["epochs"], recipe["batch_size"], seed=seed)
+    fit_recipe(model, recipe, x_all[train_idx], ds.y_train[train_idx], seed)
     train_s = time.perf_counter() - t0
     y_all = ds.y_train
     kind, _, arg = setting.forget.partition(":")
@@ -177,7 +175,7 @@ def run_unbounded(split: dict, method: str, protocol: str, config: dict | None) 
 
 def _observed(split: dict, method: str, cfg: dict, budgets: list) -> dict:
     snaps: dict = {}
-    state = {"steps": 0, "t0": time.perf_counter()}
+    state = {"steps": 0}
 
     def progress(info: dict) -> None:
         state["steps"] += 1
@@ -210,7 +208,7 @@ def _observed(split: dict, method: str, cfg: dict, budgets: list) -> dict:
                                                    alone.stopped_by_rule)
         row = measure(split, model)
         row.update(passes=passes, steps=steps, wall_s=wall, stopped_by_rule=bool(stopped),
-                   config={k: v for k, v in make_config(method, cfg).to_dict().items() if k != "trainable"})
+                   config=_config_record(method, cfg))
         out[b] = row
     return out
 
@@ -221,8 +219,13 @@ def _diverged(split: dict, method: str, cfg: dict, state: dict, message: str) ->
     row = measure(split, split["model"])
     row.update(passes=state.get("passes", {"train": 0, "forward": 0}), steps=state["steps"],
                wall_s=time.perf_counter() - state["t0"], stopped_by_rule=False, diverged=message,
-               config={k: v for k, v in make_config(method, cfg).to_dict().items() if k != "trainable"})
+               config=_config_record(method, cfg))
     return row
+
+
+def _config_record(method: str, cfg: dict) -> dict:
+    """The run's whole configuration as recorded (every field but the trainable-ops selector)."""
+    return {k: v for k, v in make_config(method, cfg).to_dict().items() if k != "trainable"}
 
 
 def _used(passes: dict) -> int:

@@ -96,13 +96,13 @@ def tune(suite: Suite, setting: Setting, log=print) -> dict:
                     continue
                 for ci, cand in enumerate(suite.candidates(method, prot)):
                     t0 = time.perf_counter()
-                    rows = _runs(split, method, cand, prot, suite.budgets, rp)
-                    for f, row in rows.items():
-                        g = _finish(row, retrain, rp)
-                        gaps.setdefault((method, prot, f, ci), []).append(None if g is None else g["gap"])
+                    found = {f: protocol.gap(row, retrain)["gap"]
+                             for f, row in _runs(split, method, cand, prot, suite.budgets, rp).items()}
+                    for f, g in found.items():
+                        gaps.setdefault((method, prot, f, ci), []).append(g)
                     log(f"tune {setting.name} seed {seed} {method} {prot} {cand}: "
-                        + ", ".join(f"{f:g}: {'-' if r is None else round(protocol.gap(r, retrain)['gap'], 2)}"
-                                    for f, r in rows.items()) + f" ({time.perf_counter() - t0:.1f} s)")
+                        + ", ".join(f"{f:g}: {'-' if g is None else round(g, 2)}" for f, g in found.items())
+                        + f" ({time.perf_counter() - t0:.1f} s)")
     tuned: dict = {}
     for method in suite.methods:
         for prot in PROTOCOLS:

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .arithmetic import Arithmetic, arithmetic
 from .errors import ModelError
 from .quant import QuantParams, dequantize, quantize
 
@@ -70,7 +71,7 @@ class Model:
 
     def __init__(self, tensors: list[Tensor], ops: list[Op], inputs: list[int], outputs: list[int],
                  metadata: dict[str, bytes] | None = None, description: str = "edge_qmul",
-                 signature: dict | None = None) -> None:
+                 signature: dict | None = None, litert: str | Arithmetic | None = None) -> None:
         self.tensors = tensors
         self.ops = ops
         self.inputs = list(inputs)
@@ -78,6 +79,8 @@ class Model:
         self.metadata = dict(metadata or {})
         self.description = description
         self.signature = signature
+        # whose LiteRT the kernels reproduce: the host's platform unless told (arithmetic.py)
+        self.litert = arithmetic(litert)
         for i, op in enumerate(ops):
             op.index = i
         self._prepared: list | None = None
@@ -129,6 +132,14 @@ class Model:
             raise ModelError(f"parameter {name!r} is {t.data.dtype}{list(t.data.shape)}, "
                              f"got {value.dtype}{list(value.shape)}")
         t.data = value.copy()
+
+    def use_litert(self, litert: str | Arithmetic | None) -> "Model":
+        """Compute as the LiteRT of platform ``litert`` does (``x86_64``, ``aarch64``; None: the
+        host's); the ops are prepared again. Returns the model."""
+        self.litert = arithmetic(litert)
+        from .kernels import prepare
+        self._prepared = [prepare(op, self) for op in self.ops]
+        return self
 
     # --- execution -------------------------------------------------------------------------------
     def _ensure_prepared(self) -> list:
@@ -257,4 +268,4 @@ class Model:
         import copy as _copy
         return Model([_copy.deepcopy(t) for t in self.tensors], [_copy.deepcopy(o) for o in self.ops],
                      self.inputs, self.outputs, self.metadata, self.description,
-                     _copy.deepcopy(self.signature))
+                     _copy.deepcopy(self.signature), self.litert)

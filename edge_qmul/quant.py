@@ -237,14 +237,32 @@ def multiply_by_quantized_multiplier_floor_shift(x: np.int32, multiplier: np.int
 
 
 @njit(cache=True, inline="always")
+def multiply_by_quantized_multiplier_single(x: np.int32, multiplier: np.int32, shift: np.int32) -> np.int32:
+    """ruy's arm64 kernels: ``sshl`` by ``shift + right``, ``sqdmulh`` (a floor), ``srshl`` by
+    ``right = max(-shift, 1)``: one rounding of x * m / 2^(31 - shift), ties toward +inf.
+
+    What LiteRT's CONV_2D and FULLY_CONNECTED compute on aarch64 (arithmetic.SINGLE_ROUNDING). The
+    left shift wraps in int32 one bit earlier than the double-rounding form's, as ruy's does.
+    """
+    right = max(-shift, 1)
+    y = np.int32((np.int64(np.int32(x << (shift + right))) * np.int64(multiplier)) >> 31)
+    if (x << (shift + right)) == INT32_MIN and multiplier == INT32_MIN:
+        y = np.int32(INT32_MAX)
+    return np.int32((y >> right) + ((y >> (right - 1)) & 1))
+
+
+@njit(cache=True, inline="always")
 def requantize(acc: np.int32, multiplier: np.int32, shift: np.int32, out_zero_point: np.int32,
-               act_min: np.int32, act_max: np.int32, scalar_tail: bool = False) -> np.int8:
+               act_min: np.int32, act_max: np.int32, scalar_tail: bool = False, rounding: int = 0) -> np.int8:
     """The shared epilogue of conv / depthwise / fully-connected: scale, offset, clamp to int8.
 
     LiteRT's vector loops round the final shift half-up; ``scalar_tail`` selects the scalar
     leftover loop's rounding (half away from zero) for the elements those loops finish one by one.
+    ``rounding`` 1 (arithmetic.SINGLE_ROUNDING) is ruy's arm64 epilogue instead.
     """
-    if scalar_tail:
+    if rounding == 1:
+        v = multiply_by_quantized_multiplier_single(acc, multiplier, shift)
+    elif scalar_tail:
         v = multiply_by_quantized_multiplier(acc, multiplier, shift)
     else:
         v = multiply_by_quantized_multiplier_neon(acc, multiplier, shift)

@@ -8,6 +8,8 @@ bit for bit); :func:`check_random_models` runs a test's numbered random models a
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -101,12 +103,45 @@ def run_litert_outputs(interp, xs: list[np.ndarray]) -> list[np.ndarray]:
     return [np.concatenate(y, axis=0) for y in ys]
 
 
+# --- recording LiteRT's answers (under emulation: what an aarch64 board's LiteRT computes) -----------
+
+RECORD_DIR = os.environ.get("EDGE_QMUL_LITERT_RECORD")  # set by tools/arm64.sh's recording run
+_recording: dict | None = None  # the cases of the random-model loop running now
+
+
+def _record_case(model_bytes: bytes, xs: list[np.ndarray], wants: list[np.ndarray]) -> None:
+    if _recording is not None:
+        k = len(_recording["cases"])
+        case = {f"c{k}_model": np.frombuffer(model_bytes, np.uint8)}
+        case.update({f"c{k}_x{j}": np.asarray(x) for j, x in enumerate(xs)})
+        case.update({f"c{k}_y{j}": np.asarray(y) for j, y in enumerate(wants)})
+        _recording["cases"].append(case)
+
+
+def _save_recording(name: str) -> None:
+    """Write the loop's recorded cases to RECORD_DIR/<test id>.npz (model bytes, inputs, LiteRT's
+    outputs, case by case), which tests/test_litert_profiles.py replays on any machine."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", name).split(" ")[0]
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in test.replace(".py::", "-"))
+    arrays: dict[str, np.ndarray] = {}
+    for case in _recording["cases"]:
+        arrays.update(case)
+    arrays["count"] = np.array(len(_recording["cases"]))
+    out = Path(RECORD_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / f"{name}.npz", **arrays)
+
+
 def compare(model: Model, xs: list[np.ndarray], interp=None, got=None) -> str | None:
     """None if the engine's ``predict`` (or ``got``: one array, or a list of one per output) equals
     LiteRT bit for bit on batches ``xs``, else a message naming the output that differs."""
     if interp is None:
-        interp = litert_interpreter(to_bytes(model))
-    wants = run_litert_outputs(interp, xs)
+        model_bytes = to_bytes(model)
+        interp = litert_interpreter(model_bytes)
+        wants = run_litert_outputs(interp, xs)
+        _record_case(model_bytes, xs, wants)
+    else:
+        wants = run_litert_outputs(interp, xs)
     gots = model.predict(*xs) if got is None else got
     gots = list(gots) if isinstance(gots, (list, tuple)) else [gots]
     if len(gots) != len(wants):
@@ -155,8 +190,10 @@ def check_random_models(name: str, make_case: Callable[[int], tuple], n: int, re
     ``compare(model, xs)`` (None when the engine equals LiteRT, else a message); a case that raises,
     building or running, is a failure too. Fails the test with ``NAME: k of N ... disagree with
     LiteRT (reproduce with REPRODUCE)`` and the first 8 failures."""
+    global _recording
     pytest.importorskip("ai_edge_litert")
     failures = []
+    _recording = {"cases": []} if RECORD_DIR else None
     for i in range(n):
         desc = {}
         try:
@@ -166,6 +203,9 @@ def check_random_models(name: str, make_case: Callable[[int], tuple], n: int, re
             msg = f"{type(e).__name__}: {e}"
         if msg is not None:
             failures.append(f"  model {i}: {fmt_desc(desc)}\n    {msg}")
+    if _recording is not None:
+        _save_recording(name)
+        _recording = None
     if failures:
         shown = "\n".join(failures[:8])
         more = f"\n  ... and {len(failures) - 8} more" if len(failures) > 8 else ""

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from edge_qmul.quant import (QuantParams, activation_range, dequantize, multiply_by_quantized_multiplier,
-                             multiply_by_quantized_multiplier_neon, quantize, quantize_multiplier,
+                             multiply_by_quantized_multiplier_neon, multiply_by_quantized_multiplier_single,
+                             quantize, quantize_multiplier,
                              rounding_divide_by_pot, saturating_rounding_doubling_high_mul)
 
 int32 = st.integers(-(2**31), 2**31 - 1)
@@ -50,6 +51,18 @@ def test_the_two_requantizations_differ_only_on_negative_ties(x, m, shift):
     b = multiply_by_quantized_multiplier_neon(np.int32(x), np.int32(m), np.int32(shift))
     assert a == _round_half_away(Fraction(int(high), 2**-shift))
     assert b == _round_half_up(Fraction(int(high), 2**-shift))
+
+
+@settings(deadline=None, max_examples=500)
+@given(st.integers(-(2**24), 2**24), st.integers(2**30, 2**31 - 1), st.integers(-31, 5))
+@example(-(2**15), 2**30, 0)    # -0.25 at shift 0: ruy arm64 still rounds (by one bit), -> 0
+@example(-3 * 2**16, 2**30, -1)  # exactly -0.75 * 2 / 2 ... a tie after the product: half up
+@example(2**24, 2**31 - 1, 5)   # the largest left shift that does not wrap
+def test_single_rounding_is_one_rounding_of_the_exact_product(x, m, shift):
+    """ruy's arm64 epilogue (sqdmulh, srshl) rounds x * m / 2^(31 - shift) once, ties toward +inf,
+    where it does not wrap (|x| < 2^(30 - shift))."""
+    got = multiply_by_quantized_multiplier_single(np.int32(x), np.int32(m), np.int32(shift))
+    assert got == _round_half_up(Fraction(x * m, 2 ** (31 - shift)))
 
 
 @pytest.mark.parametrize("real", [1e-12, 2.0**-33, 0.0003, 0.25, 0.5, 0.7, 0.999999999999, 1.0, 1.5, 3.0])

@@ -63,21 +63,24 @@ def test_pack_panels_layout():
     assert p[1, 0].tolist() == [12, 13, 0, 0, 0, 0, 0, 0]  # column 5.. is padding
 
 
+@pytest.mark.parametrize("rounding", [0, 1], ids=["double", "single"])
 @pytest.mark.parametrize("lanes", [4, 8, 16])
-def test_requantize_tile_matches_scalar_requantize(lanes):
+def test_requantize_tile_matches_scalar_requantize(lanes, rounding):
+    """Both epilogues (x86's double rounding, ruy arm64's single one) equal quant.requantize."""
     mr, nr = 4, 2 * lanes
     kernel = T.make_requantize_tile(mr, nr, lanes)
 
     @njit
     def vector(tile, rows, bias, mult, shift, o0, out, row0, zp, lo, hi):
-        kernel(tile, rows, bias, mult, shift, o0, out, row0, o0, zp, lo, hi)
+        kernel(tile, rows, bias, mult, shift, o0, out, row0, o0, zp, lo, hi, rounding)
 
     @njit
     def scalar(tile, rows, bias, mult, shift, o0, out, row0, zp, lo, hi):
         for r in range(rows):
             for j in range(nr):
                 c = o0 + j
-                out[row0 + r, c] = requantize(np.int32(tile[r, j] + bias[c]), mult[c], shift[c], zp, lo, hi)
+                out[row0 + r, c] = requantize(np.int32(tile[r, j] + bias[c]), mult[c], shift[c], zp, lo, hi,
+                                              rounding=rounding)
 
     rng = np.random.default_rng(lanes)
     for case in range(400):

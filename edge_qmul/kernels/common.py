@@ -115,6 +115,7 @@ class Requant:
     out_zero_point: int
     act_min: int
     act_max: int
+    rounding: int = 0  # quant.requantize's: arithmetic.DOUBLE_ROUNDING or SINGLE_ROUNDING
 
 
 def conv_requant(op, x, w, out, channels: int, activation: str) -> Requant:

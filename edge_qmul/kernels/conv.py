@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numba
 import numpy as np
@@ -40,6 +40,8 @@ def prepare(op, model) -> ConvParams:
                  o.get("stride_w", 1), o.get("dilation_h", 1), o.get("dilation_w", 1))
     check_output_shape(op, out, (1, win.out_h, win.out_w, cout))
     rq = conv_requant(op, x, w, out, cout, o.get("activation", "NONE"))
+    # LiteRT multiplies filters (cout x kh*kw*cin) by the im2col of one invocation's positions
+    rq = replace(rq, rounding=model.litert.gemm(cout, kh * kw * cin, win.out_h * win.out_w))
     return ConvParams(win, rq, -x.quant.zp, np.zeros(cout, np.int32), (kh, kw),
                       padded_params(rq.multiplier, rq.shift))
 
@@ -62,7 +64,7 @@ def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None
     out = conv2d_int8_implicit(x, w, p.input_offset, v.pad_top, v.pad_left, rows, cols, channels, tap_len,
                                offsets, bias_p, mult_p, shift_p, r.out_zero_point, r.act_min, r.act_max,
                                v.stride_h, v.stride_w, v.out_h, v.out_w,
-                               _chunk(positions, 2 * len(offsets) * tap_len))
+                               _chunk(positions, 2 * len(offsets) * tap_len), r.rounding)
     return out.reshape(x.shape[0], v.out_h, v.out_w, cout)
 
 
@@ -147,7 +149,8 @@ def pack_filters(w, channels):
 
 @njit(cache=True)
 def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, channels, tap_len, offsets, bias,
-                         mult, shift, out_zp, act_min, act_max, stride_h, stride_w, out_h, out_w, chunk):
+                         mult, shift, out_zp, act_min, act_max, stride_h, stride_w, out_h, out_w, chunk,
+                         rounding):
     # The filters packed, then the tile kernel over the input read in place when nothing pads it
     # (no border, an even channel count: the int8 input itself, widened on load, with the input
     # offset folded into the bias as LiteRT does: sum (x + off) w = sum x w + off sum w), or over
@@ -168,10 +171,10 @@ def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, chan
                 s += flat[o, t]
             folded[o] = np.int32(folded[o] + input_offset * s)
         return _implicit_tiles(x, offsets, panels, folded, mult, shift, out_zp, act_min, act_max, stride_h,
-                               stride_w, out_h, out_w, w.shape[0], chunk)
+                               stride_w, out_h, out_w, w.shape[0], chunk, rounding)
     x16 = _offset_into_border(x, input_offset, pad_top, pad_left, rows, cols, channels)
     return _implicit_tiles(x16, offsets, panels, bias, mult, shift, out_zp, act_min, act_max, stride_h,
-                           stride_w, out_h, out_w, w.shape[0], chunk)
+                           stride_w, out_h, out_w, w.shape[0], chunk, rounding)
 
 
 @njit(cache=True, inline="always")
@@ -204,7 +207,7 @@ def _next_position(b, oy, ox, out_h, out_w):
 
 @njit(cache=True, parallel=True)
 def _implicit_tiles(a, offsets, panels, bias, mult, shift, out_zp, act_min, act_max, stride_h, stride_w,
-                    out_h, out_w, cout, chunk):
+                    out_h, out_w, cout, chunk, rounding):
     # One task per `chunk` output positions: per MR positions the tile kernel reads each one's taps
     # straight from `a` (N, rows, cols, channels), and the tile is requantized while it is in L1.
     n, rows, cols, channels = a.shape
@@ -222,7 +225,7 @@ def _implicit_tiles(a, offsets, panels, bias, mult, shift, out_zp, act_min, act_
             for p in range(panels.shape[0]):
                 tile_product(a, bases, offsets, panels, p, tile)
                 requantize_block(tile, min(MR, count - i), bias, mult, shift, p * nr, out, first + i,
-                                 out_zp, act_min, act_max, scratch)
+                                 out_zp, act_min, act_max, scratch, rounding)
     return out
 
 

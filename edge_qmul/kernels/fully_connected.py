@@ -54,7 +54,9 @@ def prepare(op, model) -> FullyConnectedParams:
                          "keep_num_dims is false; only one row per sample (or keep_num_dims) is supported")
     shape = tuple(x.shape[:-1]) + (cout,) if keep else (rows, cout)
     check_output_shape(op, out, shape)
-    return FullyConnectedParams(Requant(mult, shift, out.quant.zp, lo, hi), -x.quant.zp, depth,
+    # LiteRT's GEMM: filters (cout x depth) times the invocation's rows as destination columns
+    rounding = model.litert.gemm(cout, depth, rows)
+    return FullyConnectedParams(Requant(mult, shift, out.quant.zp, lo, hi, rounding), -x.quant.zp, depth,
                                 tuple(out.shape[1:]), np.zeros(cout, np.int32))
 
 
@@ -66,7 +68,8 @@ def forward(p: FullyConnectedParams, x: np.ndarray, w: np.ndarray, bias: np.ndar
     # a few rows: one dot product per output; four or more: the tile kernel (each weight pair
     # loaded once serves a panel of rows)
     kernel = fully_connected_int8_gemm if rows.shape[0] >= 4 else fully_connected_int8
-    y = kernel(rows, np.ascontiguousarray(w), bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point, r.act_min, r.act_max)
+    y = kernel(rows, np.ascontiguousarray(w), bias, p.input_offset, r.multiplier, r.shift, r.out_zero_point,
+               r.act_min, r.act_max, r.rounding)
     return y.reshape((n,) + p.out_shape)
 
 
@@ -77,7 +80,7 @@ def macs(op, model) -> int:
 
 
 @njit(cache=True, parallel=True)
-def fully_connected_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max):
+def fully_connected_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max, rounding):
     rows, depth = x.shape
     cout = w.shape[0]
     out = np.empty((rows, cout), np.int8)
@@ -92,12 +95,13 @@ def fully_connected_int8(x, w, bias, input_offset, mult, shift, out_zp, act_min,
             acc = np.int32(0)
             for k in range(depth):
                 acc = np.int32(acc + np.int32(xv[k]) * np.int32(wr[k]))
-            out[r, o] = requantize(np.int32(acc + bias[o]), mult[o], shift[o], out_zp, act_min, act_max)
+            out[r, o] = requantize(np.int32(acc + bias[o]), mult[o], shift[o], out_zp, act_min, act_max,
+                                   rounding=rounding)
     return out
 
 
 @njit(cache=True, parallel=True)
-def fully_connected_int8_gemm(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max):
+def fully_connected_int8_gemm(x, w, bias, input_offset, mult, shift, out_zp, act_min, act_max, rounding):
     # out^T = w . (x - zp)^T through the tile kernel with the int8 weights as its rows, read in
     # place (packing them would cost as much as the product at batch 32); the batch rows are
     # packed into panels (panel_width) instead. The tile is requantized while it is in L1.
@@ -127,7 +131,7 @@ def fully_connected_int8_gemm(x, w, bias, input_offset, mult, shift, out_zp, act
                 o = o0 + r
                 for j in range(min(nr, rows - p * nr)):
                     out[p * nr + j, o] = requantize(np.int32(tile[r, j] + bias[o]), mult[o], shift[o], out_zp,
-                                                    act_min, act_max)
+                                                    act_min, act_max, rounding=rounding)
     return out
 
 

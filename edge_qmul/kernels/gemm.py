@@ -108,8 +108,8 @@ def padded_params(*params: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 @njit(cache=True, inline="always")
-def requantize_block(tile, rows, bias, mult, shift, o0, out, row0, out_zp, act_min, act_max, scratch):
-    """out[row0 + r, o0 + j] = requantize(tile[r, j] + bias[o0 + j], ...) in int32 vector lanes
+def requantize_block(tile, rows, bias, mult, shift, o0, out, row0, out_zp, act_min, act_max, scratch, rounding):
+    """out[row0 + r, o0 + j] = requantize(tile[r, j] + bias[o0 + j], ..., rounding) in int32 vector lanes
     (tile.requantize_tile of the tile's width); bias, mult and shift padded to whole panels
     (padded_params). A last, partial panel goes through ``scratch`` (int8, the tile's shape) and
     only its columns are copied out."""
@@ -118,11 +118,11 @@ def requantize_block(tile, rows, bias, mult, shift, o0, out, row0, out_zp, act_m
     zp, lo, hi = np.int32(out_zp), np.int32(act_min), np.int32(act_max)
     dst, r0, c0 = (out, row0, o0) if cols == nr else (scratch, 0, 0)
     if nr == NR:
-        requantize_tile(tile, rows, bias, mult, shift, o0, dst, r0, c0, zp, lo, hi)
+        requantize_tile(tile, rows, bias, mult, shift, o0, dst, r0, c0, zp, lo, hi, rounding)
     elif nr == NR_HALF:
-        requantize_tile_half(tile, rows, bias, mult, shift, o0, dst, r0, c0, zp, lo, hi)
+        requantize_tile_half(tile, rows, bias, mult, shift, o0, dst, r0, c0, zp, lo, hi, rounding)
     else:
-        requantize_tile_quarter(tile, rows, bias, mult, shift, o0, dst, r0, c0, zp, lo, hi)
+        requantize_tile_quarter(tile, rows, bias, mult, shift, o0, dst, r0, c0, zp, lo, hi, rounding)
     if cols < nr:
         for r in range(rows):
             for j in range(cols):

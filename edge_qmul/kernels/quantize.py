@@ -65,20 +65,27 @@ def forward_quantize(p: QuantizeParams, x: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class DequantizeParams:
     in_q: QuantParams
+    fma: bool = False  # the vector part as one fused multiply-add (aarch64's LiteRT)
 
 
 def prepare_dequantize(op, model) -> DequantizeParams:
     x = tensor(model, op, 0, dtype=np.int8)
     output(model, op, dtype=np.float32)
-    return DequantizeParams(per_tensor(op, x, "input"))
+    return DequantizeParams(per_tensor(op, x, "input"), model.litert.dequantize_fma)
 
 
 def forward_dequantize(p: DequantizeParams, x: np.ndarray) -> np.ndarray:
     flat, vec = _split(x, 8)
     scale, zp = float(p.in_q.s), p.in_q.zp
     out = np.empty(flat.shape, np.float32)
-    # vector part: float32 q * scale + float32(-zp * scale), no FMA on x86.
-    out[:, :vec] = flat[:, :vec].astype(np.float32) * np.float32(scale) + np.float32(-zp * scale)
+    # vector part: float32 q * scale + float32(-zp * scale). aarch64 fuses it (vfmaq_f32): in
+    # float64 the product and the sum are exact (both are multiples of ulp(scale) below 2^34 of
+    # them), so one rounding to float32 is the FMA's. x86 (SSE, no FMA) rounds the product first.
+    if p.fma:
+        out[:, :vec] = (flat[:, :vec].astype(np.float64) * np.float64(np.float32(scale))
+                        + np.float64(np.float32(-zp * scale))).astype(np.float32)
+    else:
+        out[:, :vec] = flat[:, :vec].astype(np.float32) * np.float32(scale) + np.float32(-zp * scale)
     out[:, vec:] = (scale * (flat[:, vec:].astype(np.float64) - zp)).astype(np.float32)
     return out.reshape(x.shape)
 

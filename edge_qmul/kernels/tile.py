@@ -212,13 +212,15 @@ def pack_runs(b, nr, run, padded_run):
 
 
 def make_requantize_tile(mr: int, nr: int, lanes: int):
-    """An intrinsic ``requantize_tile(tile, rows, bias, mult, shift, o0, out, row0, col0, zp, lo, hi)``:
+    """An intrinsic ``requantize_tile(tile, rows, bias, mult, shift, o0, out, row0, col0, zp, lo, hi,
+    rounding)``:
 
-        out[row0 + r, col0 + j] = requantize(tile[r, j] + bias[o0 + j], mult[o0 + j], shift[o0 + j], zp, lo, hi)
+        out[row0 + r, col0 + j] = requantize(tile[r, j] + bias[o0 + j], mult[o0 + j], shift[o0 + j], zp, lo, hi,
+                                             rounding=rounding)
 
-    for r < rows, j < nr, with quant.requantize's arithmetic (SRDHM, then a rounding right shift
-    with ties toward +inf, LiteRT's vector epilogue) in int32 vector lanes; only the SRDHM product
-    is 64-bit. Plain numba loops promote every step to int64 lanes (half the width, measured 0.29 ns
+    for r < rows, j < nr, with quant.requantize's arithmetic in int32 vector lanes (only the
+    product is 64-bit): ``rounding`` 0 is SRDHM then a rounding right shift with ties toward +inf
+    (LiteRT's x86 epilogue), 1 is ruy arm64's sqdmulh then a rounding shift of at least one bit. Plain numba loops promote every step to int64 lanes (half the width, measured 0.29 ns
     per output). Needs o0 + nr <= len(bias), col0 + nr <= out.shape[1] and unit inner strides.
     """
     nv = nr // lanes
@@ -240,11 +242,12 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
         return builder.select(builder.icmp_signed("<", a, b), a, b)
 
     @intrinsic
-    def requantize_tile(typingctx, tile, rows, bias, mult, shift, o0, out, row0, col0, zp, lo, hi):
-        sig = types.void(tile, rows, bias, mult, shift, o0, out, row0, col0, zp, lo, hi)
+    def requantize_tile(typingctx, tile, rows, bias, mult, shift, o0, out, row0, col0, zp, lo, hi, rounding):
+        sig = types.void(tile, rows, bias, mult, shift, o0, out, row0, col0, zp, lo, hi, rounding)
 
         def codegen(context, builder, signature, args):
-            tile_v, rows_v, bias_v, mult_v, shift_v, o0_v, out_v, row0_v, col0_v, zp_v, lo_v, hi_v = args
+            (tile_v, rows_v, bias_v, mult_v, shift_v, o0_v, out_v, row0_v, col0_v, zp_v, lo_v, hi_v,
+             rounding_v) = args
             tys = signature.args
             intp = context.get_value_type(types.intp)
 
@@ -269,14 +272,19 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
                                                      v32.as_pointer()), align=4) for v in range(nv)]
 
             biases, mults, shifts = (channel_vectors(args[k], tys[k]) for k in (2, 3, 4))
-            zero = const(v32, 0)
+            zero, one = const(v32, 0), const(v32, 1)
+            single = builder.icmp_signed("!=", as_i32(rounding_v, tys[12]), ir.Constant(_I32, 0))
+            # the 64-bit product's rounding constant: 2^30 for SRDHM, 0 for sqdmulh (floor)
+            nudge = builder.select(single, const(v64, 0), const(v64, 1 << 30))
             per_vector = []
             for v in range(nv):
                 s = shifts[v]
-                left = smax(builder, s, zero)
-                right = smax(builder, builder.sub(zero, s), zero)
+                # double: left = max(s, 0), right = max(-s, 0); single (ruy arm64): right = max(-s, 1),
+                # left = s + right, so there is always a rounding shift of one bit or more
+                right = smax(builder, builder.sub(zero, s), builder.select(single, one, zero))
+                left = builder.select(single, builder.add(s, right), smax(builder, s, zero))
                 has_right = builder.icmp_signed(">", right, zero)
-                right_1 = builder.select(has_right, builder.sub(right, const(v32, 1)), zero)
+                right_1 = builder.select(has_right, builder.sub(right, one), zero)
                 per_vector.append((left, right, right_1, builder.zext(has_right, v32),
                                    builder.sext(mults[v], v64),
                                    builder.icmp_signed("==", mults[v], const(v32, -(2 ** 31)))))
@@ -292,8 +300,9 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
                     acc = builder.load(builder.bitcast(builder.gep(t_row, [ir.Constant(intp, v * lanes)]),
                                                        v32.as_pointer()), align=4)
                     x = builder.shl(builder.add(acc, biases[v]), left)
-                    # SRDHM: floor((x * m + 2^30) / 2^31), saturating only for (-2^31)^2
-                    prod = builder.add(builder.mul(builder.sext(x, v64), m64), const(v64, 1 << 30))
+                    # SRDHM: floor((x * m + 2^30) / 2^31) (sqdmulh: without the 2^30), saturating
+                    # only for (-2^31)^2
+                    prod = builder.add(builder.mul(builder.sext(x, v64), m64), nudge)
                     q = builder.trunc(builder.ashr(prod, const(v64, 31)), v32)
                     saturate = builder.and_(m_min, builder.icmp_signed("==", x, const(v32, -(2 ** 31))))
                     q = builder.select(saturate, const(v32, 2 ** 31 - 1), q)

@@ -24,12 +24,16 @@ from .schema import INT_VECTOR, OP_CODES, OPTIONS, TENSOR_TYPES
 FILE_IDENTIFIER = b"TFL3"
 
 
-def load_tflite(src: str | os.PathLike | bytes | bytearray | memoryview) -> Model:
+def load_tflite(src: str | os.PathLike | bytes | bytearray | memoryview, litert: str | None = None) -> Model:
     """Read a .tflite model (a path or the file's bytes) into a :class:`Model`.
 
+    ``litert`` names the platform whose LiteRT the model's arithmetic reproduces (``x86_64``,
+    ``aarch64``; default: ``$EDGE_QMUL_LITERT``, else this machine's; see arithmetic.py).
     Raises ModelError naming the problem for anything that is not a well-formed int8 model of the
     supported op set.
     """
+    from ..arithmetic import arithmetic
+    litert = arithmetic(litert)  # a bad name fails before the file is read
     if isinstance(src, (bytes, bytearray, memoryview)):
         buf, origin = bytes(src), "<bytes>"
     else:
@@ -48,7 +52,7 @@ def load_tflite(src: str | os.PathLike | bytes | bytearray | memoryview) -> Mode
     except Exception as e:  # struct.error and friends from corrupted offsets
         raise ModelError(f"{origin}: not a valid .tflite flatbuffer ({type(e).__name__}: {e})") from None
     try:
-        return Model(*parts)
+        return Model(*parts, litert=litert)
     except ModelError as e:
         raise e.prefixed(origin) from None
 

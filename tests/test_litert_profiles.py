@@ -1,0 +1,143 @@
+"""The aarch64 arithmetic profile against what LiteRT computed on an (emulated) Cortex-A76.
+
+tests/fixtures/litert_aarch64 holds LiteRT 2.3.0's own outputs recorded inside the emulated
+aarch64 root of ``make test-arm64`` (tools/record_litert.py for the fixture and zoo models; the op
+tests run with EDGE_QMUL_LITERT_RECORD for the random single-op models). Here, on any machine, the
+engine with ``litert="aarch64"`` must equal them bit for bit, so the profile stays guarded where no
+emulation runs; and the x86 profile must not (the recordings do tell the platforms apart).
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oplib import float32_bits
+from edge_qmul import load_tflite
+from edge_qmul.arithmetic import arithmetic, host_platform
+from edge_qmul.errors import ModelError
+from edge_qmul.kernels import evaluate
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RECORDED = FIXTURES / "litert_aarch64"
+RANDOM = sorted((RECORDED / "random").glob("*.npz"))
+MODELS = sorted((RECORDED / "fixtures").glob("*.npz")) + sorted((RECORDED / "zoo").glob("*.npz"))
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as d:
+        return {k: d[k] for k in d.files}
+
+
+def _model_path(record: Path) -> Path:
+    return (FIXTURES if record.parent.name == "fixtures" else FIXTURES / "zoo") / f"{record.stem}.tflite"
+
+
+def random_cases(record: dict) -> list[tuple[bytes, list[np.ndarray], list[np.ndarray]]]:
+    """(model bytes, input batches, LiteRT's outputs) of each recorded random model."""
+    cases = []
+    for k in range(int(record["count"])):
+        xs = [record[f"c{k}_x{j}"] for j in range(64) if f"c{k}_x{j}" in record]
+        ys = [record[f"c{k}_y{j}"] for j in range(64) if f"c{k}_y{j}" in record]
+        cases.append((record[f"c{k}_model"].tobytes(), xs, ys))
+    return cases
+
+
+def disagreements(cases, litert: str) -> list[str]:
+    """Which recorded random models the engine with profile ``litert`` does not reproduce."""
+    bad = []
+    for k, (model_bytes, xs, ys) in enumerate(cases):
+        model = load_tflite(model_bytes, litert=litert)
+        got = model.predict(*xs)
+        got = list(got) if isinstance(got, (list, tuple)) else [got]
+        for j, (g, y) in enumerate(zip(got, ys)):
+            g = np.asarray(g).reshape(y.shape)
+            if g.dtype != y.dtype or not np.array_equal(float32_bits(g), float32_bits(y)):
+                bad.append(f"case {k} output {j}: {int(np.sum(float32_bits(g) != float32_bits(y)))} "
+                           f"of {y.size} elements differ")
+    return bad
+
+
+def test_recordings_exist_and_come_from_aarch64():
+    assert len(RANDOM) >= 15 and len(MODELS) >= 15, "tests/fixtures/litert_aarch64 is incomplete"
+    meta = json.loads(str(_load(MODELS[0])["meta"]))
+    assert meta["machine"] == "aarch64" and meta["ai_edge_litert"] == "2.3.0"
+    assert meta["cpuinfo"]["CPU part"] == "0xd0b"  # Cortex-A76
+
+
+@pytest.mark.parametrize("path", RANDOM, ids=[p.stem.split("-")[-1] for p in RANDOM])
+def test_random_single_op_models_equal_recorded_aarch64_litert(path):
+    cases = random_cases(_load(path))
+    bad = disagreements(cases, "aarch64")
+    assert not bad, f"{path.stem}: {len(bad)} of {len(cases)} recorded models disagree:\n" + "\n".join(bad[:8])
+
+
+@lru_cache(maxsize=None)
+def _x86_disagreements() -> dict[str, int]:
+    out = {}
+    for path in RANDOM:
+        cases = random_cases(_load(path))
+        out[path.stem.split("-")[-1]] = len(disagreements(cases, "x86_64"))
+    return out
+
+
+def test_x86_profile_does_not_reproduce_aarch64():
+    """The recordings tell the platforms apart: where LiteRT's builds differ (the GEMM epilogue,
+    DEQUANTIZE's fused multiply-add, SOFTMAX's table), the x86 profile misses some models."""
+    counts = _x86_disagreements()
+    for op in ("CONV_2D", "DEQUANTIZE", "SOFTMAX"):
+        hits = {k: v for k, v in counts.items() if op in k}
+        assert hits and sum(hits.values()) > 0, f"{op}: the x86 profile reproduces every aarch64 recording"
+
+
+@pytest.mark.parametrize("path", MODELS, ids=[f"{p.parent.name}/{p.stem}" for p in MODELS])
+def test_model_equals_recorded_aarch64_litert(path):
+    """Fixtures and zoo models, one sample at a time (the file's batch of 1, as a device invokes
+    them) and batched in the engine: both equal the recorded per-sample outputs."""
+    rec = _load(path)
+    model = load_tflite(_model_path(path), litert="aarch64")
+    y = model.predict(rec["x"])
+    np.testing.assert_array_equal(float32_bits(y), float32_bits(rec["y_per_sample"]))
+    for s in range(0, len(rec["x"]), 7):
+        np.testing.assert_array_equal(float32_bits(model.predict(rec["x"][s:s + 1])),
+                                      float32_bits(rec["y_per_sample"][s:s + 1]))
+
+
+@pytest.mark.parametrize("path", [p for p in MODELS if p.parent.name == "fixtures"],
+                         ids=lambda p: p.stem)
+def test_every_recorded_intermediate_tensor(path):
+    """Each op of a fixture, given aarch64 LiteRT's own inputs to it, makes its recorded output."""
+    rec = _load(path)
+    index = json.loads(str(rec["tensor_names"]))
+    model = load_tflite(_model_path(path), litert="aarch64")
+    samples = sorted({int(k[1:k.index("_")]) for k in rec if k.startswith("s") and "_t" in k})
+    assert samples
+    for s in samples:
+        for op, params in zip(model.ops, model._ensure_prepared()):
+            args = [model.tensors[i].data if model.tensors[i].is_constant
+                    else rec[f"s{s}_t{index[model.tensors[i].name]}"] for i in op.inputs]
+            ref = rec[f"s{s}_t{index[model.tensors[op.outputs[0]].name]}"]
+            got = np.asarray(evaluate(op, params, args)).reshape(ref.shape)
+            np.testing.assert_array_equal(float32_bits(got), float32_bits(ref),
+                                          err_msg=f"{path.stem}: op {op.kind} (index {op.index}), sample {s}")
+
+
+def test_profile_names_and_default():
+    assert arithmetic("arm64").platform == "aarch64" and arithmetic("AMD64").platform == "x86_64"
+    assert arithmetic(None).platform == host_platform()
+    with pytest.raises(ModelError, match="unknown LiteRT platform.*aarch64, x86_64"):
+        arithmetic("riscv64")
+    with pytest.raises(ModelError, match="riscv64"):
+        load_tflite(FIXTURES / "mlp40.tflite", litert="riscv64")
+
+
+def test_use_litert_switches_an_existing_model():
+    path = MODELS[[p.stem for p in MODELS].index("resnet_tiny")]
+    rec = _load(path)
+    model = load_tflite(_model_path(path), litert="x86_64")
+    assert not np.array_equal(model.predict(rec["x"]), rec["y_per_sample"])
+    np.testing.assert_array_equal(model.use_litert("aarch64").predict(rec["x"]), rec["y_per_sample"])
+    assert model.copy().litert.platform == "aarch64"

@@ -60,7 +60,9 @@ def test_forget_an_owner_and_commit(device, tmp_path):
     assert report["forgotten_sample_id_hashes"] == sorted(sha256_id(i) for i in alice)
     assert report["model_after_sha256"] == sha(tmp_path / "new.tflite")
     assert report["model_before_sha256"] == sha(model)
-    assert report["litert_agrees_with_engine"] is True
+    check = report["litert_check"]
+    assert check["bit_exact"] and check["differing_elements"] == 0 and check["top_class_agrees"]
+    assert check["output_elements"] > 0 and check["engine_profile"] == check["litert_platform"]
     assert report["samples_deleted_at"]
     for key in ("UA", "RA"):
         assert report["metrics_before"][key] is not None and report["metrics_after"][key] is not None

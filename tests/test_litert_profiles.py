@@ -141,3 +141,18 @@ def test_use_litert_switches_an_existing_model():
     assert not np.array_equal(model.predict(rec["x"]), rec["y_per_sample"])
     np.testing.assert_array_equal(model.use_litert("aarch64").predict(rec["x"]), rec["y_per_sample"])
     assert model.copy().litert.platform == "aarch64"
+
+
+def test_certificate_check_counts_bits_and_top_classes_apart(tmp_path):
+    """forget.litert_check reports differing elements and top-class agreement as separate fields:
+    the engine computing another platform's profile differs in some bits, not in top classes."""
+    from edge_qmul.forget import litert_check
+    other = "aarch64" if host_platform() == "x86_64" else "x86_64"
+    path = FIXTURES / "resnet_tiny.tflite"
+    x = _load(FIXTURES / "resnet_tiny.npz")["x"]
+    same = litert_check(path, load_tflite(path), x)
+    assert same["bit_exact"] and same["differing_elements"] == 0 and same["top_class_agrees"]
+    assert same["output_elements"] == x.shape[0] * 10 and same["engine_profile"] == host_platform()
+    cross = litert_check(path, load_tflite(path, litert=other), x)
+    assert not cross["bit_exact"] and cross["differing_elements"] > 0 and cross["top_class_agrees"]
+    assert cross["engine_profile"] == other and cross["litert_platform"] == host_platform()

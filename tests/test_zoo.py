@@ -138,7 +138,9 @@ def _unlearn_zoo(name: str, method: str, tmp_path: Path) -> dict:
                "--method", method, "--out", str(out), "--report", str(rep)])
     assert rc == 0
     report = json.loads(rep.read_text())
-    assert report["litert_agrees_with_engine"] is True
+    check = report["litert_check"]
+    assert check["bit_exact"] and check["differing_elements"] == 0 and check["top_class_agrees"]
+    assert check["output_elements"] > 0 and check["engine_profile"] == check["litert_platform"]
     assert report["steps"] > 0 and report["model_after_sha256"] != report["model_before_sha256"]
     # LiteRT running the written file gives exactly the accuracies the engine reported
     train = np.arange(48)

@@ -6,6 +6,10 @@ The graph, the trainer, calibration and the memory report read this registry onl
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+import threading
 from collections import Counter
 
 from ..errors import ModelError
@@ -16,12 +20,44 @@ from .contract import Backward, Kernel, MemoryQuery
 _MODULES = (conv, depthwise, fully_connected, add, binary, activation, pool, mean, shape, movement,
             resize, softmax, quantize, lstm)
 
+# numba's workqueue threading layer, which numba falls back to without OpenMP or TBB (a board
+# without libgomp1), aborts the whole process ("Concurrent access has been detected") when two
+# Python threads launch parallel regions at once, as the agent's job worker and request thread
+# can. Under it, every op's forward and backward run one at a time; under OpenMP or TBB they do not
+# wait. EDGE_QMUL_KERNEL_LOCK=off turns the lock off (only to show that it is needed).
+_KERNEL_LOCK = threading.RLock()
+_serialize: bool | None = None
+
+
+def serialized() -> bool:
+    """Whether kernels run one at a time: numba's threading layer is workqueue (launched here)."""
+    global _serialize
+    if _serialize is None:
+        import numba
+        from numba.np.ufunc import parallel
+        parallel._launch_threads()
+        _serialize = (numba.threading_layer() == "workqueue"
+                      and os.environ.get("EDGE_QMUL_KERNEL_LOCK", "on") != "off")
+    return _serialize
+
+
+def _one_at_a_time_if_needed(fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not serialized():
+            return fn(*args, **kwargs)
+        with _KERNEL_LOCK:
+            return fn(*args, **kwargs)
+    return call
+
+
 KERNELS: dict[str, Kernel] = {}
 for _m in _MODULES:
     for _name, _k in _m.KERNELS.items():
         if _name in KERNELS:
             raise RuntimeError(f"op {_name} registered twice (kernels.{_m.__name__})")
-        KERNELS[_name] = _k
+        KERNELS[_name] = dataclasses.replace(_k, forward=_one_at_a_time_if_needed(_k.forward),
+                                             backward=_one_at_a_time_if_needed(_k.backward))
 
 SUPPORTED_OPS = tuple(sorted(KERNELS))
 

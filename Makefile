@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow bench demo eval clean
+.PHONY: install test test-slow test-arm64 bench demo eval clean
 
 install: $(STAMP)
 
@@ -24,6 +24,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The board's checks under an emulated Cortex-A76 (ARM64_CPU=a72: a Raspberry Pi 4's Cortex-A72):
+# a Debian arm64 root built once with debootstrap and qemu-user (cached in ~/.cache/edge_qmul/arm64),
+# the project installed there, its tests against the aarch64 LiteRT, an x86 host driving the
+# emulated agent. Needs root (chroot, mounts, binfmt_misc); tools/arm64.sh says more.
+test-arm64: $(STAMP)
+	tools/arm64.sh all
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'

@@ -11,6 +11,12 @@ and confirmed under an emulated Cortex-A76, tools/arm64.sh):
   own NEON GEMV (cpu_backend_gemm_custom_gemv.h) rounds twice on both.
 - **DEQUANTIZE**: the aarch64 compiler contracts ``q * scale + (-zp * scale)`` into one fused
   multiply-add; x86 (SSE, no FMA) rounds the product first.
+- **SOFTMAX**: aarch64 (clang) builds SoftmaxInt8LUT, a uint16 exp table with integer sums and a
+  requantization, where x86 uses a float32 table (kernels/softmax.py).
+- **HARD_SWISH**: its NEON body runs on ARM only (x86 takes the reference code), and rounds its
+  int16 steps differently (kernels/activation.py).
+- **DEPTHWISE_CONV_2D**: the aarch64-only 3x3 kernel shifts left after the multiply for a channel
+  whose multiplier is 1 or more (kernels/depthwise.py); otherwise both run the same NEON code.
 
 A :class:`Model` carries one :class:`Arithmetic`; its kernels read it when they prepare. The
 default is the platform the engine runs on; ``load_tflite(..., litert="aarch64")`` (or
@@ -27,6 +33,7 @@ from .errors import ModelError
 # requantization of the GEMM-based ops (quant.requantize's ``rounding``)
 DOUBLE_ROUNDING = 0  # SaturatingRoundingDoublingHighMul, then a rounding right shift (x86, GEMV)
 SINGLE_ROUNDING = 1  # ruy arm64: sqdmulh, then a rounding right shift: one rounding in all
+SHIFT_AFTER_MULTIPLY = 2  # aarch64's 3x3 depthwise kernel: sqrdmulh, then sqrshl (left shifts last)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Arithmetic:
     dequantize_fma: bool  # DEQUANTIZE's vector part as one fused multiply-add
     softmax_uint16_table: bool  # SOFTMAX int8 with SoftmaxInt8LUT (a uint16 exp table)
     depthwise_3x3_kernel: bool  # the NEON 3x3 DEPTHWISE_CONV_2D kernel where it applies
+    neon_hard_swish: bool  # HARD_SWISH's NEON body (aarch64 only: x86 runs the reference)
 
     def gemm(self, rows: int, depth: int, cols: int) -> int:
         """The rounding of a LiteRT ``cpu_backend_gemm::Gemm`` with ``rows`` outputs (filters),
@@ -50,8 +58,8 @@ class Arithmetic:
 
 
 ARITHMETICS = {
-    "x86_64": Arithmetic("x86_64", DOUBLE_ROUNDING, DOUBLE_ROUNDING, False, False, False),
-    "aarch64": Arithmetic("aarch64", SINGLE_ROUNDING, DOUBLE_ROUNDING, True, True, True),
+    "x86_64": Arithmetic("x86_64", DOUBLE_ROUNDING, DOUBLE_ROUNDING, False, False, False, False),
+    "aarch64": Arithmetic("aarch64", SINGLE_ROUNDING, DOUBLE_ROUNDING, True, True, True, True),
 }
 ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "x86": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 ENV = "EDGE_QMUL_LITERT"

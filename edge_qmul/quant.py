@@ -252,16 +252,28 @@ def multiply_by_quantized_multiplier_single(x: np.int32, multiplier: np.int32, s
 
 
 @njit(cache=True, inline="always")
+def multiply_then_shift_left(x: np.int32, multiplier: np.int32, shift: np.int32) -> np.int32:
+    """``sqrdmulh`` then ``sqrshl`` by a positive shift: SRDHM(x, m) * 2^shift, saturated to int32
+    (aarch64's 3x3 DEPTHWISE_CONV_2D kernel; elsewhere the left shift comes before the multiply)."""
+    v = np.int64(saturating_rounding_doubling_high_mul(x, multiplier)) << shift
+    return np.int32(min(max(v, np.int64(INT32_MIN)), np.int64(INT32_MAX)))
+
+
+@njit(cache=True, inline="always")
 def requantize(acc: np.int32, multiplier: np.int32, shift: np.int32, out_zero_point: np.int32,
                act_min: np.int32, act_max: np.int32, scalar_tail: bool = False, rounding: int = 0) -> np.int8:
     """The shared epilogue of conv / depthwise / fully-connected: scale, offset, clamp to int8.
 
     LiteRT's vector loops round the final shift half-up; ``scalar_tail`` selects the scalar
     leftover loop's rounding (half away from zero) for the elements those loops finish one by one.
-    ``rounding`` 1 (arithmetic.SINGLE_ROUNDING) is ruy's arm64 epilogue instead.
+    ``rounding`` 1 (arithmetic.SINGLE_ROUNDING) is ruy's arm64 epilogue instead; 2
+    (arithmetic.SHIFT_AFTER_MULTIPLY) the aarch64 3x3 depthwise kernel's, which applies a left
+    shift after the multiply.
     """
     if rounding == 1:
         v = multiply_by_quantized_multiplier_single(acc, multiplier, shift)
+    elif rounding == 2 and shift > 0:
+        v = multiply_then_shift_left(acc, multiplier, shift)
     elif scalar_tail:
         v = multiply_by_quantized_multiplier(acc, multiplier, shift)
     else:

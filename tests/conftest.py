@@ -15,9 +15,24 @@ def fixture_path(name: str) -> Path:
     return FIXTURES / f"{name}.tflite"
 
 
+def litert_data(npz: Path) -> dict[str, np.ndarray]:
+    """A model's recorded inputs and LiteRT outputs. ``y_builtin`` is what LiteRT's builtin kernels
+    compute on the platform the tests run on: the file's own (recorded on x86_64), or on an aarch64
+    machine the outputs recorded under the emulated Cortex-A76 (tests/fixtures/litert_aarch64)."""
+    from edge_qmul.arithmetic import host_platform
+    with np.load(npz) as d:
+        data = {k: d[k] for k in d.files}
+    if host_platform() == "aarch64":
+        group = "zoo" if npz.parent.name == "zoo" else "fixtures"
+        with np.load(FIXTURES / "litert_aarch64" / group / npz.name) as rec:
+            assert np.array_equal(rec["x"], data["x"]), f"{npz.name}: recorded inputs differ"
+            data["y_builtin"] = rec["y_per_sample"]
+        data.pop("y_xnnpack", None)  # recorded with x86's XNNPACK
+    return data
+
+
 def fixture_data(name: str) -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / f"{name}.npz") as d:
-        return {k: d[k] for k in d.files}
+    return litert_data(FIXTURES / f"{name}.npz")
 
 
 @pytest.fixture(params=FIXTURE_MODELS)

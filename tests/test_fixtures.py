@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import fixture_data, fixture_path
 from edge_qmul import load_tflite
@@ -51,6 +52,8 @@ def test_xnnpack_within_one_step(fixture_name):
     """
     model = load_tflite(fixture_path(fixture_name))
     d = fixture_data(fixture_name)
+    if "y_xnnpack" not in d:
+        pytest.skip("the XNNPACK outputs were recorded on x86_64")
     steps = _steps(model, model.predict(d["x"]), d["y_xnnpack"])
     own = _steps(model, d["y_builtin"], d["y_xnnpack"])
     np.testing.assert_array_equal(steps, own)  # engine == builtin, so exactly LiteRT's own spread

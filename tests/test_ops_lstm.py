@@ -24,6 +24,7 @@ from edge_qmul.tflite import to_bytes
 from edge_qmul.tflite.reader import _read_options
 from edge_qmul.tflite.schema import OP_NUMBERS, TENSOR_TYPES
 from oplib import check_random_models, log_uniform, qp
+from conftest import litert_data  # noqa: E402
 
 pytest.importorskip("ai_edge_litert")
 
@@ -181,7 +182,7 @@ def test_fixture_model_output():
         model = load_tflite(ZOO / "lstm_ts.tflite")
     except ModelError as e:
         pytest.skip(f"fixture does not load yet: {e}")
-    d = np.load(ZOO / "lstm_ts.npz")
+    d = litert_data(ZOO / "lstm_ts.npz")
     got = np.asarray(model.predict(d["x"]))
     assert np.array_equal(got, d["y_builtin"])
 

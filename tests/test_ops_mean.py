@@ -19,6 +19,7 @@ from edge_qmul import grad as G
 from edge_qmul.errors import ModelError
 from edge_qmul.kernels import mean
 from edge_qmul.kernels.contract import Backward
+from conftest import litert_data  # noqa: E402
 
 SEED = 20240908
 N_MODELS = int(os.environ.get("EDGE_QMUL_RANDOM_OPS_N", "300"))
@@ -106,7 +107,7 @@ def test_conv1d_fixture_whole_model_matches_litert_when_supported():
     missing = unsupported_ops(model)
     if missing:
         pytest.skip(f"other ops of the model are not supported yet: {dict(missing)}")
-    data = np.load(ZOO / "conv1d_har_floatio.npz")
+    data = litert_data(ZOO / "conv1d_har_floatio.npz")
     np.testing.assert_array_equal(np.asarray(model.predict(data["x"])).view(np.uint32),
                                   data["y_builtin"].view(np.uint32))
 

@@ -27,6 +27,7 @@ from edge_qmul.kernels import KERNELS, Backward, evaluate  # noqa: E402
 from edge_qmul.kernels import prepare as prepare_op  # noqa: E402
 from edge_qmul.tflite import to_bytes  # noqa: E402
 from edge_qmul.tflite.reader import load_tflite  # noqa: E402
+from conftest import litert_data  # noqa: E402
 
 SEED = 20250301
 N_MODELS = int(os.environ.get("EDGE_QMUL_RANDOM_OPS_N", "300"))
@@ -580,7 +581,7 @@ def test_lstm_unrolled_movement_ops_match_litert_tensors():
                          experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interp.allocate_tensors()
     by_name = {d["name"]: d["index"] for d in interp.get_tensor_details()}
-    data = np.load(ZOO / "lstm_unrolled.npz")
+    data = litert_data(ZOO / "lstm_unrolled.npz")
     x = np.asarray(data[data.files[0]])[:1].astype(I8).reshape(1, 20, 8)
     interp.set_tensor(interp.get_input_details()[0]["index"], x)
     interp.invoke()
@@ -607,7 +608,7 @@ def test_lstm_unrolled_whole_model_batched():
     """The whole model at batch 16 in one run (the batch rides through TRANSPOSE / UNPACK at axis 1),
     equal to LiteRT's outputs stored with the fixture, also after a write / read round trip."""
     path = ZOO / "lstm_unrolled.tflite"
-    data = np.load(ZOO / "lstm_unrolled.npz")
+    data = litert_data(ZOO / "lstm_unrolled.npz")
     try:
         model = load_tflite(path)
     except ModelError as e:  # another op family still in progress

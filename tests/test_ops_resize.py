@@ -16,6 +16,7 @@ from oplib import GraphBuilder, check_random_models, log_uniform, qp, random_int
 from edge_qmul import grad as G
 from edge_qmul.kernels import resize
 from edge_qmul.kernels.contract import Backward
+from conftest import litert_data  # noqa: E402
 
 SEED = 20240907
 N_MODELS = int(os.environ.get("EDGE_QMUL_RANDOM_OPS_N", "300"))
@@ -166,7 +167,7 @@ def test_unet_fixture_whole_model_matches_litert_when_supported():
     missing = unsupported_ops(model)
     if missing:
         pytest.skip(f"other ops of the model are not supported yet: {dict(missing)}")
-    data = np.load(zoo / "unet_small.npz")
+    data = litert_data(zoo / "unet_small.npz")
     np.testing.assert_array_equal(np.asarray(model.predict(data["x"][:4])), data["y_builtin"][:4])
 
 

@@ -179,6 +179,38 @@ def gen_depthwise_conv_2d(rng):
     return g.model([x], [y]), [_mac_inputs(rng, (1, h, w, cin), zp_in)], desc
 
 
+def gen_depthwise_conv_2d_3x3(rng):
+    """The shapes aarch64's LiteRT runs in its NEON 3x3 kernel (3x3, multiplier 1, equal strides of
+    1 or 2, channels a multiple of 8), with some channels' multipliers at 1 or more: that kernel
+    shifts those left after the multiply, every other path before it (arithmetic.py)."""
+    h, w = int(rng.integers(2, 11)), int(rng.integers(2, 11))
+    cin = int(rng.choice([8, 16, 24]))
+    stride = int(rng.integers(1, 3))
+    padding = "SAME" if rng.random() < 0.6 or min(h, w) < 3 else "VALID"
+    oh, ow = _out_hw(h, w, 3, 3, stride, stride, 1, 1, padding)
+    s_in, zp_in = float(log_uniform(rng, 1e-3, 1.0)), int(rng.integers(-128, 128))
+    s_out, zp_out = float(log_uniform(rng, 1e-3, 1.0)), int(rng.integers(-100, 100))
+    hot = rng.random(cin) < 0.4  # channels whose multiplier s_in * s_w / s_out is in [1, 8)
+    s_w = np.where(hot, s_out / s_in * log_uniform(rng, 1.0, 8.0, cin),
+                   s_out / s_in * log_uniform(rng, 0.002, 0.05, cin)).astype(np.float32)
+    weights = np.where(hot[None, None, None, :], rng.integers(-2, 3, (1, 3, 3, cin)),
+                       rng.integers(-127, 128, (1, 3, 3, cin)))
+    bias = np.where(hot, rng.integers(-20, 21, cin), rng.integers(-2000, 2001, cin))
+    g = GraphBuilder()
+    x = g.tensor("x", (1, h, w, cin), I8, qp(s_in, zp_in))
+    wt = g.tensor("w", (1, 3, 3, cin), I8, qp(s_w, np.zeros(cin, np.int64), axis=3), weights)
+    bscale = (np.float32(s_in) * s_w).astype(np.float32)
+    ins = [x, wt, g.tensor("b", (cin,), I32, qp(bscale, np.zeros(cin, np.int64)), bias)]
+    y = g.tensor("y", (1, oh, ow, cin), I8, qp(s_out, zp_out))
+    g.op("DEPTHWISE_CONV_2D", ins, [y], padding=padding, stride_h=stride, stride_w=stride, depth_multiplier=1,
+         dilation_h=1, dilation_w=1, activation="NONE")
+    near = np.clip(zp_in + rng.integers(-3, 4, size=(2, h, w, cin)), -128, 127).astype(I8)
+    xs = np.concatenate([_inputs(rng, (1, h, w, cin), zp_in, 1), near])
+    desc = dict(in_shape=(1, h, w, cin), stride=stride, padding=padding, hot=int(hot.sum()), s_in=s_in,
+                zp_in=zp_in, s_out=s_out, zp_out=zp_out)
+    return g.model([x], [y]), [xs], desc
+
+
 def gen_fully_connected(rng):
     tie = rng.random() < 0.4
     wbits = int(rng.integers(2, 5)) if tie else 0
@@ -447,6 +479,7 @@ def gen_dequantize(rng):
 GENERATORS = {
     "CONV_2D": gen_conv_2d,
     "DEPTHWISE_CONV_2D": gen_depthwise_conv_2d,
+    "DEPTHWISE_CONV_2D_3X3": gen_depthwise_conv_2d_3x3,
     "FULLY_CONNECTED": gen_fully_connected,
     "ADD": gen_add,
     "AVERAGE_POOL_2D": gen_average_pool_2d,

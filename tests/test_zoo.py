@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import litert_data
 from test_train import gradient_cosines
 from edge_qmul import load_tflite
 from edge_qmul.kernels import evaluate
@@ -22,9 +23,7 @@ NAMES = sorted(INDEX)
 
 
 def zoo(name: str):
-    with np.load(ZOO / f"{name}.npz") as d:
-        data = {k: d[k] for k in d.files}
-    return load_tflite(ZOO / f"{name}.tflite"), data
+    return load_tflite(ZOO / f"{name}.tflite"), litert_data(ZOO / f"{name}.npz")
 
 
 def core_input(model, x: np.ndarray) -> np.ndarray:

@@ -10,7 +10,10 @@ filled by the code LiteRT 2.3.0's builtin resolver runs on x86_64 (tflite/kernel
   LOGISTIC requires an output scale of exactly 1/256 (any zero point); TANH accepts any output
   quantization. The converter writes 1/256, -128 and 1/128, 0: ``fixed_quant``.
 - HARD_SWISH: optimized_ops::HardSwish has its NEON body under ``__ARM_NEON`` only, so on x86
-  every element takes reference_ops::HardSwish (int16 fixed point with HardSwishParams).
+  every element takes reference_ops::HardSwish (int16 fixed point with HardSwishParams). On
+  aarch64 the NEON loops take a sample's first 8 * (size // 8) elements: their doubling high
+  multiply floors (vqdmulh) where the reference truncates toward zero, and their rounding shifts
+  round ties up (vrshl) where the reference rounds them away from zero; a second table holds them.
 - RELU, RELU6, RELU_N1_TO_1: QuantizedReluX -> reference_ops::ReluX: MultiplyByQuantizedMultiplier
   by s_in / s_out (a float32 quotient), then the clamp zp + roundf(bound / s_out).
 - LEAKY_RELU: reference_ops::QuantizeLeakyRelu: the identity multiplier where x >= zp, the alpha
@@ -45,6 +48,8 @@ class ActivationParams:
     bits: int
     lo: int                 # the int8 clamp of the output (the trainer's STE mask)
     hi: int
+    vector_table: np.ndarray | None = None  # aarch64 HARD_SWISH: the NEON loops' table, for each
+                                            # sample's first 8 * (size // 8) elements
 
 
 # --- libm float32 functions (LiteRT calls std::exp / std::tanh on float: expf / tanhf) ----------
@@ -145,8 +150,9 @@ def _sat_left_shift16(v, amount):
 
 
 @njit(cache=True)
-def hard_swish_table(zp_in, zp_out, out_mult16, out_exp, relu_mult16, relu_exp):
-    """reference_ops::HardSwish (hard_swish.h) for q = -128..127, int16 steps wrapped as in C."""
+def hard_swish_table(zp_in, zp_out, out_mult16, out_exp, relu_mult16, relu_exp, neon=False):
+    """reference_ops::HardSwish (hard_swish.h) for q = -128..127, int16 steps wrapped as in C;
+    ``neon``: optimized_ops::HardSwish's NEON body instead (vqdmulh floors, vrshl rounds half up)."""
     table = np.empty(256, np.int8)
     for q in range(-128, 128):
         hires = _i16(_i16(q - zp_in) * 128)
@@ -158,12 +164,31 @@ def hard_swish_table(zp_in, zp_out, out_mult16, out_exp, relu_mult16, relu_exp):
         if relu_exp > 0:
             reluish = _sat_left_shift16(reluish, 1)
         if relu_exp < 0:
-            reluish = _rdbp16(reluish, -relu_exp)
+            reluish = _rshr_up16(reluish, -relu_exp) if neon else _rdbp16(reluish, -relu_exp)
         reluish = _i16((reluish + (1 << 15)) >> 1)  # [-1, 1] -> [0, 1]
-        v = _rdbp16(_sdhm16(reluish, preshift_out), -out_exp)
+        if neon:
+            v = _rshr_up16(_floor_dhm16(reluish, preshift_out), -out_exp)
+        else:
+            v = _rdbp16(_sdhm16(reluish, preshift_out), -out_exp)
         v = _i16(v + zp_out)
         table[q + 128] = min(max(v, -128), 127)
     return table
+
+
+@njit(cache=True, inline="always")
+def _floor_dhm16(a, b):
+    """vqdmulh on int16: floor(2ab / 2^16), saturating only for (-2^15)^2."""
+    if a == b and a == -32768:
+        return 32767
+    return _i16((a * b) >> 15)
+
+
+@njit(cache=True, inline="always")
+def _rshr_up16(x, exponent):
+    """vrshl by -exponent on int16: (x + 2^(exponent-1)) >> exponent, ties toward +inf, no overflow."""
+    if exponent <= 0:
+        return x
+    return _i16((x + (1 << (exponent - 1))) >> exponent)
 
 
 def _int16_multiplier(real: float) -> tuple[int, int]:
@@ -230,6 +255,7 @@ def prepare(op, model) -> ActivationParams:
     qi, qo = _tensors(op, model)
     lo, hi = -128, 127
     alpha = 0.0
+    vector_table = None
     if kind == "LOGISTIC":
         if qo.s != 1.0 / 256:  # SigmoidPrepare: TF_LITE_ENSURE(output->params.scale == 1. / 256)
             raise ModelError(f"{where(op)}: int8 LOGISTIC output must have scale 1/256, got {qo.s}")
@@ -245,6 +271,8 @@ def prepare(op, model) -> ActivationParams:
                              f"(s_in {qi.s}, s_out {qo.s})")
         relu_m, relu_e = _int16_multiplier(float(np.float32(hires / np.float32(3.0 / 32768.0))))
         table = hard_swish_table(qi.zp, qo.zp, out_m, out_e, relu_m, relu_e)
+        if model.litert.neon_hard_swish:
+            vector_table = hard_swish_table(qi.zp, qo.zp, out_m, out_e, relu_m, relu_e, True)
     elif kind in ("RELU", "RELU6", "RELU_N1_TO_1"):
         # ReluPrepare: input->params.scale / output->params.scale is a float32 quotient
         m, e = quantize_multiplier(float(np.float32(qi.s) / np.float32(qo.s)))
@@ -262,7 +290,7 @@ def prepare(op, model) -> ActivationParams:
     else:
         raise ModelError(f"{where(op)}: not an activation op")
     deriv, bits = derivative_table(kind, qi, alpha)
-    return ActivationParams(table, deriv, bits, lo, hi)
+    return ActivationParams(table, deriv, bits, lo, hi, vector_table)
 
 
 # --- forward / backward --------------------------------------------------------------------------
@@ -286,6 +314,14 @@ def scale_by_table(g, x, deriv):
 
 
 def forward(p: ActivationParams, x: np.ndarray) -> np.ndarray:
+    if p.vector_table is not None:  # per sample: the NEON loops' elements, then the scalar tail
+        rows = np.ascontiguousarray(x).reshape(x.shape[0], -1)
+        vec = rows.shape[1] - rows.shape[1] % 8
+        out = np.empty(rows.shape, np.int8)
+        out[:, :vec] = lookup(np.ascontiguousarray(rows[:, :vec]).reshape(-1), p.vector_table).reshape(rows.shape[0], vec)
+        tail = rows.shape[1] - vec
+        out[:, vec:] = lookup(np.ascontiguousarray(rows[:, vec:]).reshape(-1), p.table).reshape(rows.shape[0], tail)
+        return out.reshape(x.shape)
     return lookup(np.ascontiguousarray(x).reshape(-1), p.table).reshape(x.shape)
 
 

@@ -1,11 +1,12 @@
 """DEPTHWISE_CONV_2D, int8 per-channel, NHWC: output channel c = ic * multiplier + m."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numba import njit, prange
 
+from ..arithmetic import SHIFT_AFTER_MULTIPLY
 from ..errors import ModelError
 from ..grad import channel_sum
 from ..quant import requantize
@@ -43,7 +44,28 @@ def prepare(op, model) -> DepthwiseParams:
     if w.quant.per_channel and w.quant.axis != 3:
         raise ModelError(f"{where(op)}: per-channel filter must be quantized along axis 3")
     rq = conv_requant(op, x, w, out, cout, o.get("activation", "NONE"))
+    if model.litert.depthwise_3x3_kernel and fast_3x3_kernel(x.shape, kh, kw, mult, win):
+        rq = replace(rq, rounding=SHIFT_AFTER_MULTIPLY)
     return DepthwiseParams(win, rq, -x.quant.zp, mult, np.zeros(cout, np.int32), (kh, kw))
+
+
+def fast_3x3_kernel(in_shape: tuple, kh: int, kw: int, depth_multiplier: int, win: Window) -> bool:
+    """Fast3x3FilterKernelSupported (depthwiseconv_3x3_filter_common.h): whether aarch64's LiteRT
+    runs its NEON 3x3 kernel. Its per-channel caller passes output_shift 0, so channels with a
+    positive shift are not excluded (and are shifted after the multiply there)."""
+    _, in_h, in_w, in_d = in_shape
+    v = win
+    if not (kh == 3 and kw == 3 and depth_multiplier == 1 and v.stride_w in (1, 2) and v.stride_h == v.stride_w
+            and v.pad_left in (0, 1) and v.pad_top == v.pad_left and in_d % 8 == 0
+            and v.dil_h == 1 and v.dil_w == 1):
+        return False
+    x_end = (v.out_w - 1) * v.stride_w - v.pad_left + 3
+    y_end = (v.out_h - 1) * v.stride_h - v.pad_top + 3
+    if v.pad_left == 0:
+        return x_end <= in_w and y_end <= in_h
+    if not (x_end <= in_w + 1 and y_end <= in_h + 1):
+        return False
+    return in_w == in_h if (in_w == 1 or in_h == 1) else True
 
 
 def forward(p: DepthwiseParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
@@ -51,12 +73,12 @@ def forward(p: DepthwiseParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray |
     v, r = p.win, p.rq
     return depthwise_int8(x, w, bias, p.input_offset, p.depth_multiplier, r.multiplier, r.shift,
                           r.out_zero_point, r.act_min, r.act_max, v.stride_h, v.stride_w, v.dil_h,
-                          v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w)
+                          v.dil_w, v.pad_top, v.pad_left, v.out_h, v.out_w, r.rounding)
 
 
 @njit(cache=True, parallel=True)
 def depthwise_int8(x, w, bias, input_offset, depth_multiplier, mult, shift, out_zp, act_min, act_max,
-                   stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w):
+                   stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, out_h, out_w, rounding):
     # Accumulate a row of output channels per tap so the inner loop runs over contiguous channels.
     # (x - zp) * w fits int16 (|.| <= 255 * 127), so products are int16 lanes widened into int32
     # sums; every step is truncated explicitly, else numba computes in int64 (a quarter of the lanes).
@@ -96,7 +118,7 @@ def depthwise_int8(x, w, bias, input_offset, depth_multiplier, mult, shift, out_
                 # DepthwiseConvGeneral's Quantize: 8 channels at a time in vector code, the
                 # last cout % 8 channels in its scalar loop (the two round ties differently).
                 out[b, oy, ox, oc] = requantize(acc[oc], mult[oc], shift[oc], out_zp, act_min, act_max,
-                                                oc >= vector_channels)
+                                                oc >= vector_channels, rounding)
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import hashlib
 import json
 import sys
@@ -35,6 +36,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"model: {args.model}")
     print(f"sha256: {hashlib.sha256(data).hexdigest()}")
     print(f"size: {len(data)} bytes")
+    print(f"arithmetic: LiteRT on {model.litert.platform}")
     print(model.summary())
     return 0
 
@@ -238,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  edge-qmul keygen device.key\n"
                "  edge-qmul serve --serial /dev/ttyUSB0 --state /var/lib/edge-qmul --key-file device.key")
     p.add_argument("--version", action="version", version=f"edge-qmul {__version__}")
+    p.add_argument("--litert", metavar="PLATFORM",
+                   help="compute as the LiteRT of this platform does: x86_64 or aarch64 (default: "
+                        "$EDGE_QMUL_LITERT, else this machine's), e.g. on a host, what a board computes")
     sub = p.add_subparsers(dest="command", required=True)
     info = add_command(sub, "info", "print a .tflite model's ops, shapes, parameters, bytes and MACs",
                        "edge-qmul info model.tflite")
@@ -316,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .store import StoreError
     from .unlearn.similar_labels import TableError
+    from .arithmetic import ENV, arithmetic
+    previous = os.environ.get(ENV)
     try:
+        if args.litert is not None:
+            os.environ[ENV] = arithmetic(args.litert).platform  # every model the command loads
         return args.func(args)
     except (ModelError, StoreError, TableError, CLIError) as e:  # ForgetError is a ModelError
         print(f"edge-qmul: error: {e}", file=sys.stderr)
@@ -328,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edge-qmul: interrupted; nothing was committed (files are written atomically)", file=sys.stderr)
         return 130
+    finally:
+        if previous is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous
 
 
 if __name__ == "__main__":

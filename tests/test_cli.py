@@ -21,6 +21,17 @@ def test_info_prints_summary():
     assert params > 0 and nbytes >= params and macs > 1_000_000
 
 
+def test_litert_option_names_the_arithmetic_and_refuses_unknown_platforms():
+    """--litert makes a command compute as that platform's LiteRT; a bad name: exit 2, one line."""
+    from edge_qmul.arithmetic import host_platform
+    r = _cli("info", str(fixture_path("mlp40")))
+    assert f"arithmetic: LiteRT on {host_platform()}" in r.stdout
+    r = _cli("--litert", "arm64", "info", str(fixture_path("mlp40")))
+    assert r.returncode == 0 and "arithmetic: LiteRT on aarch64" in r.stdout
+    r = _cli("--litert", "riscv64", "info", str(fixture_path("mlp40")))
+    assert r.returncode == 2 and "unknown LiteRT platform" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_info_bad_file(tmp_path):
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"\x00" * 64)

@@ -136,6 +136,8 @@ stage_sync() {
   # /src keeps its __pycache__ (numba's cache: compiling under emulation is slow), and the
   # package drops a stale cache itself (numba_cache.py); files gone from the checkout go here too
   say "sync $REPO -> $ROOT/src"
+  [ -f "$ROOT/.edge-qmul-root" ] || die "no root at $ROOT: run the rootfs stage"
+  mkdir -p "$ROOT/src"
   local list; list=$(mktemp)
   (cd "$REPO" && { git ls-files; git ls-files --others --exclude-standard; } | sort -u \
      | while read -r f; do [ -f "$f" ] && echo "$f"; done) > "$list"

@@ -44,7 +44,7 @@ def serialized() -> bool:
 def _one_at_a_time_if_needed(fn):
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if not serialized():
+        if _serialize is False or not serialized():  # one global read once the layer is known
             return fn(*args, **kwargs)
         with _KERNEL_LOCK:
             return fn(*args, **kwargs)

@@ -581,7 +581,7 @@ def test_lstm_unrolled_movement_ops_match_litert_tensors():
                          experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interp.allocate_tensors()
     by_name = {d["name"]: d["index"] for d in interp.get_tensor_details()}
-    data = litert_data(ZOO / "lstm_unrolled.npz")
+    data = np.load(ZOO / "lstm_unrolled.npz")
     x = np.asarray(data[data.files[0]])[:1].astype(I8).reshape(1, 20, 8)
     interp.set_tensor(interp.get_input_details()[0]["index"], x)
     interp.invoke()

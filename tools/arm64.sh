@@ -171,14 +171,16 @@ EOF"
 
 # The board's checks: every fixture and zoo model against the live aarch64 LiteRT (whole batch,
 # per sample, every intermediate tensor), the random single-op sweeps (ARM64_RANDOM models per op),
-# the recorded aarch64 outputs, quantization, a training step, a forget job, the agent and threads.
+# the recorded aarch64 outputs, quantization, a training run and a forget job (their bytes equal the
+# x86 host's), threads, the transports; then tests/test_arm64_agent.py drives the agent from x86.
+# (The root has what a board installs, '.[device]': no scikit-learn, so no digits data set there.)
 DEFAULT_TESTS=(
   tests/test_fixtures.py tests/test_zoo.py::test_zoo_model_equals_litert_builtin
   tests/test_zoo.py::test_zoo_every_intermediate_tensor_equals_litert
   tests/test_random_ops.py tests/test_ops_activation.py tests/test_ops_binary.py tests/test_ops_mean.py
   tests/test_ops_movement.py tests/test_ops_resize.py tests/test_ops_lstm.py tests/test_litert_profiles.py
   tests/test_quant.py tests/test_threads.py
-  tests/test_cross_platform.py tests/test_bridge.py::test_push_forget_pull
+  tests/test_cross_platform.py tests/test_transport.py
 )
 
 stage_tests() {

@@ -181,6 +181,8 @@ DEFAULT_TESTS=(
   tests/test_ops_movement.py tests/test_ops_resize.py tests/test_ops_lstm.py tests/test_litert_profiles.py
   tests/test_quant.py tests/test_threads.py
   tests/test_cross_platform.py tests/test_transport.py
+  # a megabyte through each transport within 15 s: too tight for a CPU emulated 10-50x slower
+  --deselect "tests/test_transport.py::test_one_megabyte_write_arrives_complete"
 )
 
 stage_tests() {

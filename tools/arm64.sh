@@ -88,6 +88,9 @@ stage_binfmt() {
 stage_rootfs() {
   if [ ! -f "$ROOT/.edge-qmul-root" ]; then
     say "debootstrap arm64 $SUITE into $ROOT (once; a few minutes)"
+    stage_umount
+    # never delete through a mount (a bound /dev is the host's)
+    ! grep -q " $ROOT/" /proc/mounts || die "something is still mounted under $ROOT; unmount it first"
     rm -rf "$ROOT"
     local t0=$SECONDS
     debootstrap --arch=arm64 --variant=minbase \

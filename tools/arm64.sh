@@ -26,6 +26,8 @@
 #   ARM64_CPU     a76 (default: Raspberry Pi 5, Cortex-A76, dot product) or a72 (Raspberry Pi 4)
 #   ARM64_TESTS   pytest arguments replacing the default selection
 #   ARM64_RANDOM  random single-op models per op inside the root (default 40; x86 runs 300)
+#   ARM64_RECORD  random single-op models per op the record stage keeps (default 120: enough that
+#                 every op whose arithmetic differs between the platforms shows it)
 #
 # Why a fake /proc/cpuinfo: qemu-user shows aarch64 programs the host's x86 /proc/cpuinfo, and
 # LiteRT's CPU detection (cpuinfo_arm_linux_init) then crashes inside Interpreter(...). A Raspberry
@@ -213,7 +215,7 @@ stage_record() {
   mounts
   say "recording aarch64 LiteRT's outputs into tests/fixtures/litert_aarch64"
   arm "rm -rf /tmp/rec && python tools/record_litert.py --out /tmp/rec"
-  ARM_ENV="EDGE_QMUL_LITERT_RECORD=/tmp/rec/random EDGE_QMUL_RANDOM_OPS_N=$ARM64_RANDOM" \
+  ARM_ENV="EDGE_QMUL_LITERT_RECORD=/tmp/rec/random EDGE_QMUL_RANDOM_OPS_N=${ARM64_RECORD:-120}" \
     arm "python -m pytest -q -p no:cacheprovider tests/test_random_ops.py tests/test_ops_activation.py \
          tests/test_ops_binary.py tests/test_ops_mean.py tests/test_ops_movement.py tests/test_ops_resize.py \
          -k 'litert or equal'" || true

@@ -2,8 +2,10 @@
 
 Everything that turns a float scale into integers, and every rounding variant, lives here; kernels
 call these helpers and never re-derive them (TFLite reference kernels do the same through
-``MultiplyByQuantizedMultiplier``). Each variant is named after the LiteRT code it reproduces, and
-tests/test_quant.py pins which one each op uses against LiteRT itself.
+``MultiplyByQuantizedMultiplier``). Each variant is named after the LiteRT code it reproduces;
+tests/test_quant.py checks each against an exact big-integer definition, and which one each op
+uses (per platform: arithmetic.py) is pinned against LiteRT by the op tests (test_random_ops.py,
+tests/test_ops_*.py, test_fixtures.py) and the aarch64 recordings (test_litert_profiles.py).
 """
 from __future__ import annotations
 
@@ -214,8 +216,8 @@ def multiply_by_quantized_multiplier_neon(x: np.int32, multiplier: np.int32, shi
     """The vector form of MultiplyByQuantizedMultiplier: vqrdmulh, then vrshl (ties toward +inf).
 
     LiteRT's builtin CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED requantize this way on x86 too
-    (NEON intrinsics emulated over SSE); it differs from the scalar form only on negative ties.
-    tests/test_quant.py pins it against LiteRT.
+    (NEON intrinsics emulated over SSE); it differs from the scalar form only on negative ties
+    (tests/test_quant.py: exactly there).
     """
     left = max(shift, 0)
     right = max(-shift, 0)

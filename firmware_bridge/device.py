@@ -120,14 +120,14 @@ class Agent:
     def recover(self) -> None:
         """After a crash: interrupted jobs are failed (nothing of theirs was committed), current.tflite
         matches the store, stray temp files go."""
-        # Fix (power-cut test): atomic_write makes its temp file next to the target, so a cut leaves
-        # them in jobs/, models/, samples/ too, not only at the top: look everywhere.
+        # atomic_write makes its temp file next to the target, so a cut leaves them in jobs/,
+        # models/, samples/ too, not only at the top: look everywhere
         for tmp in self.state.rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         requests: dict[str, dict] = {}
         if self.store_path.exists():
             with self._store() as s:
-                # Fix: "pending" too (a cut between create_request and set_status("running")).
+                # "pending" too: a cut can fall between create_request and set_status("running")
                 for req in s.requests("running") + s.requests("pending"):
                     s.set_status(req["id"], "failed", {"error": "interrupted: the agent restarted"})
                 requests = {r["id"]: r for r in s.requests()}
@@ -137,8 +137,8 @@ class Agent:
             except (OSError, ValueError):
                 continue
             req = requests.get(job["job_id"])
-            # Fix: the job file, not only the store, must say what happened, or JOB_STATUS answers
-            # "queued"/"running" for ever after a cut (the worker never sees the job again).
+            # the job file, not only the store, must say what happened, or JOB_STATUS answers
+            # "queued"/"running" for ever after a cut (the worker never sees the job again)
             if job.get("status") in ("queued", "running"):
                 if req is not None and req["status"] == "done":
                     # it finished, but the certificate (and the ids COMMIT needs) died with the

@@ -124,11 +124,13 @@ def test_a_busy_device_refuses_a_second_forget_and_stays_consistent(agent, train
     r = host(url, key, "push-samples", str(_samples_npz(tmp / "v.npz", ds, val, owners)), "--role", "validation")
     assert r.returncode == 0, r.stderr
     first = json.loads(host(url, key, "forget", "--owner", "u1").stdout)["job_id"]
-    r = host(url, key, "forget", "--owner", "u2")
+    # while the job runs, the agent's first kernel compilations (a cold numba cache, as in CI) hold
+    # the GIL for seconds: allow 5 s per reply (10 tries) instead of the default 1 s
+    r = host(url, key, "--timeout", "5", "forget", "--owner", "u2")
     line = _one_line(r)
     assert r.returncode == 3 and "busy" in line and first in line, line
     deadline = time.monotonic() + 120
-    while json.loads(host(url, key, "status", first).stdout)["status"] != "done":
+    while json.loads(host(url, key, "--timeout", "5", "status", first).stdout)["status"] != "done":
         assert time.monotonic() < deadline
         time.sleep(0.2)
     r = host(url, key, "forget", "--owner", "u2")  # done but not decided: still one open job

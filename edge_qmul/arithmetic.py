@@ -29,11 +29,7 @@ import platform
 from dataclasses import dataclass
 
 from .errors import ModelError
-
-# requantization of the GEMM-based ops (quant.requantize's ``rounding``)
-DOUBLE_ROUNDING = 0  # SaturatingRoundingDoublingHighMul, then a rounding right shift (x86, GEMV)
-SINGLE_ROUNDING = 1  # ruy arm64: sqdmulh, then a rounding right shift: one rounding in all
-SHIFT_AFTER_MULTIPLY = 2  # aarch64's 3x3 depthwise kernel: sqrdmulh, then sqrshl (left shifts last)
+from .quant import DOUBLE_ROUNDING, SINGLE_ROUNDING  # the roundings a profile picks between
 
 
 @dataclass(frozen=True)

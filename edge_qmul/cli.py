@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path

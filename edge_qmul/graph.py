@@ -137,8 +137,8 @@ class Model:
         """Compute as the LiteRT of platform ``litert`` does (``x86_64``, ``aarch64``; None: the
         host's); the ops are prepared again. Returns the model."""
         self.litert = arithmetic(litert)
-        from .kernels import prepare
-        self._prepared = [prepare(op, self) for op in self.ops]
+        self._prepared = None
+        self._ensure_prepared()
         return self
 
     # --- execution -------------------------------------------------------------------------------

@@ -20,6 +20,11 @@ from .errors import ModelError
 INT8_MIN, INT8_MAX = -128, 127
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
+# requantize's ``rounding``: which epilogue a LiteRT build runs (arithmetic.py picks per platform)
+DOUBLE_ROUNDING = 0  # SRDHM, then a rounding right shift (x86; LiteRT's custom GEMV everywhere)
+SINGLE_ROUNDING = 1  # ruy arm64: sqdmulh, then a rounding right shift: one rounding in all
+SHIFT_AFTER_MULTIPLY = 2  # aarch64's 3x3 depthwise kernel: sqrdmulh, then sqrshl (left shifts last)
+
 
 @dataclass(frozen=True)
 class QuantParams:
@@ -247,8 +252,9 @@ def multiply_by_quantized_multiplier_single(x: np.int32, multiplier: np.int32, s
     left shift wraps in int32 one bit earlier than the double-rounding form's, as ruy's does.
     """
     right = max(-shift, 1)
-    y = np.int32((np.int64(np.int32(x << (shift + right))) * np.int64(multiplier)) >> 31)
-    if (x << (shift + right)) == INT32_MIN and multiplier == INT32_MIN:
+    shifted = np.int32(x << (shift + right))
+    y = np.int32((np.int64(shifted) * np.int64(multiplier)) >> 31)
+    if shifted == INT32_MIN and multiplier == INT32_MIN:
         y = np.int32(INT32_MAX)
     return np.int32((y >> right) + ((y >> (right - 1)) & 1))
 
@@ -268,13 +274,12 @@ def requantize(acc: np.int32, multiplier: np.int32, shift: np.int32, out_zero_po
 
     LiteRT's vector loops round the final shift half-up; ``scalar_tail`` selects the scalar
     leftover loop's rounding (half away from zero) for the elements those loops finish one by one.
-    ``rounding`` 1 (arithmetic.SINGLE_ROUNDING) is ruy's arm64 epilogue instead; 2
-    (arithmetic.SHIFT_AFTER_MULTIPLY) the aarch64 3x3 depthwise kernel's, which applies a left
-    shift after the multiply.
+    ``rounding`` SINGLE_ROUNDING is ruy's arm64 epilogue instead; SHIFT_AFTER_MULTIPLY the aarch64
+    3x3 depthwise kernel's, which applies a left shift after the multiply.
     """
-    if rounding == 1:
+    if rounding == SINGLE_ROUNDING:
         v = multiply_by_quantized_multiplier_single(acc, multiplier, shift)
-    elif rounding == 2 and shift > 0:
+    elif rounding == SHIFT_AFTER_MULTIPLY and shift > 0:
         v = multiply_then_shift_left(acc, multiplier, shift)
     elif scalar_tail:
         v = multiply_by_quantized_multiplier(acc, multiplier, shift)

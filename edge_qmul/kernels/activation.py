@@ -35,7 +35,7 @@ from ..errors import ModelError
 from ..grad import Error, from_accumulator
 from ..quant import (QuantParams, activation_range, multiply_by_quantized_multiplier,
                      quantize_multiplier)
-from .common import libm_float32, output, per_tensor, tensor, where
+from .common import libm_float32, output, per_tensor, tensor, vector_split, where
 from .contract import Kernel, MemoryQuery, error_bytes
 
 D_MAX = (1 << 15) - 1  # |d[q]| bound of the derivative table: |g * d| < 2^30 fits int32
@@ -315,12 +315,11 @@ def scale_by_table(g, x, deriv):
 
 def forward(p: ActivationParams, x: np.ndarray) -> np.ndarray:
     if p.vector_table is not None:  # per sample: the NEON loops' elements, then the scalar tail
-        rows = np.ascontiguousarray(x).reshape(x.shape[0], -1)
-        vec = rows.shape[1] - rows.shape[1] % 8
+        rows, vec = vector_split(np.ascontiguousarray(x), 8)
         out = np.empty(rows.shape, np.int8)
-        out[:, :vec] = lookup(np.ascontiguousarray(rows[:, :vec]).reshape(-1), p.vector_table).reshape(rows.shape[0], vec)
-        tail = rows.shape[1] - vec
-        out[:, vec:] = lookup(np.ascontiguousarray(rows[:, vec:]).reshape(-1), p.table).reshape(rows.shape[0], tail)
+        for part, table in ((slice(None, vec), p.vector_table), (slice(vec, None), p.table)):
+            block = np.ascontiguousarray(rows[:, part])
+            out[:, part] = lookup(block.reshape(-1), table).reshape(block.shape)
         return out.reshape(x.shape)
     return lookup(np.ascontiguousarray(x).reshape(-1), p.table).reshape(x.shape)
 

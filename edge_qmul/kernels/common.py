@@ -51,6 +51,14 @@ def output(model, op, dtype=np.int8):
     return t
 
 
+def vector_split(x: np.ndarray, lanes: int) -> tuple[np.ndarray, int]:
+    """``x`` as (samples, elements) and how many leading elements of each sample LiteRT's vector
+    loops take (``lanes`` at a time); the rest its scalar tail finishes one by one."""
+    flat = x.reshape(x.shape[0], -1)
+    size = flat.shape[1]
+    return flat, size - size % lanes
+
+
 def per_tensor(op, t, what: str) -> QuantParams:
     if t.quant.per_channel:
         raise ModelError(f"{where(op)}: {what} {t.name!r} must be quantized per tensor")
@@ -115,7 +123,7 @@ class Requant:
     out_zero_point: int
     act_min: int
     act_max: int
-    rounding: int = 0  # quant.requantize's: arithmetic.DOUBLE_ROUNDING or SINGLE_ROUNDING
+    rounding: int = 0  # quant.requantize's: DOUBLE_ROUNDING, SINGLE_ROUNDING, SHIFT_AFTER_MULTIPLY
 
 
 def conv_requant(op, x, w, out, channels: int, activation: str) -> Requant:

@@ -6,10 +6,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numba import njit, prange
 
-from ..arithmetic import SHIFT_AFTER_MULTIPLY
 from ..errors import ModelError
 from ..grad import channel_sum
-from ..quant import requantize
+from ..quant import SHIFT_AFTER_MULTIPLY, requantize
 from . import linear as _linear
 from .contract import Kernel
 from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
@@ -54,7 +53,7 @@ def fast_3x3_kernel(in_shape: tuple, kh: int, kw: int, depth_multiplier: int, wi
     runs its NEON 3x3 kernel. Its per-channel caller passes output_shift 0, so channels with a
     positive shift are not excluded (and are shifted after the multiply there)."""
     _, in_h, in_w, in_d = in_shape
-    v = win
+    v = win  # short: the conditions below are LiteRT's, written as it writes them
     if not (kh == 3 and kw == 3 and depth_multiplier == 1 and v.stride_w in (1, 2) and v.stride_h == v.stride_w
             and v.pad_left in (0, 1) and v.pad_top == v.pad_left and in_d % 8 == 0
             and v.dil_h == 1 and v.dil_w == 1):

@@ -15,7 +15,7 @@ from ..errors import ModelError
 from ..quant import (QuantParams, multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_neon,
                      quantize_multiplier, round_half_away)
 from ..grad import Error
-from .common import output, per_tensor, tensor, where
+from .common import output, per_tensor, tensor, vector_split, where
 from .contract import Backward, Kernel
 
 
@@ -41,14 +41,8 @@ def prepare_quantize(op, model) -> QuantizeParams:
     raise ModelError(f"{where(op)}: QUANTIZE from {np.dtype(x.dtype).name} is not supported")
 
 
-def _split(x: np.ndarray, lanes: int) -> tuple[np.ndarray, int]:
-    flat = x.reshape(x.shape[0], -1)
-    size = flat.shape[1]
-    return flat, size - size % lanes
-
-
 def forward_quantize(p: QuantizeParams, x: np.ndarray) -> np.ndarray:
-    flat, vec = _split(x, 8 if p.from_float else 16)
+    flat, vec = vector_split(x, 8 if p.from_float else 16)
     if not p.from_float:
         y = requantize_int8(flat, vec, p.in_zero_point, p.multiplier, p.shift, p.out_q.zp)
         return y.reshape(x.shape)
@@ -75,7 +69,7 @@ def prepare_dequantize(op, model) -> DequantizeParams:
 
 
 def forward_dequantize(p: DequantizeParams, x: np.ndarray) -> np.ndarray:
-    flat, vec = _split(x, 8)
+    flat, vec = vector_split(x, 8)
     scale, zp = float(p.in_q.s), p.in_q.zp
     out = np.empty(flat.shape, np.float32)
     # vector part: float32 q * scale + float32(-zp * scale). aarch64 fuses it (vfmaq_f32): in

@@ -72,15 +72,21 @@ def macs(op, model) -> int:
     return int(np.prod(model.tensors[op.inputs[0]].shape))
 
 
+@njit(cache=True, inline="always")
+def _row_max(x, r):
+    m = np.int32(-128)
+    for j in range(x.shape[1]):
+        if x[r, j] > m:
+            m = np.int32(x[r, j])
+    return m
+
+
 @njit(cache=True)
 def softmax_int8(x, table, out_scale, out_zp):
     rows, n = x.shape
     out = np.empty((rows, n), np.int8)
     for r in range(rows):
-        m = np.int32(-128)
-        for j in range(n):
-            if x[r, j] > m:
-                m = np.int32(x[r, j])
+        m = _row_max(x, r)
         s = np.float32(0.0)
         for j in range(n):
             s = np.float32(s + table[255 - m + x[r, j]])
@@ -103,10 +109,7 @@ def softmax_int8_uint16_table(x, table16, out_scale, out_zp):
     mult = np.empty(1, np.int32)
     shift = np.empty(1, np.int32)
     for r in range(rows):
-        m = np.int32(-128)
-        for j in range(n):
-            if x[r, j] > m:
-                m = np.int32(x[r, j])
+        m = _row_max(x, r)
         s = np.int32(0)
         for j in range(n):
             s = np.int32(s + table16[255 - m + x[r, j]])

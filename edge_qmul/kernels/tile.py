@@ -27,6 +27,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ..quant import SINGLE_ROUNDING
+
 _I16, _I32 = ir.IntType(16), ir.IntType(32)
 
 
@@ -219,9 +221,10 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
                                              rounding=rounding)
 
     for r < rows, j < nr, with quant.requantize's arithmetic in int32 vector lanes (only the
-    product is 64-bit): ``rounding`` 0 is SRDHM then a rounding right shift with ties toward +inf
-    (LiteRT's x86 epilogue), 1 is ruy arm64's sqdmulh then a rounding shift of at least one bit. Plain numba loops promote every step to int64 lanes (half the width, measured 0.29 ns
-    per output). Needs o0 + nr <= len(bias), col0 + nr <= out.shape[1] and unit inner strides.
+    product is 64-bit): quant.DOUBLE_ROUNDING is SRDHM then a rounding right shift with ties toward
+    +inf (LiteRT's x86 epilogue), quant.SINGLE_ROUNDING ruy arm64's sqdmulh then a rounding shift of
+    at least one bit. Plain numba loops promote every step to int64 lanes (half the width, measured
+    0.29 ns per output). Needs o0 + nr <= len(bias), col0 + nr <= out.shape[1] and unit inner strides.
     """
     nv = nr // lanes
     v32 = ir.VectorType(_I32, lanes)
@@ -273,7 +276,7 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
 
             biases, mults, shifts = (channel_vectors(args[k], tys[k]) for k in (2, 3, 4))
             zero, one = const(v32, 0), const(v32, 1)
-            single = builder.icmp_signed("!=", as_i32(rounding_v, tys[12]), ir.Constant(_I32, 0))
+            single = builder.icmp_signed("==", as_i32(rounding_v, tys[12]), ir.Constant(_I32, SINGLE_ROUNDING))
             # the 64-bit product's rounding constant: 2^30 for SRDHM, 0 for sqdmulh (floor)
             nudge = builder.select(single, const(v64, 0), const(v64, 1 << 30))
             per_vector = []

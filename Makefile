@@ -1,10 +1,10 @@
-# edge_qmul: `make install`, `make demo`, `make test`, `make test-slow`, `make bench`.
+# edge_qmul: `make install`, `make demo`, `make check`, `make test`, `make test-slow`, `make bench`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-arm64 bench demo eval clean
+.PHONY: install check test test-slow test-arm64 bench demo eval clean
 
 install: $(STAMP)
 
@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP) && \
 	echo "installation took $$(( $$(date +%s) - start )) s"
 
+# The codebase's guards: the import contract (pyproject.toml's [tool.importlinter]: the engine never
+# imports the bridge, tools or benchmarks; the bridge only edge_qmul.api; no cycle between the
+# engine's sub-packages) and the line budget (600 lines per file, each opening with a docstring).
+check: $(STAMP)
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/python tools/line_budget.py
+
+# The fast tier: every module exercised; the sweeps, kills, fuzzing, the demo and training from
+# scratch are the slow tier. pytest's exit status 5 (nothing selected) counts as a failure.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -90,62 +90,47 @@ def _out_scale(s_in, s_w, taps):
     return np.float32(s_in * float(np.mean(s_w)) * 74.0 * 73.0 * np.sqrt(taps) / 40.0)
 
 
-def conv_layer(name, h, w, cin, cout, k=1, stride=1, padding="SAME", activation="RELU6", seed=0):
+def _layer(name, kind, in_shape, w_shape, w_axis, out_shape, taps, options, seed):
+    """(name, Model) of one weighted layer with random per-channel int8 weights (channels along
+    ``w_axis``), int32 bias and an output scale for ``taps`` products per output."""
     rng = np.random.default_rng(seed)
     s_in, zp_in = np.float32(0.02), -3
-    wt, wq = _per_channel_weight(rng, (cout, k, k, cin), 0)
+    wt, wq = _per_channel_weight(rng, w_shape, w_axis)
+    cout = w_shape[w_axis]
     bias = rng.integers(-2000, 2001, size=cout).astype(np.int32)
     bq = QuantParams((s_in * wq.scale.astype(np.float64)).astype(np.float32), np.zeros(cout, np.int64), 0)
-    oh = -(-h // stride) if padding == "SAME" else (h - k) // stride + 1
-    ow = -(-w // stride) if padding == "SAME" else (w - k) // stride + 1
-    s_out = _out_scale(s_in, wq.scale, k * k * cin)
     tensors = [
-        Tensor("input", (1, h, w, cin), np.int8, QuantParams(s_in, zp_in)),
+        Tensor("input", in_shape, np.int8, QuantParams(s_in, zp_in)),
         Tensor("weight", wt.shape, np.int8, wq, data=wt),
         Tensor("bias", (cout,), np.int32, bq, data=bias),
-        Tensor("output", (1, oh, ow, cout), np.int8, QuantParams(s_out, 5)),
+        Tensor("output", out_shape, np.int8, QuantParams(_out_scale(s_in, wq.scale, taps), 5)),
     ]
-    op = Op("CONV_2D", [0, 1, 2], [3], {"padding": padding, "stride_h": stride, "stride_w": stride,
-                                        "dilation_h": 1, "dilation_w": 1, "activation": activation})
-    return name, Model(tensors, [op], [0], [3])
+    return name, Model(tensors, [Op(kind, [0, 1, 2], [3], options)], [0], [3])
+
+
+def _window(h, w, k, stride, padding, activation) -> tuple[int, int, dict]:
+    """Output height and width of a k x k window, and the options of the op."""
+    oh = -(-h // stride) if padding == "SAME" else (h - k) // stride + 1
+    ow = -(-w // stride) if padding == "SAME" else (w - k) // stride + 1
+    return oh, ow, {"padding": padding, "stride_h": stride, "stride_w": stride, "dilation_h": 1,
+                    "dilation_w": 1, "activation": activation}
+
+
+def conv_layer(name, h, w, cin, cout, k=1, stride=1, padding="SAME", activation="RELU6", seed=0):
+    oh, ow, options = _window(h, w, k, stride, padding, activation)
+    return _layer(name, "CONV_2D", (1, h, w, cin), (cout, k, k, cin), 0, (1, oh, ow, cout), k * k * cin,
+                  options, seed)
 
 
 def depthwise_layer(name, h, w, c, k=3, stride=1, padding="SAME", activation="RELU6", seed=0):
-    rng = np.random.default_rng(seed)
-    s_in, zp_in = np.float32(0.02), -3
-    wt, wq = _per_channel_weight(rng, (1, k, k, c), 3)
-    bias = rng.integers(-2000, 2001, size=c).astype(np.int32)
-    bq = QuantParams((s_in * wq.scale.astype(np.float64)).astype(np.float32), np.zeros(c, np.int64), 0)
-    oh = -(-h // stride) if padding == "SAME" else (h - k) // stride + 1
-    ow = -(-w // stride) if padding == "SAME" else (w - k) // stride + 1
-    s_out = _out_scale(s_in, wq.scale, k * k)
-    tensors = [
-        Tensor("input", (1, h, w, c), np.int8, QuantParams(s_in, zp_in)),
-        Tensor("weight", wt.shape, np.int8, wq, data=wt),
-        Tensor("bias", (c,), np.int32, bq, data=bias),
-        Tensor("output", (1, oh, ow, c), np.int8, QuantParams(s_out, 5)),
-    ]
-    op = Op("DEPTHWISE_CONV_2D", [0, 1, 2], [3], {
-        "padding": padding, "stride_h": stride, "stride_w": stride, "dilation_h": 1, "dilation_w": 1,
-        "depth_multiplier": 1, "activation": activation})
-    return name, Model(tensors, [op], [0], [3])
+    oh, ow, options = _window(h, w, k, stride, padding, activation)
+    return _layer(name, "DEPTHWISE_CONV_2D", (1, h, w, c), (1, k, k, c), 3, (1, oh, ow, c), k * k,
+                  dict(options, depth_multiplier=1), seed)
 
 
 def fc_layer(name, cin, cout, activation="NONE", seed=0):
-    rng = np.random.default_rng(seed)
-    s_in, zp_in = np.float32(0.02), -3
-    wt, wq = _per_channel_weight(rng, (cout, cin), 0)
-    bias = rng.integers(-2000, 2001, size=cout).astype(np.int32)
-    bq = QuantParams((s_in * wq.scale.astype(np.float64)).astype(np.float32), np.zeros(cout, np.int64), 0)
-    s_out = _out_scale(s_in, wq.scale, cin)
-    tensors = [
-        Tensor("input", (1, cin), np.int8, QuantParams(s_in, zp_in)),
-        Tensor("weight", wt.shape, np.int8, wq, data=wt),
-        Tensor("bias", (cout,), np.int32, bq, data=bias),
-        Tensor("output", (1, cout), np.int8, QuantParams(s_out, 5)),
-    ]
-    op = Op("FULLY_CONNECTED", [0, 1, 2], [3], {"activation": activation, "keep_num_dims": False})
-    return name, Model(tensors, [op], [0], [3])
+    return _layer(name, "FULLY_CONNECTED", (1, cin), (cout, cin), 0, (1, cout), cin,
+                  {"activation": activation, "keep_num_dims": False}, seed)
 
 
 def single_layers(quick: bool):
@@ -530,19 +515,13 @@ def main(argv=None) -> int:
     cases = []  # (name, model, content, batch, x)
     fixture_batches = [FIXTURE_BATCH] if args.quick else [int(b) for b in args.batches.split(",")]
     layer_batches = [LAYER_BATCH] if args.quick else fixture_batches
-    for path in sorted(FIXTURES.glob("*.tflite")):
-        model = load_tflite(path)
-        content = path.read_bytes()
+    files = [(p.stem, p) for p in sorted(FIXTURES.glob("*.tflite"))]
+    files += [(f"zoo/{p.stem}", p) for p in sorted(ZOO.glob("*.tflite"))] if args.zoo else []
+    for name, path in files:
+        model, content = load_tflite(path), path.read_bytes()
         for batch in fixture_batches:
-            cases.append((path.stem, model, content, batch,
+            cases.append((name, model, content, batch,
                           input_batch(model, batch, rng, path.with_suffix(".npz"))))
-    if args.zoo:
-        for path in sorted(ZOO.glob("*.tflite")):
-            model = load_tflite(path)
-            content = path.read_bytes()
-            for batch in fixture_batches:
-                cases.append((f"zoo/{path.stem}", model, content, batch,
-                              input_batch(model, batch, rng, path.with_suffix(".npz"))))
     for name, model in single_layers(args.quick):
         for batch in layer_batches:
             cases.append((name, model, to_bytes(model), batch, input_batch(model, batch, rng, None)))

@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -64,6 +65,7 @@ import numba  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from edge_qmul import datasets, models  # noqa: E402
 from edge_qmul.profile import Profiler  # noqa: E402
@@ -149,7 +151,6 @@ def torch_peak_profiler(net, opt, x, y) -> int | None:
     gradients count (as the engine's int32 gradients do) and no free of a block allocated before
     the profile (whose size the profiler cannot know) goes missing.
     """
-    from torch.profiler import ProfilerActivity, profile
     opt.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch_step(net, opt, x, y)
@@ -311,7 +312,6 @@ def run_model(name, shape, calib, xf, y, data_note, repeats: int, min_time: floa
 
 def _engine_source() -> dict:
     """The git commit the engine was measured at, and whether edge_qmul/ had uncommitted changes."""
-    import subprocess
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()

@@ -17,7 +17,6 @@ The model passed in is never changed: training and unlearning work on copies.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import platform
 import resource
@@ -27,13 +26,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numba
 import numpy as np
 
 from . import __version__
 from .errors import ModelError
+from .fsutil import sha256_file
 from .graph import Model
 from .profile import Profiler
 from .quant import dequantize
+from .train import Trainer
+from .unlearn import METHODS, make_config, unlearn
 
 RETAIN_FACTOR = 4     # retain set = 4 x the forget set ...
 RETAIN_CAP = 1024     # ... at most this many samples
@@ -45,13 +48,8 @@ ProgressFn = Callable[[dict], None]
 
 # --- inputs --------------------------------------------------------------------------------------
 
-def _num_classes(model: Model) -> int:
-    return int(np.prod(model.tensors[model.core_outputs[0]].shape[1:]))
-
-
 def _check_settings(model: Model, batch: int, forget_size: int, method: str, repeats: int,
                     unlearn_epochs: int) -> None:
-    from .unlearn import METHODS
     if not isinstance(model, Model):
         raise ModelError(f"bench: expected an edge_qmul Model, got {type(model).__name__}")
     if len(model.core_inputs) != 1:
@@ -79,7 +77,7 @@ def _check_samples(model: Model, samples: tuple, needed: int) -> tuple[np.ndarra
                          f"got {x.shape}")
     if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
         raise ModelError(f"bench: labels must be {len(x)} integers, got {y.dtype}{list(y.shape)}")
-    classes = _num_classes(model)
+    classes = model.num_classes
     bad = np.flatnonzero((y < 0) | (y >= classes))
     if bad.size:
         raise ModelError(f"bench: label {int(y[bad[0]])} at position {int(bad[0])} is outside [0, {classes})")
@@ -92,7 +90,7 @@ def _check_samples(model: Model, samples: tuple, needed: int) -> tuple[np.ndarra
 def _random_samples(model: Model, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     sample_shape = tuple(model.tensors[model.core_inputs[0]].shape[1:])
     x = rng.integers(-128, 128, size=(n,) + sample_shape, dtype=np.int16).astype(np.int8)
-    return x, rng.integers(0, _num_classes(model), size=n).astype(np.int64)
+    return x, rng.integers(0, model.num_classes, size=n).astype(np.int64)
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -131,7 +129,6 @@ def op_seconds(model: Model, x: np.ndarray) -> tuple[list[float], list[tuple[int
 def machine_info() -> dict:
     """What the numbers were measured on. The load average matters: numba's parallel kernels wait
     for free cores, so a busy machine can make every op far slower."""
-    import numba
     load = [round(float(v), 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
     return {"machine": platform.machine(), "platform": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
@@ -159,9 +156,6 @@ def bench_model(model: Model, batch: int = 8, forget_size: int = 64, method: str
     ``progress``: called with ``{"phase", "step", "steps", "epoch", "epochs"}`` as runs finish.
     Bad arguments raise ModelError before anything runs.
     """
-    from .train import Trainer
-    from .unlearn import make_config, unlearn
-
     _check_settings(model, batch, forget_size, method, repeats, unlearn_epochs)
     machine = machine_info()  # before the runs: the load average is the machine's, not ours
     retain_size = min(RETAIN_FACTOR * forget_size, RETAIN_CAP)
@@ -179,7 +173,7 @@ def bench_model(model: Model, batch: int = 8, forget_size: int = 64, method: str
     retain_size = len(retain_rows)
     xb, yb = x[:batch], y[:batch]
     config = make_config(method, {"epochs": unlearn_epochs, "stop": False, "seed": seed, "budget": None})
-    sha256 = hashlib.sha256(Path(model_path).read_bytes()).hexdigest() if model_path is not None else None
+    sha256 = sha256_file(model_path) if model_path is not None else None
 
     def report_progress(phase: str, done: int) -> None:
         if progress is not None:
@@ -245,7 +239,7 @@ def bench_model(model: Model, batch: int = 8, forget_size: int = 64, method: str
         "model": {"description": model.description, "sha256": sha256,
                   "path": str(model_path) if model_path is not None else None,
                   "ops": len(model.ops), "parameters": int(sum(p.size for p in model.parameters().values())),
-                  "input_shape": [int(s) for s in in_tensor.shape[1:]], "classes": _num_classes(model)},
+                  "input_shape": [int(s) for s in in_tensor.shape[1:]], "classes": model.num_classes},
         "settings": {"batch": int(batch), "repeats": int(repeats), "inputs": source, "seed": int(seed)},
         "ops": ops,
         "ops_total_s": ops_total,
@@ -314,7 +308,7 @@ def plot(report: dict, path: str | os.PathLike) -> None:
 
     Needs matplotlib (the ``host`` extra); raises ModelError if it is missing.
     """
-    try:
+    try:  # matplotlib is optional (the host extra): the device agent benchmarks without it
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -1,24 +1,35 @@
-"""The `edge-qmul` command (device side): info, unlearn, store."""
+"""The `edge-qmul` command (device side): info, unlearn, store; other packages add commands.
+
+The device agent's commands (``serve``, ``keygen``) belong to ``firmware_bridge``, which registers
+them under the entry-point group ``edge_qmul.commands``: the engine never imports the bridge, and
+``edge-qmul serve`` works wherever the bridge is installed.
+"""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import __version__
-from .errors import ModelError
+from .arithmetic import ENV, arithmetic
+from .errors import CLIError, ModelError
+from .forget import commit, run_forget
+from .fsutil import atomic_write, sha256_file
+from .jobs import SelectorError, parse_selector
+from .state import StateDir, StateError, import_samples
+from .store import Store, StoreError
+from .tflite import load_tflite, save_tflite
+from .unlearn import DEFAULT_CLASS_METHOD, DEFAULT_METHOD, METHODS
+from .unlearn.similar_labels import TableError
 
-
-class CLIError(Exception):
-    """A user-facing failure: printed as one line, exit status 2."""
+COMMAND_GROUP = "edge_qmul.commands"  # entry points: f(subparsers) adds sub-commands
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .tflite import load_tflite
     try:
         model = load_tflite(args.model)
     except ModelError as e:
@@ -32,10 +43,9 @@ def _info(args: argparse.Namespace) -> int:
             shown = ", ".join(map(str, where[:12])) + (", ..." if len(where) > 12 else "")
             print(f"  {kind:<32} x{len(where):<4} at op index {shown}", file=sys.stderr)
         return 2
-    data = Path(args.model).read_bytes()
     print(f"model: {args.model}")
-    print(f"sha256: {hashlib.sha256(data).hexdigest()}")
-    print(f"size: {len(data)} bytes")
+    print(f"sha256: {sha256_file(args.model)}")
+    print(f"size: {Path(args.model).stat().st_size} bytes")
     print(f"arithmetic: LiteRT on {model.litert.platform}")
     print(model.summary())
     return 0
@@ -53,7 +63,7 @@ class Progress:
         self.t0 = time.perf_counter()
         if stream.isatty():
             try:
-                from tqdm import tqdm
+                from tqdm import tqdm  # optional (a host extra): without it, plain lines
                 self.tqdm = tqdm
             except ImportError:
                 self.tqdm = None
@@ -89,48 +99,20 @@ class Progress:
 
 # --- unlearn -------------------------------------------------------------------------------------
 
-def _selector(args) -> dict:
-    chosen = [k for k in ("owner", "ids", "label") if getattr(args, k) is not None]
-    if len(chosen) != 1:
-        raise CLIError("give exactly one of --owner, --ids FILE, --class K")
-    if args.owner is not None:
-        return {"owner": args.owner}
-    if args.label is not None:
-        return {"label": int(args.label)}
-    path = Path(args.ids)
-    if not path.is_file():
-        raise CLIError(f"--ids {path}: no such file")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise CLIError(f"--ids {path}: lists no sample id (the forget set would be empty)")
-    return {"ids": ids}
+def _overrides(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("seed", args.seed),
+                              ("budget", args.budget)) if v is not None}
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-    from .fsutil import atomic_write
-    from .forget import commit, run_forget
-    from .store import Store
-
-    model_path, out_path = Path(args.model), Path(args.out)
-    if out_path.resolve() == model_path.resolve():
-        raise CLIError("--out must differ from --model: the original model stays as it is")
-    selector = _selector(args)
-    if not Path(args.store).is_file():
-        raise CLIError(f"--store {args.store}: no such file")
-    if not model_path.is_file():
-        raise CLIError(f"--model {model_path}: no such file")
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("seed", args.seed),
-                                   ("budget", args.budget)) if v is not None}
+    selector = parse_selector(args.owner, args.ids, args.label)
     progress = Progress()
-    with Store(args.store) as store:
-        cert = run_forget(model_path, store, selector, args.method, overrides, args.table,
-                          args.allow_table_mismatch, args.retain_max, out_path, progress,
-                          warn=lambda m: print(f"edge-qmul: {m}", file=sys.stderr))
-        progress.close()
-        if args.commit:
-            cert = commit(store, cert)
-        else:
-            cert.pop("_forget_ids")
+    warn = lambda m: print(f"edge-qmul: {m}", file=sys.stderr)  # noqa: E731
+    if args.state is not None:
+        cert, out_path = _unlearn_state(args, selector, progress, warn)
+    else:
+        cert, out_path = _unlearn_files(args, selector, progress, warn)
+    progress.close()
     if args.report:
         atomic_write(args.report, (json.dumps(cert, indent=1, sort_keys=True) + "\n").encode())
     print(f"forgot {cert['n_forgotten']} samples with {cert['method']} in {cert['wall_s']:.2f} s "
@@ -145,24 +127,54 @@ def _unlearn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unlearn_state(args, selector: dict, progress, warn) -> tuple[dict, Path]:
+    """A job in the device's state directory, run and committed exactly as the agent does."""
+    for name in ("model", "store"):
+        if getattr(args, name) is not None:
+            raise CLIError(f"--{name} and --state exclude each other: the state directory holds both")
+    if not Path(args.state).is_dir():
+        raise CLIError(f"--state {args.state}: no such directory")
+    with StateDir(args.state) as state:
+        table = state.add("table", Path(args.table).read_bytes()) if args.table else None
+        job = state.new_job(selector, args.method, _overrides(args), table, args.retain_max)
+        state.run_job(job, progress, warn, allow_table_mismatch=args.allow_table_mismatch)
+        cert = state.commit_job(job) if args.commit else job.certificate
+        out_path = Path(cert["model_after_path"])
+        if args.out:
+            out_path = atomic_write(args.out, out_path.read_bytes())
+    return cert, out_path
+
+
+def _unlearn_files(args, selector: dict, progress, warn) -> tuple[dict, Path]:
+    """A model file and a store file anywhere: the new model goes to --out."""
+    for name in ("model", "store", "out"):
+        if getattr(args, name) is None:
+            raise CLIError(f"--{name} is required (or give --state DIR, a device's state directory)")
+    model_path, out_path = Path(args.model), Path(args.out)
+    if out_path.resolve() == model_path.resolve():
+        raise CLIError("--out must differ from --model: the original model stays as it is")
+    if not Path(args.store).is_file():
+        raise CLIError(f"--store {args.store}: no such file")
+    if not model_path.is_file():
+        raise CLIError(f"--model {model_path}: no such file")
+    with Store(args.store) as store:
+        run = run_forget(model_path, store, selector, args.method, _overrides(args), args.table,
+                         args.allow_table_mismatch, args.retain_max,
+                         save_model=lambda m: save_tflite(m, out_path), progress=progress, warn=warn)
+        cert = commit(store, run.certificate, run.forget_ids) if args.commit else run.certificate
+    return cert, out_path
+
+
 # --- store ---------------------------------------------------------------------------------------
 
 def _store(args: argparse.Namespace) -> int:
-    from .store import Store
-    from .tflite import load_tflite
     if args.store_command == "import":
+        if not (args.npz or args.images):
+            raise CLIError("store import needs --npz FILE or --images DIR")
         model = load_tflite(args.model)
-        q = model.tensors[model.core_inputs[0]].quant
-        shape = tuple(model.tensors[model.core_inputs[0]].shape[1:])
         with Store(args.store, create=True) as store:
-            if args.npz:
-                ids = store.import_npz(args.npz, q, owner=args.owner, role=args.role)
-            elif args.images:
-                h, w, c = shape if len(shape) == 3 else (*shape, 1)
-                ids = store.import_image_folder(args.images, q, size=(h, w), channels=c, owner=args.owner,
-                                                role=args.role)
-            else:
-                raise CLIError("store import needs --npz FILE or --images DIR")
+            ids = import_samples(store, model, npz=args.npz, images=args.images, owner=args.owner,
+                                 role=args.role)
             print(f"imported {len(ids)} samples into {args.store} ({store.count()} in all)")
         return 0
     if not Path(args.store).is_file():
@@ -178,44 +190,6 @@ def _store(args: argparse.Namespace) -> int:
         elif args.store_command == "verify":
             print(json.dumps(store.verify(), indent=1, sort_keys=True, default=str))
             print("ok")
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    import logging
-    from firmware_bridge.device import Agent, KeyFileError, read_key, serve
-    from firmware_bridge.transport import SerialTransport, TcpListener
-    logging.basicConfig(level=logging.INFO, format='{"time": "%(asctime)s", "level": "%(levelname)s", '
-                        '"logger": "%(name)s", "message": "%(message)s"}')
-    try:
-        key = read_key(args.key_file)
-    except KeyFileError as e:
-        raise CLIError(str(e)) from None
-    if args.threads is not None:
-        import numba
-        if not 1 <= args.threads <= numba.config.NUMBA_NUM_THREADS:
-            raise CLIError(f"--threads {args.threads}: must be between 1 and {numba.config.NUMBA_NUM_THREADS}")
-    agent = Agent(args.state, threads=args.threads)
-    if args.serial:
-        serve(SerialTransport(args.serial), agent, key)
-        return 0
-    host, _, port = args.listen.rpartition(":")
-    if not port.isdigit():
-        raise CLIError(f"--listen {args.listen!r}: expected HOST:PORT")
-    listener = TcpListener(host or "127.0.0.1", int(port))
-    print(f"listening on {listener.address[0]}:{listener.address[1]}", flush=True)
-    while True:  # one host at a time; the next connection gets the same state
-        transport = listener.accept(timeout=None)
-        serve(transport, agent, key)
-
-
-def _keygen(args: argparse.Namespace) -> int:
-    from firmware_bridge.device import write_key
-    try:
-        path = write_key(args.key_file)
-    except FileExistsError:
-        raise CLIError(f"{args.key_file} exists: a key is never overwritten") from None
-    print(f"wrote a 32-byte key to {path} (mode 600)")
     return 0
 
 
@@ -237,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  edge-qmul store import store.db --model model.tflite --npz data.npz --owner alice\n"
                "  edge-qmul unlearn --model model.tflite --store store.db --owner alice --out new.tflite "
                "--report forget.json --commit\n"
+               "  edge-qmul unlearn --state /var/lib/edge-qmul --owner alice --commit\n"
                "  edge-qmul keygen device.key\n"
                "  edge-qmul serve --serial /dev/ttyUSB0 --state /var/lib/edge-qmul --key-file device.key")
     p.add_argument("--version", action="version", version=f"edge-qmul {__version__}")
@@ -249,13 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="path to an int8 .tflite model")
     info.set_defaults(func=_info)
 
-    from .unlearn import DEFAULT_CLASS_METHOD, DEFAULT_METHOD, METHODS
     un = add_command(sub, "unlearn", "forget samples of the store from a model", [
         "edge-qmul unlearn --model model.tflite --store store.db --owner alice --out new.tflite",
         "edge-qmul unlearn --model model.tflite --store store.db --ids ids.txt --method qmul --table table.json "
-        "--out new.tflite --report forget.json --commit"])
-    un.add_argument("--model", required=True, help="the int8 .tflite the device runs")
-    un.add_argument("--store", required=True, help="the sample store (SQLite)")
+        "--out new.tflite --report forget.json --commit",
+        "edge-qmul unlearn --state /var/lib/edge-qmul --owner alice --commit   # as the agent would"])
+    un.add_argument("--state", help="a device's state directory (edge-qmul serve --state): its active model "
+                                    "and store; the job, the new model and the commit go where the agent's do")
+    un.add_argument("--model", help="the int8 .tflite the device runs (without --state)")
+    un.add_argument("--store", help="the sample store (SQLite) (without --state)")
     un.add_argument("--owner", help="forget every sample of this owner")
     un.add_argument("--ids", help="forget the sample ids listed in this file, one per line")
     un.add_argument("--class", dest="label", type=int, help="forget a whole class")
@@ -271,27 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     un.add_argument("--lr", type=float, help="learning rate")
     un.add_argument("--seed", type=int)
     un.add_argument("--retain-max", type=int, help="at most this many retain samples (class-stratified)")
-    un.add_argument("--out", required=True, help="where to write the new model")
+    un.add_argument("--out", help="where to write the new model (with --state: a copy of it)")
     un.add_argument("--report", help="where to write the report / forget certificate (JSON)")
     un.add_argument("--commit", action="store_true",
                     help="delete the forgotten samples and record the new model as active")
     un.set_defaults(func=_unlearn)
-
-    sv = add_command(sub, "serve", "run the device agent (firmware_bridge) on a serial line or TCP", [
-        "edge-qmul serve --serial /dev/ttyUSB0 --state /var/lib/edge-qmul --key-file device.key",
-        "edge-qmul serve --listen 0.0.0.0:7070 --state /var/lib/edge-qmul --key-file device.key"])
-    where = sv.add_mutually_exclusive_group(required=True)
-    where.add_argument("--serial", help="a pyserial URL or device, e.g. /dev/ttyUSB0")
-    where.add_argument("--listen", help="HOST:PORT to listen on (TCP)")
-    sv.add_argument("--state", required=True, help="the device's state directory")
-    sv.add_argument("--key-file", required=True, help="the 32-byte pre-shared key (mode 0600)")
-    sv.add_argument("--threads", type=int, help="compute threads for unlearning (default: every core; "
-                    "1 on a board whose other cores are kept busy, where parallel kernels wait for them)")
-    sv.set_defaults(func=_serve)
-    kg = add_command(sub, "keygen", "write a new 32-byte pre-shared key with mode 0600",
-                     "edge-qmul keygen device.key   # then copy it to the host over a channel you trust")
-    kg.add_argument("key_file")
-    kg.set_defaults(func=_keygen)
 
     st = add_command(sub, "store", "the sample store: import, list, stats, verify",
                      ["edge-qmul store import store.db --model model.tflite --npz data.npz",
@@ -314,20 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "list":
             cmd.add_argument("--owner")
     st.set_defaults(func=_store)
+    for plugin in entry_points(group=COMMAND_GROUP):
+        try:
+            add_commands = plugin.load()
+        except ImportError:  # its package's dependencies are not installed here: no such commands
+            continue
+        add_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .store import StoreError
-    from .unlearn.similar_labels import TableError
-    from .arithmetic import ENV, arithmetic
     previous = os.environ.get(ENV)
     try:
         if args.litert is not None:
             os.environ[ENV] = arithmetic(args.litert).platform  # every model the command loads
         return args.func(args)
-    except (ModelError, StoreError, TableError, CLIError) as e:  # ForgetError is a ModelError
+    except (ModelError, StoreError, TableError, CLIError, StateError, SelectorError) as e:  # ForgetError: a ModelError
         print(f"edge-qmul: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a port that will not open, an address in use, a missing file

@@ -15,3 +15,7 @@ class ModelError(ValueError):
         e = ModelError(f"{where}: {self}")
         e.unsupported = self.unsupported
         return e
+
+
+class CLIError(Exception):
+    """A user-facing failure of a command: printed as one line, exit status 2."""

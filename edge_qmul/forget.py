@@ -1,29 +1,43 @@
 """A forget job from start to certificate: the one code path the CLI and the device agent share.
 
 Everything is checked before the first write (bad input leaves the model file and the store byte for
-byte unchanged); then the request is recorded, the method runs, the new model is written (atomic,
-content-addressed by the caller's choice of path), checked in LiteRT, and the certificate is built.
-Committing (deleting the samples, switching the active model) is a separate, explicit step.
+byte unchanged); then the request is recorded, the method runs, the new model is written where the
+caller's ``save_model`` puts it (the state directory: content-addressed), checked in LiteRT, and the
+certificate is built. Committing (deleting the samples, switching the active model) is a separate,
+explicit step.
 """
 from __future__ import annotations
 
-import hashlib
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from . import __version__
+from . import __version__, metrics
+from .arithmetic import host_platform
 from .errors import ModelError
+from .fsutil import sha256_file
+from .graph import Model
+from .store import sha256_id
+from .tflite import load_tflite
+from .unlearn import CLASS_FORGETTING, accuracy, default_method, make_config, unlearn
+from .unlearn.similar_labels import SimilarLabelTable, TableError, check_table
 
 
 class ForgetError(ModelError):
     """A forget request that cannot run as given (the message says why); nothing was changed."""
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+@dataclass
+class ForgetRun:
+    """A finished, uncommitted forget: the certificate (what may be shown to anyone) and the ids of
+    every selected sample (what COMMIT deletes; never sent or shown)."""
+
+    certificate: dict
+    forget_ids: list[str]
 
 
 def describe(selector: dict) -> str:
@@ -36,19 +50,13 @@ def describe(selector: dict) -> str:
 
 def run_forget(model_path: Path, store, selector: dict, method: str | None, overrides: dict | None = None,
                table_path: str | None = None, allow_table_mismatch: bool = False,
-               retain_max: int | None = None, out_path: Path | None = None, progress=None,
-               request_id: str | None = None, warn=print) -> dict:
+               retain_max: int | None = None, *, save_model: Callable[[Model], Path], progress=None,
+               request_id: str | None = None, warn=print) -> ForgetRun:
     """Run one forget request against an open Store; returns the certificate (not committed).
 
-    ``out_path`` receives the new model (default: next to the old one, named by its hash); ``method``
-    None: the default for the kind of request (``unlearn.default_method``).
+    ``save_model`` writes the new model and returns its path; ``method`` None: the default for the
+    kind of request (``unlearn.default_method``).
     """
-    from . import metrics
-    from .store import sha256_id
-    from .tflite import load_tflite, save_tflite
-    from .unlearn import CLASS_FORGETTING, default_method, make_config, unlearn
-    from .unlearn.similar_labels import SimilarLabelTable, TableError, check_table
-
     method = method or default_method(selector)
     model_path = Path(model_path)
     model = load_tflite(model_path)
@@ -58,7 +66,7 @@ def run_forget(model_path: Path, store, selector: dict, method: str | None, over
     if table_path:
         try:
             table = SimilarLabelTable.load(table_path)
-            check_table(table, metrics.model_sha256(model), metrics._num_classes(model),
+            check_table(table, metrics.model_sha256(model), model.num_classes,
                         allow_model_mismatch=allow_table_mismatch)
         except TableError as e:
             raise ForgetError(str(e)) from None
@@ -101,11 +109,7 @@ def run_forget(model_path: Path, store, selector: dict, method: str | None, over
                          table=table, progress=progress)
         wall = time.perf_counter() - t0
         after = measure(result.model, forget, retain, validation)
-        if out_path is None:
-            from .tflite import to_bytes
-            digest = hashlib.sha256(to_bytes(result.model)).hexdigest()
-            out_path = model_path.parent / f"{digest}.tflite"
-        save_tflite(result.model, out_path)
+        out_path = save_model(result.model)
         model_after = sha256_file(out_path)
         checked = litert_check(out_path, result.model, forget[0], retain[0][:256])
         store.set_status(request_id, "done", {"model_after": model_after, "UA": after["UA"], "RA": after["RA"],
@@ -113,7 +117,7 @@ def run_forget(model_path: Path, store, selector: dict, method: str | None, over
     except BaseException as e:
         store.set_status(request_id, "failed", {"error": f"{type(e).__name__}: {e}"})
         raise
-    return {
+    return ForgetRun({
         "request_id": request_id,
         "selector": {k: (v if k == "label" else None) for k, v in selector.items()},
         "forgotten_sample_id_hashes": sorted(sha256_id(i) for i in all_forget_ids),
@@ -135,25 +139,20 @@ def run_forget(model_path: Path, store, selector: dict, method: str | None, over
         "audit_hash": None,
         "engine_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(),
-        "_forget_ids": all_forget_ids,
-    }
+    }, all_forget_ids)
 
 
-def commit(store, certificate: dict) -> dict:
+def commit(store, certificate: dict, forget_ids: list[str]) -> dict:
     """Delete the forgotten samples and switch the active model (one transaction); returns the
     certificate completed with the deletion time and the audit hash."""
-    ids = certificate.pop("_forget_ids")
-    done = store.commit_forget(certificate["request_id"], ids, certificate["model_after_sha256"],
+    done = store.commit_forget(certificate["request_id"], forget_ids, certificate["model_after_sha256"],
                                base_model_sha256=certificate.get("model_before_sha256"))
-    certificate.update({"committed": True, "samples_deleted_at": done["deleted_at"],
-                        "audit_hash": done.get("audit_hash")})
-    return certificate
+    return dict(certificate, committed=True, samples_deleted_at=done["deleted_at"],
+                audit_hash=done.get("audit_hash"))
 
 
 def measure(model, forget, retain, validation) -> dict:
     """UA, RA, VA (held-out accuracy) and, where scikit-learn is installed, MIA."""
-    from . import metrics
-    from .unlearn import accuracy
     out = {"UA": 100.0 - accuracy(model, forget), "RA": accuracy(model, retain),
            "VA": accuracy(model, validation) if validation is not None else None, "MIA": None}
     if validation is not None:
@@ -170,10 +169,9 @@ def litert_check(path: Path, model, *batches) -> dict | None:
     whether the top classes agree, as separate fields. The engine computes with ``model.litert``'s
     profile; the check is only bit-exact when that is this machine's platform. None without LiteRT."""
     try:
-        from . import litert
+        from . import litert  # LiteRT is optional: a board may run the engine without it
     except ImportError:
         return None
-    from .arithmetic import host_platform
     data = Path(path).read_bytes()
     elements = differing = 0
     top_agrees = True

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from .quant import rounding_shift_right_half_up
+
 ERROR_BITS = 15                          # magnitude bits of an error value
 ERROR_MAX = (1 << ERROR_BITS) - 1        # 32767: int16
 
@@ -78,9 +80,8 @@ def round_into(acc, out, bits):
         for i in range(acc.size):
             out[i] = np.int16(acc[i])
         return 0
-    half = np.int64(1) << (r - 1)
     for i in range(acc.size):
-        out[i] = np.int16((np.int64(acc[i]) + half) >> r)
+        out[i] = np.int16(rounding_shift_right_half_up(np.int64(acc[i]), r))
     return r
 
 
@@ -122,9 +123,8 @@ def channel_sum(g):
 def rounding_shift_int16(acc, r):
     """acc >> r rounded to nearest (ties toward +inf), as int16."""
     out = np.empty(acc.size, np.int16)
-    half = np.int64(1) << (r - 1)
     for i in range(acc.size):
-        out[i] = np.int16((np.int64(acc[i]) + half) >> r)
+        out[i] = np.int16(rounding_shift_right_half_up(np.int64(acc[i]), r))
     return out
 
 
@@ -147,10 +147,9 @@ def fold_channel_scale(g, multiplier_q15, shift):
     c = g.shape[-1]
     flat = g.reshape(-1, c)
     out = np.empty(flat.shape, np.int16)  # m <= 1 and shift >= 15: |result| <= |g|
-    half = (1 << (shift - 1)) if shift > 0 else 0
     for i in range(flat.shape[0]):
         for j in range(c):
-            out[i, j] = np.int16((np.int32(flat[i, j]) * multiplier_q15[j] + half) >> shift)
+            out[i, j] = np.int16(rounding_shift_right_half_up(np.int32(flat[i, j]) * multiplier_q15[j], shift))
     return out.reshape(g.shape)
 
 

@@ -6,13 +6,14 @@ the shapes the file declares (batch 1); the engine runs any batch size along axi
 """
 from __future__ import annotations
 
+import copy
 import time
-
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
+from . import kernels
 from .arithmetic import Arithmetic, arithmetic
 from .errors import ModelError
 from .quant import QuantParams, dequantize, quantize
@@ -59,13 +60,6 @@ class Op:
         return f"{self.kind.lower()}_{self.index}"
 
 
-def _parameter_slots(kind: str) -> tuple:
-    """Input slots that hold trainable parameters, (slot, suffix), as the kernel registry declares
-    them (imported where used, as this module's other uses of the kernels are)."""
-    from .kernels import parameter_slots
-    return parameter_slots(kind)
-
-
 class Model:
     """An int8 model: ``forward`` runs the int8 core, ``predict`` the whole float/int8 interface."""
 
@@ -84,8 +78,7 @@ class Model:
         for i, op in enumerate(ops):
             op.index = i
         self._prepared: list | None = None
-        from .kernels import check_supported
-        check_supported(self)
+        kernels.check_supported(self)
 
     # --- interface -------------------------------------------------------------------------------
     @property
@@ -97,6 +90,22 @@ class Model:
     def core_outputs(self) -> list[int]:
         """Int8 tensors the core ends in: model outputs, or what DEQUANTIZE reads."""
         return [self._skip_interface(t, "DEQUANTIZE") for t in self.outputs]
+
+    @property
+    def logits_tensor(self) -> int:
+        """The classifier's logits: the first core output, or the input of the SOFTMAX that makes it
+        (training and the metrics read real-valued logits, not int8 probabilities on a 1/256 grid)."""
+        out = self.core_outputs[0]
+        for op in self.ops:
+            if op.outputs[0] == out and op.kind == "SOFTMAX":
+                return op.inputs[0]
+        return out
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model scores: the size of one sample's logits."""
+        shape = self.tensors[self.logits_tensor].shape
+        return int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
 
     def _skip_interface(self, t: int, kind: str) -> int:
         for op in self.ops:
@@ -116,7 +125,7 @@ class Model:
         """Parameter name -> tensor index."""
         out = {}
         for op in self.ops:
-            for slot, suffix in _parameter_slots(op.kind):
+            for slot, suffix in kernels.parameter_slots(op.kind):
                 if slot < len(op.inputs) and op.inputs[slot] >= 0:
                     out[f"{op.name}.{suffix}"] = op.inputs[slot]
         return out
@@ -144,8 +153,7 @@ class Model:
     # --- execution -------------------------------------------------------------------------------
     def _ensure_prepared(self) -> list:
         if self._prepared is None:
-            from .kernels import prepare
-            self._prepared = [prepare(op, self) for op in self.ops]
+            self._prepared = [kernels.prepare(op, self) for op in self.ops]
         return self._prepared
 
     def run(self, feeds: dict[int, np.ndarray], start_after_interface: bool = False,
@@ -155,7 +163,6 @@ class Model:
         With ``start_after_interface`` the QUANTIZE / DEQUANTIZE ops at the float interface are
         skipped, so the int8 core runs alone. ``timings``, if given, receives (op, seconds) per op run.
         """
-        from .kernels import evaluate
         prepared = self._ensure_prepared()
         values: dict[int, np.ndarray] = dict(feeds)
         core_in, core_out = set(self.core_inputs), set(self.core_outputs)
@@ -168,10 +175,10 @@ class Model:
             args = [values[i] if i in values else (self.tensors[i].data if i >= 0 else None)
                     for i in op.inputs]
             if timings is None:
-                result = evaluate(op, params, args)
+                result = kernels.evaluate(op, params, args)
             else:
                 t0 = time.perf_counter()
-                result = evaluate(op, params, args)
+                result = kernels.evaluate(op, params, args)
                 timings.append((op, time.perf_counter() - t0))
             if len(op.outputs) == 1:
                 values[op.outputs[0]] = result
@@ -239,17 +246,16 @@ class Model:
 
     def summary(self) -> str:
         """A table of ops, output shapes, parameters, bytes and MACs, with totals."""
-        from .kernels import macs
         rows = [("#", "op", "output", "shape", "params", "bytes", "MACs")]
         total_p = total_b = total_m = 0
         for op in self.ops:
             out = self.tensors[op.outputs[0]]
             p = b = 0
-            for slot, _ in _parameter_slots(op.kind):
+            for slot, _ in kernels.parameter_slots(op.kind):
                 if slot < len(op.inputs) and op.inputs[slot] >= 0:
                     p += int(self.tensors[op.inputs[slot]].data.size)
                     b += int(self.tensors[op.inputs[slot]].data.nbytes)
-            m = macs(op, self)
+            m = kernels.macs(op, self)
             total_p, total_b, total_m = total_p + p, total_b + b, total_m + m
             rows.append((str(op.index), op.kind, out.name[:40], "x".join(map(str, out.shape)),
                          str(p), str(b), str(m)))
@@ -265,7 +271,6 @@ class Model:
 
     def copy(self) -> "Model":
         """A deep copy (tensor data copied), sharing nothing mutable with this model."""
-        import copy as _copy
-        return Model([_copy.deepcopy(t) for t in self.tensors], [_copy.deepcopy(o) for o in self.ops],
+        return Model([copy.deepcopy(t) for t in self.tensors], [copy.deepcopy(o) for o in self.ops],
                      self.inputs, self.outputs, self.metadata, self.description,
-                     _copy.deepcopy(self.signature), self.litert)
+                     copy.deepcopy(self.signature), self.litert)

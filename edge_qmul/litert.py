@@ -10,6 +10,7 @@ import numpy as np
 
 
 def _interpreter_module():
+    # imported on first use: LiteRT is optional (the `device` extra), and the engine runs without it
     try:
         from ai_edge_litert import interpreter as mod
     except ImportError:  # pragma: no cover - boards with only tflite-runtime

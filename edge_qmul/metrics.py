@@ -10,25 +10,26 @@ and its call in ``main_forget.py``):
   the efficacy is the share of forget samples it calls non-members, in percent.
 - Average gap to Retrain: mean |m - m_retrain| over UA, RA, TA, MIA.
 
-Device side: only numpy is imported here. scikit-learn (for the SVC) is imported when the MIA is
+Device side: numpy and the engine only. scikit-learn (for the SVC) is imported when the MIA is
 computed, and its absence is a clear ImportError naming the ``host`` extra.
 
 Probabilities are the float64 softmax of the dequantized int8 logits. When the model ends in an int8
-SOFTMAX op, its *input* (the logits) is used, as training does, so confidences are not flattened to
-the 1/256 grid of int8 probabilities.
+SOFTMAX op, its *input* (the logits, ``Model.logits_tensor``) is used, as training does, so
+confidences are not flattened to the 1/256 grid of int8 probabilities. Accuracy is the top-1 of the
+model's own int8 output, the class LiteRT running the .tflite answers.
 """
 from __future__ import annotations
 
 import hashlib
 import warnings
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from .graph import Model
+from .losses import softmax
 from .quant import dequantize
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .graph import Model
+from .tflite import to_bytes
 
 __all__ = ["predict_proba", "accuracy", "confidence", "mia_efficacy", "evaluate", "average_gap",
            "gap_split", "changed_fraction", "model_sha256", "logits_tensor", "METRIC_KEYS"]
@@ -39,50 +40,42 @@ SVC_PARAMS = {"C": 3, "gamma": "auto", "kernel": "rbf"}
 
 # --- probabilities ---------------------------------------------------------------------------------
 
-def logits_tensor(model: "Model") -> int:
-    """Index of the logits tensor: the core output, or the input of a final SOFTMAX op."""
-    out = model.core_outputs[0]
-    for op in model.ops:
-        if op.outputs[0] == out and op.kind == "SOFTMAX":
-            return op.inputs[0]
-    return out
+def logits_tensor(model: Model) -> int:
+    """Index of the logits tensor (``Model.logits_tensor``)."""
+    return model.logits_tensor
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+def _run(model: Model, x_int8: np.ndarray, batch: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One engine pass in batches: class probabilities, float64 (N, C), from the logits, and the
+    predicted class, int64 (N,), the argmax of the model's int8 output (ties to the lower class)."""
+    if not (isinstance(batch, (int, np.integer)) and not isinstance(batch, bool) and batch >= 1):
+        raise ValueError(f"{where}: batch must be a positive integer, got {batch!r}")
+    num_classes = model.num_classes
+    x_int8 = np.asarray(x_int8)
+    core_in, core_out = model.core_inputs[0], model.core_outputs[0]
+    if x_int8.ndim == len(model.tensors[core_in].shape) and len(x_int8) == 0:
+        return np.zeros((0, num_classes), dtype=np.float64), np.zeros(0, dtype=np.int64)
+    t = model.logits_tensor
+    qp = model.tensors[t].quant
+    if qp is None:
+        raise ValueError(f"{where}: logits tensor {model.tensors[t].name!r} is not quantized")
+    x_int8 = model._check_batch(x_int8, core_in, where)
+    probs, preds = [], []
+    for i in range(0, len(x_int8), int(batch)):
+        xb = x_int8[i:i + int(batch)]
+        values = model.run({core_in: xb}, start_after_interface=True)
+        probs.append(softmax(dequantize(values[t], qp).astype(np.float64).reshape(len(xb), -1)))
+        preds.append(values[core_out].reshape(len(xb), -1).argmax(axis=1))
+    return np.concatenate(probs, axis=0), np.concatenate(preds).astype(np.int64)
 
 
-def _num_classes(model: "Model") -> int:
-    shape = model.tensors[logits_tensor(model)].shape
-    return int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
-
-
-def predict_proba(model: "Model", x_int8: np.ndarray, batch: int = 256) -> np.ndarray:
+def predict_proba(model: Model, x_int8: np.ndarray, batch: int = 256) -> np.ndarray:
     """Class probabilities, float64 (N, C): softmax of the dequantized int8 logits.
 
     ``x_int8`` is a batch of int8 core inputs (what ``model.forward`` takes). An empty batch gives
     a (0, C) array.
     """
-    if not (isinstance(batch, (int, np.integer)) and not isinstance(batch, bool) and batch >= 1):
-        raise ValueError(f"predict_proba: batch must be a positive integer, got {batch!r}")
-    num_classes = _num_classes(model)
-    x_int8 = np.asarray(x_int8)
-    core_in = model.core_inputs[0]
-    if x_int8.ndim == len(model.tensors[core_in].shape) and len(x_int8) == 0:
-        return np.zeros((0, num_classes), dtype=np.float64)
-    t = logits_tensor(model)
-    qp = model.tensors[t].quant
-    if qp is None:
-        raise ValueError(f"predict_proba: logits tensor {model.tensors[t].name!r} is not quantized")
-    x_int8 = model._check_batch(x_int8, core_in, "predict_proba")
-    out = []
-    for i in range(0, len(x_int8), int(batch)):
-        xb = x_int8[i:i + int(batch)]
-        z = model.run({core_in: xb}, start_after_interface=True)[t]
-        out.append(_softmax(dequantize(z, qp).astype(np.float64).reshape(len(xb), -1)))
-    return np.concatenate(out, axis=0)
+    return _run(model, x_int8, batch, "predict_proba")[0]
 
 
 def check_labels(y, n: int | None, num_classes: int, where: str) -> np.ndarray:
@@ -102,33 +95,35 @@ def check_labels(y, n: int | None, num_classes: int, where: str) -> np.ndarray:
 
 
 
-def _probs_and_labels(model: "Model", x_int8, y, where: str) -> tuple[np.ndarray, np.ndarray]:
-    p = predict_proba(model, x_int8)
-    return p, check_labels(y, len(p), p.shape[1], where)
+def _scored(model: Model, x_int8, y, where: str, batch: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities, predicted classes, checked labels) of one pass over (x_int8, y)."""
+    p, pred = _run(model, x_int8, batch, where)
+    return p, pred, check_labels(y, len(p), p.shape[1], where)
 
 
-def _accuracy(p: np.ndarray, y: np.ndarray, where: str) -> float:
+def _percent_correct(pred: np.ndarray, y: np.ndarray, where: str) -> float:
     if len(y) == 0:
         raise ValueError(f"{where}: no samples to measure accuracy on")
-    return float(100.0 * np.mean(np.argmax(p, axis=1) == y))
+    return float(100.0 * np.mean(pred == y))
 
 
-def accuracy(model: "Model", x_int8: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy in percent (argmax of the int8 logits; ties go to the lower class)."""
-    p, y = _probs_and_labels(model, x_int8, y, "accuracy")
-    return _accuracy(p, y, "accuracy")
+def accuracy(model: Model, x_int8: np.ndarray, y: np.ndarray, batch: int = 256) -> float:
+    """Top-1 accuracy in percent: the argmax of the model's int8 output (the class LiteRT answers;
+    ties go to the lower class) against the labels ``y``."""
+    _, pred, y = _scored(model, x_int8, y, "accuracy", batch)
+    return _percent_correct(pred, y, "accuracy")
 
 
-def confidence(model: "Model", x_int8: np.ndarray, y: np.ndarray) -> np.ndarray:
+def confidence(model: Model, x_int8: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The probability of the true class, p[y], float64 (N,)."""
-    p, y = _probs_and_labels(model, x_int8, y, "confidence")
+    p, _, y = _scored(model, x_int8, y, "confidence")
     return p[np.arange(len(y)), y]
 
 
 # --- membership inference --------------------------------------------------------------------------
 
 def _import_svc():
-    try:
+    try:  # scikit-learn is optional (the host extra): only the MIA needs it
         from sklearn.svm import SVC
     except ImportError as e:
         raise ImportError("the MIA-efficacy metric needs scikit-learn, a host-side dependency: "
@@ -159,7 +154,7 @@ def _as_set(s, where: str) -> tuple[np.ndarray, np.ndarray]:
     return s[0], s[1]
 
 
-def mia_efficacy(model: "Model", retain, test, forget, seed: int = 0) -> float:
+def mia_efficacy(model: Model, retain, test, forget, seed: int = 0) -> float:
     """MIA-efficacy in percent: share of ``forget`` that the SVC attack calls non-members.
 
     ``retain``, ``test``, ``forget`` are (x_int8, y) pairs. Members are the first |test| retain
@@ -179,17 +174,16 @@ def mia_efficacy(model: "Model", retain, test, forget, seed: int = 0) -> float:
 
 # --- the whole evaluation --------------------------------------------------------------------------
 
-def evaluate(model: "Model", forget, retain, test, mia: bool = True, seed: int = 0) -> dict:
+def evaluate(model: Model, forget, retain, test, mia: bool = True, seed: int = 0) -> dict:
     """UA, RA, TA (percent) and MIA-efficacy (percent, or None when ``mia`` is False or scikit-learn
     is missing) of ``model`` on the (x_int8, y) sets ``forget``, ``retain``, ``test``."""
     sets = {}
     for name, s in (("forget", forget), ("retain", retain), ("test", test)):
         x, y = _as_set(s, f"evaluate: {name}")
-        sets[name] = _probs_and_labels(model, x, y, f"evaluate: {name} set")
-    conf = {k: p[np.arange(len(y)), y] for k, (p, y) in sets.items()}
-    out = {"UA": 100.0 - _accuracy(*sets["forget"], "evaluate: forget set"),
-           "RA": _accuracy(*sets["retain"], "evaluate: retain set"),
-           "TA": _accuracy(*sets["test"], "evaluate: test set"),
+        sets[name] = _scored(model, x, y, f"evaluate: {name} set")
+    conf = {k: p[np.arange(len(y)), y] for k, (p, _, y) in sets.items()}
+    correct = {k: _percent_correct(pred, y, f"evaluate: {k} set") for k, (_, pred, y) in sets.items()}
+    out = {"UA": 100.0 - correct["forget"], "RA": correct["retain"], "TA": correct["test"],
            "MIA": None}
     if mia:
         try:
@@ -231,7 +225,7 @@ def gap_split(m: dict, m_retrain: dict) -> dict[str, float]:
 
 # --- the model itself ------------------------------------------------------------------------------
 
-def changed_fraction(before: "Model", after: "Model") -> float:
+def changed_fraction(before: Model, after: Model) -> float:
     """Fraction of int8 weight entries (every ``.weight`` parameter) that differ between models."""
     pb, pa = before.parameters(), after.parameters()
     names = sorted(k for k in pb if k.endswith(".weight"))
@@ -249,7 +243,6 @@ def changed_fraction(before: "Model", after: "Model") -> float:
     return changed / total if total else 0.0
 
 
-def model_sha256(model: "Model") -> str:
+def model_sha256(model: Model) -> str:
     """SHA-256 (hex) of the model's .tflite bytes."""
-    from .tflite import to_bytes
     return hashlib.sha256(to_bytes(model)).hexdigest()

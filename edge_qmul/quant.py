@@ -2,10 +2,19 @@
 
 Everything that turns a float scale into integers, and every rounding variant, lives here; kernels
 call these helpers and never re-derive them (TFLite reference kernels do the same through
-``MultiplyByQuantizedMultiplier``). Each variant is named after the LiteRT code it reproduces;
-tests/test_quant.py checks each against an exact big-integer definition, and which one each op
-uses (per platform: arithmetic.py) is pinned against LiteRT by the op tests (test_random_ops.py,
-tests/test_ops_*.py, test_fixtures.py) and the aarch64 recordings (test_litert_profiles.py).
+``MultiplyByQuantizedMultiplier``). Each variant is named after the LiteRT code it reproduces.
+
+tests/test_quant.py checks each integer primitive against an exact definition in Python integers
+and fractions (hypothesis, over the whole int32 or int16 range and every shift): both SRDHMs are
+round-half-up of a*b / 2^31 (2^15) with the one saturation; the RoundingDivideByPOTs round half
+away from zero (int16: with C's wrapped mask from exponent 16 on); ``rounding_shift_right_half_up``
+rounds half up in int32 lanes and in int64; the requantizations are those roundings of the SRDHM
+(floor for the floor-shift form, saturated left shift after the multiply, one rounding of the exact
+product for ruy's single-rounding form), and ``requantize`` offsets and clamps the one it selects.
+It also checks quantize_multiplier, activation_range and quantize/dequantize on examples. It does
+not compare with LiteRT: which variant each op uses (per platform: arithmetic.py) is pinned against
+LiteRT by the op tests (test_random_ops.py, tests/test_ops_*.py, test_fixtures.py) and the aarch64
+recordings (test_litert_profiles.py).
 """
 from __future__ import annotations
 
@@ -196,12 +205,53 @@ def saturating_rounding_doubling_high_mul(a: np.int32, b: np.int32) -> np.int32:
 
 
 @njit(cache=True, inline="always")
+def saturating_rounding_doubling_high_mul_int16(a, b):
+    """gemmlowp SaturatingRoundingDoublingHighMul on int16 (fixedpoint.h's scalar code): the nudge,
+    then C's truncating division by 2^15: round(a*b / 2^15), ties toward +inf; only (-2^15)^2
+    saturates. The LSTM's gemmlowp logistic and tanh, and HARD_SWISH, multiply this way."""
+    if a == -32768 and b == -32768:
+        return 32767
+    ab = a * b
+    v = ab + (16384 if ab >= 0 else 1 - 16384)
+    return v // 32768 if v >= 0 else -((-v) // 32768)
+
+
+@njit(cache=True, inline="always")
 def rounding_divide_by_pot(x: np.int32, exponent: np.int32) -> np.int32:
-    """gemmlowp RoundingDivideByPOT: x / 2^exponent rounded half away from zero."""
+    """gemmlowp RoundingDivideByPOT on int32: x / 2^exponent rounded half away from zero
+    (exponent 0..31). The scalar requantization's final shift (C's ``>>`` then a correction)."""
     mask = np.int32((1 << exponent) - 1)
     remainder = np.int32(x & mask)
     threshold = np.int32((mask >> 1) + (1 if x < 0 else 0))
     return np.int32((x >> exponent) + (1 if remainder > threshold else 0))
+
+
+@njit(cache=True, inline="always")
+def wrap_int16(v):
+    """Conversion to int16_t: wraps."""
+    return ((v + 32768) & 0xFFFF) - 32768
+
+
+@njit(cache=True, inline="always")
+def rounding_divide_by_pot_int16(x, exponent):
+    """gemmlowp RoundingDivideByPOT on int16 lanes (hard_swish.h): x / 2^exponent rounded half away
+    from zero for exponent 0..15. Its mask ``(1 << exponent) - 1`` is cast to int16 as C does, so
+    from 16 on the mask is -1 and the result is 1 for x >= 0, -1 for x < 0, as LiteRT's."""
+    mask = wrap_int16((1 << exponent) - 1)
+    remainder = wrap_int16(x & mask)
+    threshold = wrap_int16((mask >> 1) + (1 if x < 0 else 0))
+    return wrap_int16((x >> exponent) + (1 if remainder > threshold else 0))
+
+
+@njit(cache=True, inline="always")
+def rounding_shift_right_half_up(x, r):
+    """x / 2^r rounded to nearest, ties toward +inf: floor((x + 2^(r-1)) / 2^r), x itself for r = 0.
+
+    NEON's vrshl / arm64's srshl by -r, and the rounding shift of every integer error and gradient.
+    Written as two shifts instead of an add and a shift so that it cannot overflow in x's own width
+    (int32 lanes near INT32_MAX); r from 0 to the width minus one.
+    """
+    return (x >> r) + ((x >> max(r - 1, 0)) & np.int32(r > 0))
 
 
 @njit(cache=True, inline="always")
@@ -227,8 +277,7 @@ def multiply_by_quantized_multiplier_neon(x: np.int32, multiplier: np.int32, shi
     left = max(shift, 0)
     right = max(-shift, 0)
     y = saturating_rounding_doubling_high_mul(np.int32(x << left), multiplier)
-    # floor((y + 2^(right-1)) / 2^right) in int32 lanes, no overflow near INT32_MAX; y when right == 0
-    return np.int32((y >> right) + ((y >> max(right - 1, 0)) & np.int32(right > 0)))
+    return np.int32(rounding_shift_right_half_up(y, right))
 
 
 @njit(cache=True, inline="always")
@@ -256,7 +305,7 @@ def multiply_by_quantized_multiplier_single(x: np.int32, multiplier: np.int32, s
     y = np.int32((np.int64(shifted) * np.int64(multiplier)) >> 31)
     if shifted == INT32_MIN and multiplier == INT32_MIN:
         y = np.int32(INT32_MAX)
-    return np.int32((y >> right) + ((y >> (right - 1)) & 1))
+    return np.int32(rounding_shift_right_half_up(y, right))
 
 
 @njit(cache=True, inline="always")

@@ -66,7 +66,7 @@ class Client:
 
     # --- handshake ---
     def connect(self) -> Session:
-        for attempt in range(self.retries):
+        for _ in range(self.retries):
             nonce = os.urandom(16)
             sealer = hello_sealer(self._psk, HOST_TO_DEVICE, max_frame=4096)
             self.transport.write(sealer.seal(MsgType.HELLO, {"nonce": nonce, "mtu": self.requested_mtu,
@@ -76,10 +76,10 @@ class Client:
                 for chunk in self._read(deadline):
                     try:
                         # A fresh opener for every HELLO_ACK: each one is sealed by its own hello
-                        # sealer starting at a random counter, so one opener for the attempt
-                        # dropped the right ACK as a "replay" (about half the time) when a late
-                        # ACK of an earlier attempt came first with a higher counter. Replays are
-                        # caught by the host_nonce check below (a fresh nonce per attempt).
+                        # sealer starting at a random counter, so with one opener per attempt a
+                        # late ACK of an earlier attempt, arriving first with a higher counter,
+                        # would make the right ACK look like a replay. Replays are caught by the
+                        # host_nonce check below (a fresh nonce per attempt).
                         frame = hello_opener(self._psk, DEVICE_TO_HOST, max_frame=4096).open(chunk)
                     except FrameError:
                         self.stats["dropped"] += 1
@@ -201,8 +201,8 @@ class Server:
             frame = hello_opener(self._psk, HOST_TO_DEVICE, max_frame=4096).open(chunk)
             host_nonce, mtu = frame.payload.get("nonce"), frame.payload.get("mtu", DEFAULT_MTU)
             # Exact types, no conversions: bytes(<int>) allocates that many bytes or raises
-            # OverflowError, and int(inf) raises OverflowError -- which escaped poll() and killed
-            # the agent on an (authenticated) HELLO carrying {"nonce": 2**63} or {"mtu": inf}.
+            # OverflowError, and int(inf) raises OverflowError; either would escape poll() and
+            # kill the agent on an (authenticated) HELLO carrying {"nonce": 2**63} or {"mtu": inf}.
             if not isinstance(host_nonce, bytes) or len(host_nonce) != 16 or not isinstance(mtu, int):
                 raise FrameError("malformed")
             mtu = max(MIN_MTU, min(mtu, self.max_mtu))
@@ -210,7 +210,7 @@ class Server:
             self._reject(e.reason)
             return
         # A replayed HELLO: every HELLO is opened by a fresh hello opener, so no counter catches a
-        # replay, and a recorded HELLO sent again replaced the live session (and was answered),
+        # replay, and a recorded HELLO sent again would replace the live session (and be answered),
         # against DESIGN §6 ("a replayed ... frame is dropped and counted, never acted on"). The
         # host draws a new random nonce for every HELLO, so a repeated nonce is a replay. Only the
         # last HELLO_NONCES are remembered (bounded memory), and not across restarts.

@@ -163,10 +163,6 @@ class SessionKeys:
     def __repr__(self) -> str:
         return "SessionKeys(host_to_device=<redacted>, device_to_host=<redacted>)"
 
-    def for_direction(self, direction: int) -> bytes:
-        _check_direction(direction)
-        return self.host_to_device if direction == DIRECTION_HOST_TO_DEVICE else self.device_to_host
-
 
 # --------------------------------------------------------------------------------------- keys
 

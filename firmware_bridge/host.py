@@ -17,9 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from edge_qmul.api import add_command, atomic_write, format_table, parse_selector, plot
+
 from .channel import ChannelError, Client, RemoteError
+from .device import read_key
 from .frames import MsgType
 from .transfer import get, put
+from .transport import TransportError, open_transport
 
 
 class DeviceClient:
@@ -99,7 +103,6 @@ class DeviceClient:
 
 
 def connect(url: str, key: bytes, timeout: float = 1.0, retries: int = 10) -> DeviceClient:
-    from .transport import open_transport
     client = Client(open_transport(url), key, timeout=timeout, retries=retries)
     client.connect()
     return DeviceClient(client)
@@ -110,7 +113,7 @@ def _bar(label: str):
     if not sys.stderr.isatty():
         return None
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # optional (a host extra): without it, the final line only
     except ImportError:
         return None
     bar = tqdm(desc=label, unit="B", unit_scale=True, file=sys.stderr, leave=False)
@@ -136,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--key-file", required=True)
     ap.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for one reply")
     sub = ap.add_subparsers(dest="command", required=True)
-    from edge_qmul.cli import add_command
     pre = "edge-qmul-host --device tcp://board:7070 --key-file device.key"
     add_command(sub, "info", "the device's model, samples, jobs, free space and memory", f"{pre} info")
     add_command(sub, "ping", "check the link and the key", f"{pre} ping")
@@ -185,9 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("--png", help="draw the report here")
     args = ap.parse_args(argv)
 
-    from edge_qmul.fsutil import atomic_write
-    from .device import read_key
-    from .transport import TransportError
     try:
         device = connect(args.device, read_key(args.key_file), timeout=args.timeout)
         cmd = args.command
@@ -200,13 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd == "push-samples":
             out = device.push_samples(Path(args.npz), owner=args.owner, role=args.role, progress=_bar("push-samples"))
         elif cmd == "forget":
-            chosen = [(k, v) for k, v in (("owner", args.owner), ("ids", args.ids), ("label", args.label)) if v is not None]
-            if len(chosen) != 1:
-                raise ValueError("give exactly one of --owner, --ids FILE, --class K")
-            key, value = chosen[0]
-            if key == "ids":
-                value = [line.strip() for line in Path(value).read_text().splitlines() if line.strip()]
-            job = device.forget({key: value}, args.method, table=args.table)
+            job = device.forget(parse_selector(args.owner, args.ids, args.label), args.method, table=args.table)
             if not args.wait:
                 out = {"job_id": job}
             else:
@@ -233,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(args.out, data)
             out = {"path": args.out, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         elif cmd == "bench":
-            from edge_qmul.bench import format_table, plot
             report = device.bench(args.batch, args.forget_size, args.method, args.repeats)
             if args.json:
                 atomic_write(args.json, (json.dumps(report, indent=1, sort_keys=True) + "\n").encode())

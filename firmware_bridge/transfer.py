@@ -9,17 +9,15 @@ deleted and refused: nothing ever reads an unverified upload. GET reads ``(offse
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 from typing import Callable
 
-from edge_qmul.fsutil import fsync_dir
+from edge_qmul.api import KINDS, StateDir
 
 from .channel import Client, RemoteError
 from .frames import MsgType
 
-KINDS = {"model": ("models", ".tflite"), "table": ("tables", ".json"), "samples": ("samples", ".npz")}
 MAX_FILE = 256 * 1024 * 1024
 CHUNK_OVERHEAD = 192  # header 16, tag 16, msgpack keys + rid 16 + sha256 hex 64, with margin
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -32,21 +30,11 @@ def _check_sha(value) -> str:
 
 
 class TransferArea:
-    """The device's side: ``incoming/<sha>.part`` files and content-addressed destinations."""
+    """The device's side of PUT and GET: checks each request, and keeps the bytes in the state
+    directory's ``incoming/<sha>.part`` files until they verify (the directory's own writes)."""
 
-    def __init__(self, state: Path) -> None:
-        self.state = Path(state)
-        self.incoming = self.state / "incoming"
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        for sub, _ in KINDS.values():
-            (self.state / sub).mkdir(parents=True, exist_ok=True)
-
-    def destination(self, kind: str, sha: str) -> Path:
-        sub, ext = KINDS[kind]
-        return self.state / sub / f"{sha}{ext}"
-
-    def _part(self, sha: str) -> Path:
-        return self.incoming / f"{sha}.part"
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
 
     def begin(self, body: dict) -> dict:
         kind, sha, size = body.get("kind"), _check_sha(body.get("sha256")), body.get("size")
@@ -54,12 +42,11 @@ class TransferArea:
             raise RemoteError("bad_request", f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
         if not isinstance(size, int) or not 0 <= size <= MAX_FILE:
             raise RemoteError("bad_request", f"size must be an integer in [0, {MAX_FILE}]")
-        if self.destination(kind, sha).exists():
+        if self.state.path(kind, sha).exists():
             return {"offset": size, "complete": True}
-        part = self._part(sha)
-        held = part.stat().st_size if part.exists() else 0
+        held = self.state.part_size(sha)
         if held > size:  # a stale partial of another size: start over
-            part.unlink()
+            self.state.drop_part(sha)
             held = 0
         return {"offset": held, "complete": False}
 
@@ -67,41 +54,23 @@ class TransferArea:
         sha, offset, data = _check_sha(body.get("sha256")), body.get("offset"), body.get("data")
         if not isinstance(offset, int) or offset < 0 or not isinstance(data, (bytes, bytearray)):
             raise RemoteError("bad_request", "PUT_CHUNK needs an integer offset and bytes")
-        part = self._part(sha)
-        held = part.stat().st_size if part.exists() else 0
+        held = self.state.part_size(sha)
         if offset + len(data) <= held:
             return {"offset": held}  # a retry of a chunk already written
         if offset != held:
             raise RemoteError("offset", f"expected offset {held}, got {offset}")
         if held + len(data) > MAX_FILE:
             raise RemoteError("too_large", f"files are limited to {MAX_FILE} bytes")
-        with open(part, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return {"offset": held + len(data)}
+        return {"offset": self.state.append_part(sha, bytes(data))}
 
     def end(self, body: dict) -> dict:
         kind, sha = body.get("kind"), _check_sha(body.get("sha256"))
         if not isinstance(kind, str) or kind not in KINDS:
             raise RemoteError("bad_request", f"unknown kind {kind!r}")
-        dest = self.destination(kind, sha)
-        if dest.exists():
-            return {"path": str(dest.relative_to(self.state)), "sha256": sha}
-        part = self._part(sha)
-        if not part.exists():
-            raise RemoteError("offset", "no data received for this file")
-        digest = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != sha:
-            part.unlink()
-            raise RemoteError("checksum", "the received file does not match its SHA-256; send it again")
-        os.replace(part, dest)
-        fsync_dir(dest.parent)
-        fsync_dir(part.parent)
-        return {"path": str(dest.relative_to(self.state)), "sha256": sha}
+        dest = self.state.path(kind, sha)
+        if not dest.exists():
+            dest = self.state.install_part(kind, sha)  # StateError (checksum, offset) -> the agent's reply
+        return {"path": str(dest.relative_to(self.state.root)), "sha256": sha}
 
     def get(self, body: dict, resolve: Callable[[str], Path]) -> dict:
         name, offset, length = body.get("name"), body.get("offset", 0), body.get("length", 0)

@@ -4,6 +4,8 @@ Used by tests/test_random_ops.py and tests/test_ops_*.py: a model is made with :
 written with the project's own writer (``edge_qmul.tflite.to_bytes``) and run one sample at a time in
 LiteRT with ``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`` (the reference the engine must equal
 bit for bit); :func:`check_random_models` runs a test's numbered random models against it.
+:func:`check_ops_against_litert` feeds every op of a whole model LiteRT's own inputs to it and
+compares each output with LiteRT's (the fixtures, the zoo and the aarch64 recordings).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from edge_qmul.graph import Model, Op, Tensor
+from edge_qmul.kernels import evaluate
 from edge_qmul.quant import QuantParams
 from edge_qmul.tflite import to_bytes
 
@@ -73,12 +76,47 @@ def float32_bits(a: np.ndarray) -> np.ndarray:
 
 # --- LiteRT ----------------------------------------------------------------------------------------
 
-def litert_interpreter(model_bytes: bytes):
+def litert_interpreter(model_bytes: bytes | None = None, path: Path | None = None, preserve_all: bool = False):
+    """LiteRT's builtin kernels (no delegates) for a model given as bytes or a path; ``preserve_all``
+    keeps every intermediate tensor readable after invoke."""
+    # imported here: test_litert_profiles.py uses this module on machines without ai_edge_litert
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    interp = Interpreter(model_content=model_bytes,
+    source = {"model_content": model_bytes} if path is None else {"model_path": str(path)}
+    interp = Interpreter(**source, experimental_preserve_all_tensors=preserve_all,
                          experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interp.allocate_tensors()
     return interp
+
+
+def litert_sample_tensors(interp, x: np.ndarray) -> Callable[[str], np.ndarray]:
+    """Run one sample (batch 1) through ``interp`` (made with ``preserve_all``) from LiteRT's reset
+    state, and return LiteRT's value of a tensor by its name."""
+    index = {t["name"]: t["index"] for t in interp.get_tensor_details()}
+    interp.reset_all_variables()
+    interp.set_tensor(interp.get_input_details()[0]["index"], x)
+    interp.invoke()
+    return lambda name: interp.get_tensor(index[name])
+
+
+def check_ops_against_litert(model: Model, litert_tensor: Callable[[str], np.ndarray], label: str) -> int:
+    """Feed each op of ``model`` LiteRT's own inputs to it and compare every output with LiteRT's,
+    bit for bit (floats by their bit patterns). ``litert_tensor(name)`` is LiteRT's value of a
+    tensor for one sample (a live interpreter or a recording); constants come from the model, and
+    variable (state) tensors and absent inputs are None: LiteRT resets them per sample. Returns
+    the number of outputs compared."""
+    checked = 0
+    for op, params in zip(model.ops, model._ensure_prepared()):
+        args = []
+        for i in op.inputs:
+            t = model.tensors[i] if i >= 0 else None
+            args.append(None if t is None or t.variable else t.data if t.is_constant else litert_tensor(t.name))
+        got = evaluate(op, params, args)
+        for t, g in zip(op.outputs, [got] if len(op.outputs) == 1 else list(got)):
+            ref = litert_tensor(model.tensors[t].name)
+            np.testing.assert_array_equal(float32_bits(np.asarray(g).reshape(ref.shape)), float32_bits(ref),
+                                          err_msg=f"{label}: op {op.kind} (index {op.index}) output {t}")
+            checked += 1
+    return checked
 
 
 def run_litert(interp, xs: list[np.ndarray]) -> np.ndarray:
@@ -186,7 +224,8 @@ def fmt_desc(desc) -> str:
 
 
 def check_random_models(name: str, make_case: Callable[[int], tuple], n: int, reproduce: str,
-                        compare: Callable[..., str | None] = compare, what: str = "random models") -> None:
+                        compare: Callable[..., str | None] = compare, what: str = "random models",
+                        record: bool = True) -> None:
     """Run models ``make_case(i) -> (model, input batches, description)`` for i < n through
     ``compare(model, xs)`` (None when the engine equals LiteRT, else a message); a case that raises,
     building or running, is a failure too. Fails the test with ``NAME: k of N ... disagree with
@@ -194,7 +233,7 @@ def check_random_models(name: str, make_case: Callable[[int], tuple], n: int, re
     global _recording
     pytest.importorskip("ai_edge_litert")
     failures = []
-    _recording = {"cases": []} if RECORD_DIR else None
+    _recording = {"cases": []} if RECORD_DIR and record else None
     for i in range(n):
         desc = {}
         try:
@@ -213,3 +252,14 @@ def check_random_models(name: str, make_case: Callable[[int], tuple], n: int, re
         more = f"\n  ... and {len(failures) - 8} more" if len(failures) > 8 else ""
         pytest.fail(f"{name}: {len(failures)} of {n} {what} disagree with LiteRT "
                     f"(reproduce with {reproduce}):\n{shown}{more}", pytrace=False)
+
+
+SAMPLE_N = 8  # models per op in the fast tier's sample; the slow tier's sweeps run N_MODELS per op
+
+
+def check_sample(make_cases: dict[str, Callable[[int], tuple]], reproduce: str,
+                 compare: Callable[..., str | None] = compare) -> None:
+    """The fast tier's share of a sweep: the first SAMPLE_N models of every op in ``make_cases``
+    (op name -> make_case), the same models the slow tier's sweep starts with; never recorded."""
+    for name, make_case in make_cases.items():
+        check_random_models(name, make_case, SAMPLE_N, reproduce.format(name=name), compare, record=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import reference
 from edge_qmul.kernels import lstm
 
 TOL = 1e-9  # "strictly inside" a clamp, relative to the quantization step
@@ -120,8 +121,4 @@ def backward(model, op, xs, ys, gs):
     return grads, pgrads
 
 
-try:
-    import reference
-    reference.register("UNIDIRECTIONAL_SEQUENCE_LSTM", forward, backward)
-except (ImportError, AttributeError):  # reference.py without register (older tree)
-    pass
+reference.register("UNIDIRECTIONAL_SEQUENCE_LSTM", forward, backward)

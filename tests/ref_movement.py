@@ -1,4 +1,4 @@
-"""Float64 references of the data-movement ops (kernels/movement.py), for tests/reference.py.
+"""Float64 references of the data-movement ops (kernels/movement/), for tests/reference.py.
 
 Written from the TFLite op definitions with plain numpy, independently of the engine's kernels:
 each op runs on one sample at a time (the file's batch-1 shapes, as LiteRT runs them) and the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from reference import register
 from edge_qmul.kernels.movement import batch_axis
 
 KINDS = ("CONCATENATION", "STRIDED_SLICE", "EXPAND_DIMS", "SQUEEZE", "TRANSPOSE", "PACK", "UNPACK",
@@ -144,10 +145,5 @@ def backward(model, op, xs: list, ys: list, gs: list) -> list:
     return grads
 
 
-try:  # tests/reference.py imports this module to register it (and may not be importable alone)
-    from reference import register
-except ImportError:  # pragma: no cover
-    register = None
-if register is not None:
-    for _kind in KINDS:
-        register(_kind, forward, backward)
+for _kind in KINDS:
+    register(_kind, forward, backward)

@@ -123,6 +123,7 @@ def corrupt_and_load(data: bytes, x: np.ndarray, n: int, seed: int) -> tuple[int
     return loaded, refused
 
 
+@pytest.mark.slow
 def test_random_corruption_never_crashes():
     """Flip bytes all over a valid file: every result is a Model that runs or a ModelError."""
     loaded, refused = corrupt_and_load(fixture_path("digits_cnn").read_bytes(),
@@ -161,6 +162,7 @@ def test_unsupported_op_reading_a_state_tensor_is_named():
         load_tflite(to_bytes(_raw_model(tensors, ops, [0], [5])))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lstm_ts", "lstm_unrolled", "conv1d_har_floatio", "squeezenet_mini"])
 def test_random_corruption_of_zoo_models_never_crashes(name):
     """The reader paths the zoo added (intermediates, variable tensors, vector options, folding,

@@ -12,6 +12,8 @@ import pytest
 
 from edge_qmul import datasets, litert, load_tflite, save_tflite
 from edge_qmul.quant import quantize
+from edge_qmul.unlearn.similar_labels import build_table
+from faults import FaultyTransport
 from firmware_bridge.channel import Client
 from firmware_bridge.device import Agent, serve
 from firmware_bridge.host import DeviceClient
@@ -74,7 +76,6 @@ def test_push_forget_pull(host_files, tmp_path, kind):
         assert device.push_samples(host_files / "train.npz")["imported"] > 1000
         assert device.push_samples(host_files / "val.npz", role="validation")["imported"] > 100
         assert device.info()["model_sha256"] == reply["sha256"]
-        from edge_qmul.unlearn.similar_labels import build_table
         model = load_tflite(fixture)
         ds = datasets.load("digits")
         build_table(model, quantize(ds.x_test, model.tensors[0].quant), ds.y_test).save(tmp_path / "t.json")
@@ -102,7 +103,6 @@ def test_push_forget_pull(host_files, tmp_path, kind):
 def _lossy_pair(kind: str, state, loss: float, seed: int):
     """Host and device ends, both wrapped in seeded fault injectors: `loss` of the frames dropped,
     bit flips at 1e-6 per byte (about 0.1% of 1 KB frames), 0.5% duplicated, 0.5% truncated."""
-    from firmware_bridge.transport import FaultyTransport
     stop = threading.Event()
     agent = Agent(state)
     faults = dict(drop=loss, flip=1e-6, duplicate=0.005, truncate=0.005)
@@ -133,7 +133,7 @@ def _lossy_pair(kind: str, state, loss: float, seed: int):
     return host, agent, shutdown
 
 
-@pytest.mark.parametrize("loss", [0.01, 0.05])
+@pytest.mark.parametrize("loss", [0.01, pytest.param(0.05, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["tcp", "pty"])
 def test_lossy_link_transfer_and_forget(host_files, tmp_path, kind, loss):
     host, agent, shutdown = _lossy_pair(kind, tmp_path / "state", loss, seed=int(loss * 1000))

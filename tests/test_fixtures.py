@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from conftest import fixture_data, fixture_path
+from oplib import check_ops_against_litert, litert_interpreter, litert_sample_tensors
 from edge_qmul import load_tflite
+from edge_qmul.quant import dequantize, quantize
 
 
 def _steps(model, y: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -38,7 +40,6 @@ def test_int8_core_forward_matches(fixture_name):
     if d["x"].dtype == np.int8:
         np.testing.assert_array_equal(model.forward(d["x"]), d["y_builtin"])
     else:
-        from edge_qmul.quant import dequantize, quantize
         x_q = quantize(d["x"], model.tensors[model.core_inputs[0]].quant)
         y = dequantize(model.forward(x_q), model.tensors[model.core_outputs[0]].quant)
         assert np.max(np.abs(y - d["y_builtin"])) <= model.tensors[model.core_outputs[0]].quant.s * 1.01
@@ -69,22 +70,8 @@ def test_every_intermediate_tensor_equals_litert(fixture_name):
     mobilenetv2_035's outputs are saturated to one constant row, so its output test alone would
     prove little; this one checks all 62 of its ops.
     """
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    from edge_qmul.kernels import evaluate
-
     model = load_tflite(fixture_path(fixture_name))
     d = fixture_data(fixture_name)
-    it = Interpreter(str(fixture_path(fixture_name)), experimental_preserve_all_tensors=True,
-                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    it.allocate_tensors()
-    index = {t["name"]: t["index"] for t in it.get_tensor_details()}
+    it = litert_interpreter(path=fixture_path(fixture_name), preserve_all=True)
     for s in range(min(len(d["x"]), 8)):
-        it.set_tensor(it.get_input_details()[0]["index"], d["x"][s:s + 1])
-        it.invoke()
-        for op, params in zip(model.ops, model._ensure_prepared()):
-            args = [model.tensors[i].data if model.tensors[i].is_constant
-                    else it.get_tensor(index[model.tensors[i].name]) for i in op.inputs]
-            ref = it.get_tensor(index[model.tensors[op.outputs[0]].name])
-            got = evaluate(op, params, args)
-            np.testing.assert_array_equal(got.reshape(ref.shape), ref,
-                                          err_msg=f"{fixture_name}: op {op.kind} (index {op.index})")
+        check_ops_against_litert(model, litert_sample_tensors(it, d["x"][s:s + 1]), fixture_name)

@@ -7,12 +7,14 @@ import os
 import msgpack
 import pytest
 from cobs import cobs
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from firmware_bridge.frames import (
     DIRECTION_DEVICE_TO_HOST as D2H,
     DIRECTION_HOST_TO_DEVICE as H2D,
+    HEADER,
     HEADER_SIZE,
     PROTOCOL_VERSION,
     REASONS,
@@ -30,6 +32,7 @@ from firmware_bridge.frames import (
     peek_header,
     split_frames,
 )
+from firmware_bridge.frames import _aead_nonce  # the nonce layout, to seal a malformed payload
 
 PSK = bytes(range(100, 132))
 OTHER_PSK = bytes(range(1, 33))
@@ -232,8 +235,6 @@ def test_wrong_version_and_unknown_type():
 
 def test_malformed_payload_inside_a_valid_tag():
     # A key holder sending a non-map payload or garbage msgpack: authenticated but malformed.
-    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-    from firmware_bridge.frames import HEADER, _aead_nonce
     o = Opener(KEY, SID, H2D)
     for counter, body in enumerate([msgpack.packb([1, 2]), b"\xc1", msgpack.packb({1: 2}),
                                     msgpack.packb({}) + b"\x00"], start=1):
@@ -350,6 +351,7 @@ _VALID = [chunk(_SEALER.seal(t, {"t": int(t), "b": bytes([int(t)]) * int(t), "l"
           for t in MsgType]
 
 
+@pytest.mark.slow
 @settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200))
 def test_fuzz_random_bytes_only_frame_errors(data):
@@ -369,6 +371,7 @@ def test_fuzz_random_bytes_only_frame_errors(data):
     assert r.buffered < 64
 
 
+@pytest.mark.slow
 @settings(max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, len(_VALID) - 1),
        st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),

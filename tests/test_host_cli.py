@@ -148,6 +148,7 @@ def test_a_busy_device_refuses_a_second_forget_and_stays_consistent(agent, train
     assert json.loads(second.stdout)["certificate"]["model_before_sha256"] == cert["model_after_sha256"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_middle_of_a_transfer(agent):
     """SIGINT while push-samples streams a large file: one line, exit 130; the device keeps what it
     verified, imports nothing half-way, and the same command afterwards resumes and completes."""

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oplib import float32_bits
+from oplib import check_ops_against_litert, float32_bits
 from edge_qmul import load_tflite
 from edge_qmul.arithmetic import arithmetic, host_platform
 from edge_qmul.errors import ModelError
-from edge_qmul.kernels import evaluate
+from edge_qmul.forget import litert_check
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORDED = FIXTURES / "litert_aarch64"
@@ -117,13 +117,7 @@ def test_every_recorded_intermediate_tensor(path):
     samples = sorted({int(k[1:k.index("_")]) for k in rec if k.startswith("s") and "_t" in k})
     assert samples
     for s in samples:
-        for op, params in zip(model.ops, model._ensure_prepared()):
-            args = [model.tensors[i].data if model.tensors[i].is_constant
-                    else rec[f"s{s}_t{index[model.tensors[i].name]}"] for i in op.inputs]
-            ref = rec[f"s{s}_t{index[model.tensors[op.outputs[0]].name]}"]
-            got = np.asarray(evaluate(op, params, args)).reshape(ref.shape)
-            np.testing.assert_array_equal(float32_bits(got), float32_bits(ref),
-                                          err_msg=f"{path.stem}: op {op.kind} (index {op.index}), sample {s}")
+        check_ops_against_litert(model, lambda name: rec[f"s{s}_t{index[name]}"], f"{path.stem}, sample {s}")
 
 
 def test_profile_names_and_default():
@@ -147,7 +141,6 @@ def test_use_litert_switches_an_existing_model():
 def test_certificate_check_counts_bits_and_top_classes_apart(tmp_path):
     """forget.litert_check reports differing elements and top-class agreement as separate fields:
     the engine computing another platform's profile differs in some bits, not in top classes."""
-    from edge_qmul.forget import litert_check
     other = "aarch64" if host_platform() == "x86_64" else "x86_64"
     path = FIXTURES / "resnet_tiny.tflite"
     x = _load(FIXTURES / "resnet_tiny.npz")["x"]

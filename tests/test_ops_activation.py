@@ -17,7 +17,7 @@ from edge_qmul import kernels
 from edge_qmul.errors import ModelError
 from edge_qmul.grad import Error, clamp_mask, from_float
 from edge_qmul.kernels.contract import Backward
-from oplib import GraphBuilder, check_random_models, compare, log_uniform, pot, qp, random_int8
+from oplib import GraphBuilder, check_random_models, check_sample, compare, log_uniform, pot, qp, random_int8
 
 import ref_activation
 
@@ -81,10 +81,17 @@ def model_case(kind: str, i: int):
     return model, [xs], desc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_random_activation_models_match_litert(kind):
     check_random_models(kind, lambda i: model_case(kind, i), N_MODELS,
                         f"tests/test_ops_activation.model_case({kind!r}, i)")
+
+
+def test_random_activation_models_sample():
+    """The fast tier's sample of the sweep above: the first models of every activation."""
+    check_sample({kind: (lambda i, kind=kind: model_case(kind, i)) for kind in KINDS},
+                 "tests/test_ops_activation.model_case({name!r}, i)")
 
 
 ALL_VALUES = np.arange(-128, 128, dtype=np.int16).astype(I8).reshape(1, 256)

@@ -16,9 +16,10 @@ import pytest
 
 import ref_binary
 from edge_qmul import grad
+from edge_qmul.errors import ModelError
 from edge_qmul.kernels import KERNELS, Backward
 from edge_qmul.quant import dequantize
-from oplib import GraphBuilder, check_random_models, fmt_desc, log_uniform, qp, random_int8
+from oplib import GraphBuilder, check_random_models, check_sample, fmt_desc, log_uniform, qp, random_int8
 from test_random_ops import ACTIVATIONS, _inputs, _scale, _snap
 
 SEED = 20240612
@@ -106,10 +107,17 @@ def model_case(kind: str, i: int):
     return gen_binary(rng, kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["MUL", "SUB"])
 def test_random_binary_models_match_litert(kind):
     check_random_models(kind, lambda i: model_case(kind, i), N_MODELS,
                         f"tests/test_ops_binary.model_case({kind!r}, i)")
+
+
+def test_random_binary_models_sample():
+    """The fast tier's sample of the sweep above: the first models of MUL and SUB."""
+    check_sample({kind: (lambda i, kind=kind: model_case(kind, i)) for kind in ("MUL", "SUB")},
+                 "tests/test_ops_binary.model_case({name!r}, i)")
 
 
 # --- backward ---------------------------------------------------------------------------------------
@@ -203,7 +211,6 @@ def test_sub_backward_by_hand():
 
 
 def test_prepare_rejects_bad_models():
-    from edge_qmul.errors import ModelError
     g = GraphBuilder()
     a = g.tensor("a", (1, 3, 4), I8, qp(0.5, 0))
     b = g.tensor("b", (1, 3, 5), I8, qp(0.5, 0))

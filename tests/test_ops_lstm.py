@@ -14,16 +14,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tflite
 
 import ref_lstm
+from edge_qmul.errors import ModelError
+from edge_qmul.grad import Error
 from edge_qmul.graph import Op, Tensor
 from edge_qmul.kernels import lstm
 from edge_qmul.kernels.contract import Backward
 from edge_qmul.quant import QuantParams
-from edge_qmul.tflite import to_bytes
+from edge_qmul.tflite import load_tflite, to_bytes
 from edge_qmul.tflite.reader import _read_options
 from edge_qmul.tflite.schema import OP_NUMBERS, TENSOR_TYPES
-from oplib import check_random_models, log_uniform, qp
+from oplib import check_random_models, check_sample, litert_interpreter, log_uniform, qp
 from conftest import litert_data  # noqa: E402
 
 pytest.importorskip("ai_edge_litert")
@@ -106,14 +109,6 @@ def lstm_tflite(model, op) -> bytes:
                                           description="test_ops_lstm"))
 
 
-def interpreter(model_bytes: bytes, preserve: bool = False):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    it = Interpreter(model_content=model_bytes, experimental_preserve_all_tensors=preserve,
-                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    it.allocate_tensors()
-    return it
-
-
 def run_litert_reset(interp, x: np.ndarray, tensor_index: int | None = None) -> np.ndarray:
     """oplib.run_litert for stateful ops: the variable tensors are reset before every sample, so
     each sample starts from LiteRT's zero state. ``tensor_index``: read that tensor (needs
@@ -140,7 +135,6 @@ def slot_arrays(model, op, x) -> list:
 
 def fixture_op():
     """lstm_ts.tflite's LSTM op read with the tflite package (tensors, options, intermediates)."""
-    import tflite
     buf = (ZOO / "lstm_ts.tflite").read_bytes()
     m = tflite.Model.GetRootAsModel(buf, 0)
     sg = m.Subgraphs(0)
@@ -167,7 +161,7 @@ def fixture_op():
 def test_fixture_lstm_output_bit_exact():
     buf, model, op = fixture_op()
     x = np.load(ZOO / "lstm_ts.npz")["x"]
-    want = run_litert_reset(interpreter(buf, preserve=True), x, tensor_index=op.outputs[0])
+    want = run_litert_reset(litert_interpreter(buf, preserve_all=True), x, tensor_index=op.outputs[0])
     got = lstm.forward(lstm.prepare(op, model), *slot_arrays(model, op, x))
     assert got.dtype == np.int8 and got.shape == want.shape == (16, 20, 32)
     assert np.array_equal(got, want), f"{int((got != want).sum())} of {got.size} differ"
@@ -176,8 +170,6 @@ def test_fixture_lstm_output_bit_exact():
 def test_fixture_model_output():
     """The whole model through the engine's reader and graph (needs the lead's variable-tensor
     support and kernels for STRIDED_SLICE; skipped until they load)."""
-    from edge_qmul.errors import ModelError
-    from edge_qmul.tflite import load_tflite
     try:
         model = load_tflite(ZOO / "lstm_ts.tflite")
     except ModelError as e:
@@ -201,17 +193,22 @@ def model_case(index: int):
 def compare_reset(case, x) -> str | None:
     """None if the kernel equals LiteRT (its state reset before every sample) on batch ``x``."""
     model, op = case
-    want = run_litert_reset(interpreter(lstm_tflite(model, op)), x)
+    want = run_litert_reset(litert_interpreter(lstm_tflite(model, op)), x)
     got = lstm.forward(lstm.prepare(op, model), *slot_arrays(model, op, x))
     return None if np.array_equal(got, want) else f"{int((got != want).sum())} of {got.size} elements differ"
 
 
+@pytest.mark.slow
 def test_random_lstm_models_bit_exact():
     check_random_models(KIND, model_case, N_MODELS, "tests/test_ops_lstm.model_case(i)", compare=compare_reset)
 
 
+def test_random_lstm_models_sample():
+    """The fast tier's sample of the sweep above."""
+    check_sample({KIND: model_case}, "tests/test_ops_lstm.model_case(i)", compare=compare_reset)
+
+
 def test_refuses_unsupported():
-    from edge_qmul.errors import ModelError
     _, model, op = fixture_op()
     for slot, feature in ((1, "CIFG"), (10, "peephole"), (16, "projection")):
         bad = Op(op.kind, list(op.inputs), list(op.outputs), dict(op.options))
@@ -239,7 +236,6 @@ def _cos(a, b) -> float:
 
 def engine_gradients(model, op, x, gy_values, gy_scale, groups=None):
     """Run the kernel's backward with an int16 output error; returns (input Error, {suffix: real grad})."""
-    from edge_qmul.grad import Error
     p = lstm.prepare(op, model)
     args = slot_arrays(model, op, x)
     y = lstm.forward(p, *args)

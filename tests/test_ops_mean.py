@@ -13,12 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oplib import GraphBuilder, check_random_models, compare, log_uniform, pot, qp, random_int8
+import test_train
+from oplib import GraphBuilder, check_random_models, check_sample, compare, log_uniform, pot, qp, random_int8
 
 from edge_qmul import grad as G
 from edge_qmul.errors import ModelError
-from edge_qmul.kernels import mean
+from edge_qmul.graph import Model
+from edge_qmul.kernels import mean, unsupported_ops
 from edge_qmul.kernels.contract import Backward
+from edge_qmul.quant import quantize
+from edge_qmul.tflite.reader import _parse
 from conftest import litert_data  # noqa: E402
 
 SEED = 20240908
@@ -75,14 +79,19 @@ def model_case(i: int):
     return gen_mean(rng, i)
 
 
+@pytest.mark.slow
 def test_random_mean_models_match_litert():
     check_random_models("MEAN", model_case, N_MODELS, "tests/test_ops_mean.model_case(i)")
+
+
+def test_random_mean_models_sample():
+    """The fast tier's sample of the sweep above."""
+    check_sample({"MEAN": model_case}, "tests/test_ops_mean.model_case(i)")
 
 
 def test_conv1d_fixture_mean_over_time_matches_litert():
     """The Keras Conv1D model's MEAN: rank 3 (N, T, C), axis 1 given as a scalar, keep_dims False."""
     pytest.importorskip("ai_edge_litert")
-    from edge_qmul.tflite.reader import _parse
     tensors, ops, *_ = _parse((ZOO / "conv1d_har_floatio.tflite").read_bytes())
     op = next(o for o in ops if o.kind == "MEAN")
     xt, at, yt = tensors[op.inputs[0]], tensors[op.inputs[1]], tensors[op.outputs[0]]
@@ -100,9 +109,6 @@ def test_conv1d_fixture_mean_over_time_matches_litert():
 
 
 def test_conv1d_fixture_whole_model_matches_litert_when_supported():
-    from edge_qmul.kernels import unsupported_ops
-    from edge_qmul.tflite.reader import _parse
-    from edge_qmul.graph import Model
     model = Model(*_parse((ZOO / "conv1d_har_floatio.tflite").read_bytes()))
     missing = unsupported_ops(model)
     if missing:
@@ -113,8 +119,6 @@ def test_conv1d_fixture_whole_model_matches_litert_when_supported():
 
 
 def test_mean_scalar_axis_is_one_axis():
-    from edge_qmul.graph import Model
-    from edge_qmul.tflite.reader import _parse
     model = Model(*_parse((ZOO / "conv1d_har_floatio.tflite").read_bytes()))
     op = next(o for o in model.ops if o.kind == "MEAN")
     assert model.tensors[op.inputs[1]].shape == ()
@@ -168,11 +172,6 @@ def test_mean_backward_broadcasts_the_error():
 def test_conv1d_fixture_gradients_through_mean_match_reference():
     """The trainer's integer gradients of the Conv1D model (MEAN over time on the path) against
     the float64 reference."""
-    import test_train
-    from edge_qmul.graph import Model
-    from edge_qmul.kernels import unsupported_ops
-    from edge_qmul.quant import quantize
-    from edge_qmul.tflite.reader import _parse
     model = Model(*_parse((ZOO / "conv1d_har_floatio.tflite").read_bytes()))
     if unsupported_ops(model):
         pytest.skip(f"other ops of the model are not supported yet: {dict(unsupported_ops(model))}")

@@ -1,17 +1,14 @@
-"""Data-movement ops (kernels/movement.py): forward bit-exact with LiteRT, backward against the
-float64 reference (tests/ref_movement.py), the vector option round trip, the batch-moving pair of
-Keras' unrolled LSTM, and the zoo model lstm_unrolled op by op against LiteRT's own tensors.
+"""Data-movement ops (kernels/movement/): forward bit-exact with LiteRT, backward against the
+float64 reference (tests/ref_movement.py), the vector option round trip and the batch-moving pair of
+Keras' unrolled LSTM (the zoo model lstm_unrolled op by op: test_ops_movement_zoo.py).
 
 Random single-op models come from ``default_rng([SEED, op, index])`` (reproduce one with
 ``model_case(name, i)``); N_MODELS per op, EDGE_QMUL_RANDOM_OPS_N lowers it.
 """
 from __future__ import annotations
 
-import json
 import os
 import zlib
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,21 +16,21 @@ import pytest
 pytest.importorskip("ai_edge_litert")
 
 import ref_movement  # noqa: E402
-from oplib import GraphBuilder, check_random_models, compare, litert_interpreter, log_uniform, qp  # noqa: E402
+from oplib import GraphBuilder, check_random_models, check_sample, compare, litert_interpreter, log_uniform, qp  # noqa: E402
 
 from edge_qmul.errors import ModelError  # noqa: E402
 from edge_qmul.grad import Error  # noqa: E402
+from edge_qmul.graph import Model  # noqa: E402
 from edge_qmul.kernels import KERNELS, Backward, evaluate  # noqa: E402
 from edge_qmul.kernels import prepare as prepare_op  # noqa: E402
+from edge_qmul.kernels.movement import _axis_range, _strided_slice_spec  # noqa: E402
 from edge_qmul.tflite import to_bytes  # noqa: E402
-from edge_qmul.tflite.reader import load_tflite  # noqa: E402
-from conftest import litert_data  # noqa: E402
+from edge_qmul.tflite.reader import _parse, load_tflite  # noqa: E402
 
 SEED = 20250301
 N_MODELS = int(os.environ.get("EDGE_QMUL_RANDOM_OPS_N", "300"))
 SAMPLES = 3
 I8, I32, I64, F32 = np.int8, np.int32, np.int64, np.float32
-ZOO = Path(__file__).parent / "fixtures" / "zoo"
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -177,7 +174,6 @@ def gen_strided_slice(rng):
 
 def _slice_out_shape(shape, begin, end, strides, opts):
     """The output shape LiteRT declares (ResizeOutputTensor), from the kernel's own port."""
-    from edge_qmul.kernels.movement import _axis_range, _strided_slice_spec
     eff, st, sp, sd, bm, em, sm, _ = _strided_slice_spec(tuple(shape), [int(v) for v in begin],
                                                          [int(v) for v in end], [int(v) for v in strides], opts)
     out = []
@@ -353,6 +349,7 @@ def model_case(name: str, i: int):
 
 # --- forward against LiteRT ----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(GENERATORS), ids=list(GENERATORS))
 def test_random_movement_models_match_litert(name):
     check_random_models(name, lambda i: model_case(name, i), N_MODELS,
@@ -360,9 +357,15 @@ def test_random_movement_models_match_litert(name):
                         compare=lambda model, xs: compare(model, xs, got=engine_outputs(model, xs)))
 
 
+def test_random_movement_models_sample():
+    """The fast tier's sample of the sweep above: the first models of every movement op."""
+    check_sample({name: (lambda i, name=name: model_case(name, i)) for name in GENERATORS},
+                 "tests/test_ops_movement.model_case({name!r}, i)",
+                 compare=lambda model, xs: compare(model, xs, got=engine_outputs(model, xs)))
+
+
 def _unchecked(g, inputs, outputs):
     """The builder's graph as a Model without the engine's checks (to hand LiteRT what we refuse)."""
-    from edge_qmul.graph import Model
     raw = Model.__new__(Model)
     raw.tensors, raw.ops, raw.inputs, raw.outputs = g.tensors, g.ops, list(inputs), list(outputs)
     raw.metadata, raw.description, raw.signature = {}, "edge_qmul", None
@@ -545,7 +548,6 @@ def test_movement_backward_matches_reference(name):
 @pytest.mark.parametrize("dims", [[2], [-1, 2], []])
 def test_squeeze_dims_round_trip(dims):
     """squeeze_dims is a vector field: written and read back as the same list ([] included)."""
-    from edge_qmul.tflite.reader import _parse
     g = GraphBuilder()
     q = qp(0.1, 1)
     x = g.tensor("x", (1, 3, 1, 1), I8, q)
@@ -561,57 +563,3 @@ def test_squeeze_dims_round_trip(dims):
             g.model([x], [y])
         _, ops, *_ = _parse(to_bytes(_unchecked(g, [x], [y])))
         assert ops[0].options["squeeze_dims"] == []
-
-
-# --- the zoo's unrolled LSTM, op by op --------------------------------------------------------------
-
-def test_lstm_unrolled_movement_ops_match_litert_tensors():
-    """Every data-movement op of lstm_unrolled.tflite (TRANSPOSE moving the batch, UNPACK over time,
-    20 SPLITs of the gates, FILL of the initial state, whose dims come from the folded SHAPE
-    subgraph) gives LiteRT's own intermediate tensors, read with preserve_all_tensors."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    from edge_qmul.tflite.reader import _parse
-    path = ZOO / "lstm_unrolled.tflite"
-    buf = path.read_bytes()
-    tensors, ops, inputs, outputs, *_ = _parse(buf)
-    for i, op in enumerate(ops):
-        op.index = i
-    model = SimpleNamespace(tensors=tensors, ops=ops, inputs=inputs, outputs=outputs)
-    interp = Interpreter(model_content=buf, experimental_preserve_all_tensors=True,
-                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interp.allocate_tensors()
-    by_name = {d["name"]: d["index"] for d in interp.get_tensor_details()}
-    data = np.load(ZOO / "lstm_unrolled.npz")
-    x = np.asarray(data[data.files[0]])[:1].astype(I8).reshape(1, 20, 8)
-    interp.set_tensor(interp.get_input_details()[0]["index"], x)
-    interp.invoke()
-
-    def litert(t):
-        return interp.get_tensor(by_name[tensors[t].name])
-
-    kinds = json.loads((ZOO / "index.json").read_text())
-    assert any(e["name"] == "lstm_unrolled" for e in kinds)
-    seen = {}
-    for op in ops:
-        if op.kind not in KERNELS or op.kind not in ref_movement.KINDS:
-            continue
-        params = prepare_op(op, model)
-        args = [litert(t) if not tensors[t].is_constant else tensors[t].data for t in op.inputs]
-        ys = evaluate(op, params, args)
-        for t, y in zip(op.outputs, ys if isinstance(ys, tuple) else (ys,)):
-            np.testing.assert_array_equal(y, litert(t), err_msg=f"{op.kind} (index {op.index})")
-        seen[op.kind] = seen.get(op.kind, 0) + 1
-    assert seen == {"TRANSPOSE": 1, "UNPACK": 1, "FILL": 1, "SPLIT": 20}, seen
-
-
-def test_lstm_unrolled_whole_model_batched():
-    """The whole model at batch 16 in one run (the batch rides through TRANSPOSE / UNPACK at axis 1),
-    equal to LiteRT's outputs stored with the fixture, also after a write / read round trip."""
-    path = ZOO / "lstm_unrolled.tflite"
-    data = litert_data(ZOO / "lstm_unrolled.npz")
-    try:
-        model = load_tflite(path)
-    except ModelError as e:  # another op family still in progress
-        pytest.skip(f"lstm_unrolled does not load yet: {e}")
-    np.testing.assert_array_equal(model.predict(data["x"]), data["y_builtin"])
-    np.testing.assert_array_equal(load_tflite(to_bytes(model)).predict(data["x"]), data["y_builtin"])

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import os
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from oplib import GraphBuilder, check_random_models, log_uniform, qp, random_int8
+import ref_resize
+import test_train
+from oplib import GraphBuilder, check_random_models, check_sample, log_uniform, qp, random_int8
 
 from edge_qmul import grad as G
-from edge_qmul.kernels import resize
+from edge_qmul.errors import ModelError
+from edge_qmul.graph import Model
+from edge_qmul.kernels import prepare, resize, unsupported_ops
 from edge_qmul.kernels.contract import Backward
+from edge_qmul.tflite.reader import _parse
 from conftest import litert_data  # noqa: E402
 
 SEED = 20240907
@@ -64,10 +70,17 @@ def model_case(kind: str, i: int):
     return gen_resize(rng, kind, i)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_random_resize_models_match_litert(kind):
     check_random_models(kind, lambda i: model_case(kind, i), N_MODELS,
                         f"tests/test_ops_resize.model_case({kind!r}, i)")
+
+
+def test_random_resize_models_sample():
+    """The fast tier's sample of the sweep above: the first models of both resize ops."""
+    check_sample({kind: (lambda i, kind=kind: model_case(kind, i)) for kind in KINDS},
+                 "tests/test_ops_resize.model_case({name!r}, i)")
 
 
 def _cosine(a, b) -> float:
@@ -78,7 +91,6 @@ def _cosine(a, b) -> float:
 
 def engine_backward(model, op, x, err: G.Error, block: int = 2) -> G.Error:
     """The engine's input error of a single-op model, through a Backward context built by hand."""
-    from edge_qmul.kernels import prepare
     params = prepare(op, model)
     y = resize.KERNELS[op.kind].forward(params, x, model.tensors[op.inputs[1]].data)
     ctx = Backward(op=op, model=model, inputs=[x, model.tensors[op.inputs[1]].data], outputs=[y],
@@ -90,7 +102,6 @@ def engine_backward(model, op, x, err: G.Error, block: int = 2) -> G.Error:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_resize_backward_follows_reference(kind):
-    import ref_resize
     worst = []
     for i in range(40):
         model, (x,), desc = model_case(kind, i)
@@ -111,7 +122,6 @@ def test_resize_backward_follows_reference(kind):
 def test_resize_reference_forward_is_the_engine_up_to_rounding():
     """The float64 reference and the int8 forward agree within one unit (the reference is checked
     too, not only used)."""
-    import ref_resize
     for kind in KINDS:
         for i in range(30):
             model, (x,), desc = model_case(kind, i)
@@ -129,8 +139,6 @@ def test_resize_reference_forward_is_the_engine_up_to_rounding():
 
 
 def test_resize_refuses_what_litert_cannot_run():
-    from edge_qmul.errors import ModelError
-    from edge_qmul.kernels import prepare
     model, _, _ = model_case("RESIZE_BILINEAR", 0)
     op = model.ops[0]
     op.options.update(align_corners=True, half_pixel_centers=True)
@@ -157,11 +165,7 @@ def test_resize_refuses_what_litert_cannot_run():
 
 def test_unet_fixture_whole_model_matches_litert_when_supported():
     """The zoo U-Net (Keras Resizing, nearest, half_pixel_centers) end to end against LiteRT."""
-    from pathlib import Path
 
-    from edge_qmul.graph import Model
-    from edge_qmul.kernels import unsupported_ops
-    from edge_qmul.tflite.reader import _parse
     zoo = Path(__file__).parent / "fixtures" / "zoo"
     model = Model(*_parse((zoo / "unet_small.tflite").read_bytes()))
     missing = unsupported_ops(model)
@@ -174,12 +178,7 @@ def test_unet_fixture_whole_model_matches_litert_when_supported():
 def test_unet_fixture_gradients_through_resize_match_reference():
     """The trainer's integer gradients of the zoo U-Net (two RESIZE_NEAREST_NEIGHBOR on the path)
     against the float64 reference."""
-    from pathlib import Path
 
-    import test_train
-    from edge_qmul.graph import Model
-    from edge_qmul.kernels import unsupported_ops
-    from edge_qmul.tflite.reader import _parse
     zoo = Path(__file__).parent / "fixtures" / "zoo"
     model = Model(*_parse((zoo / "unet_small.tflite").read_bytes()))
     if unsupported_ops(model):

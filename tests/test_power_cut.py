@@ -31,6 +31,8 @@ from firmware_bridge.host import DeviceClient
 from firmware_bridge.transfer import chunk_size, put
 from firmware_bridge.transport import connect_tcp
 
+pytestmark = pytest.mark.slow  # agent processes killed at 60 points: the slow tier
+
 BATCHES, POINTS = 3, 10  # 30 kill points per scenario
 EDGE_QMUL = Path(sys.executable).with_name("edge-qmul")
 N_OWNERS = 100

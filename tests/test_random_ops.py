@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("ai_edge_litert")
 
-from oplib import GraphBuilder, check_random_models, log_uniform, pot, qp, random_int8  # noqa: E402
+from oplib import GraphBuilder, check_random_models, check_sample, log_uniform, pot, qp, random_int8  # noqa: E402
 
 SEED = 20240611
 N_MODELS = int(os.environ.get("EDGE_QMUL_RANDOM_OPS_N", "300"))
@@ -500,7 +500,14 @@ def model_case(name: str, i: int):
     return GENERATORS[name](rng)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(GENERATORS), ids=list(GENERATORS))
 def test_random_single_op_models_match_litert(name):
     check_random_models(name, lambda i: model_case(name, i), N_MODELS,
                         f"tests/test_random_ops.model_case({name!r}, i)")
+
+
+def test_random_single_op_models_sample():
+    """The fast tier's sample of the sweep above: the first models of every op."""
+    check_sample({name: (lambda i, name=name: model_case(name, i)) for name in GENERATORS},
+                 "tests/test_random_ops.model_case({name!r}, i)")

@@ -1,6 +1,8 @@
 """load -> save -> load keeps every tensor and output; edited weights reach LiteRT unchanged."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -78,7 +80,6 @@ def test_save_is_atomic_and_leaves_no_temp(tmp_path, monkeypatch):
     save_tflite(model, target)
     good = target.read_bytes()
 
-    import os
     real_replace = os.replace
 
     def crash(*a, **k):

@@ -66,6 +66,7 @@ def _run(layer: str, rounds: int, lock: str = "on") -> subprocess.CompletedProce
                           capture_output=True, text=True, cwd=ROOT, timeout=1800)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", ["workqueue", "omp"])
 def test_two_threads_run_kernels_at_once(layer):
     if not _available(layer):
@@ -76,6 +77,7 @@ def test_two_threads_run_kernels_at_once(layer):
     assert "errors []" in r.stdout
 
 
+@pytest.mark.slow
 def test_workqueue_without_the_lock_aborts():
     """The lock is what keeps the workqueue layer alive (numba's own abort, seen without it)."""
     if not _available("workqueue"):

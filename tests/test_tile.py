@@ -3,6 +3,11 @@ path this x86 machine can compile — the AVX-512 and AVX2 pmaddwd intrinsics an
 sext-mul-add form that aarch64 gets — against int64 numpy products and quant.requantize."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from numba import njit
@@ -116,14 +121,11 @@ print("portable ok", tile.MR, tile.NR)
 """
 
 
+@pytest.mark.slow
 def test_portable_build_is_bit_exact_with_litert(tmp_path):
     # NUMBA_CPU_NAME=generic: numba targets a CPU without AVX, so the tile kernels take the form an
     # aarch64 board compiles (sext-mul-add, 128-bit-sized blocks); the fixtures must still equal
     # LiteRT built-in's outputs
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     env.pop("NUMBA_CPU_FEATURES", None)
     root = Path(__file__).resolve().parents[1]

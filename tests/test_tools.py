@@ -19,6 +19,7 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_similar_labels_tool(tmp_path):
     out = tmp_path / "table.json"
     r = _run("tools/similar_labels.py", "--model", str(fixture_path("digits_cnn")), "--data", "digits",
@@ -32,6 +33,7 @@ def test_similar_labels_tool(tmp_path):
     assert bad.returncode == 2 and "missing.tflite" in bad.stderr and not (tmp_path / "t2.json").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_tool(tmp_path):
     """A one-setting suite, tuned and evaluated: every row carries its metrics, work and gap; the
     generated block of a README is rewritten; a bad suite is refused before any work."""
@@ -64,6 +66,7 @@ def test_evaluate_tool(tmp_path):
     assert r.returncode == 2 and "nonsense" in r.stderr and not (tmp_path / "out2").exists()
 
 
+@pytest.mark.slow
 def test_demo(tmp_path):
     """`make demo`'s script: trains, serves over a serial pair, forgets, compares, writes demo_out/."""
     out = tmp_path / "demo_out"

@@ -288,6 +288,7 @@ def test_memory_report_matches_measured_peak(arch, shape):
     assert sum(report[k] for k in parts) == report["total"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset,target", [("digits", 0.95), ("mnist1d", 0.88)])
 def test_training_from_scratch_reaches_target(dataset, target):
     """Integer MACs only, mean of 3 seeds (float32 references: digits 96.9-97.4%, mnist1d 93-94%)."""

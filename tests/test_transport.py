@@ -1,4 +1,5 @@
-"""firmware_bridge.transport over real parts: pyserial on a real pty, TCP on 127.0.0.1, loop://."""
+"""firmware_bridge.transport over real parts: pyserial on a real pty, TCP on 127.0.0.1, loop://;
+and the fault injector of tests/faults.py over real TCP and a pty."""
 from __future__ import annotations
 
 import math
@@ -12,9 +13,10 @@ import tty
 import pytest
 import serial
 
+from faults import FaultyTransport
 from firmware_bridge.transport import (
-    FaultyTransport, FdTransport, SerialTransport, TcpListener, TcpTransport, Transport,
-    TransportClosed, TransportError, connect_tcp, open_transport, pty_pair,
+    FdTransport, SerialTransport, TcpListener, TcpTransport, Transport, TransportClosed,
+    TransportError, connect_tcp, open_transport, pty_pair,
 )
 
 ALL_BYTES = bytes(range(256)) * 4

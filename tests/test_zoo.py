@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import litert_data
-from test_train import gradient_cosines
-from edge_qmul import load_tflite
-from edge_qmul.kernels import evaluate
+from oplib import check_ops_against_litert, litert_interpreter, litert_sample_tensors
+from test_train import _measured_peak, gradient_cosines
+from edge_qmul import litert, load_tflite
+from edge_qmul.cli import main
 from edge_qmul.quant import quantize
+from edge_qmul.store import Store
+from edge_qmul.train import Trainer
 
 ZOO = Path(__file__).parent / "fixtures" / "zoo"
 INDEX = {m["name"]: m for m in json.loads((ZOO / "index.json").read_text())}
@@ -45,39 +48,15 @@ def test_zoo_model_equals_litert_builtin(name):
 def test_zoo_every_intermediate_tensor_equals_litert(name):
     """Each op, given LiteRT's own inputs to it, makes exactly LiteRT's outputs (every output of
     ops with several). Variable (state) tensors start at zero: LiteRT's are reset per sample."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
     model, d = zoo(name)
-    it = Interpreter(str(ZOO / f"{name}.tflite"), experimental_preserve_all_tensors=True,
-                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    it.allocate_tensors()
-    index = {t["name"]: t["index"] for t in it.get_tensor_details()}
+    it = litert_interpreter(path=ZOO / f"{name}.tflite", preserve_all=True)
     checked = 0
     for s in range(min(len(d["x"]), 4)):
-        it.reset_all_variables()
-        it.set_tensor(it.get_input_details()[0]["index"], d["x"][s:s + 1])
-        it.invoke()
-        for op, params in zip(model.ops, model._ensure_prepared()):
-            args = []
-            for i in op.inputs:
-                t = model.tensors[i] if i >= 0 else None
-                if t is None or t.variable:
-                    args.append(None)
-                elif t.is_constant:
-                    args.append(t.data)
-                else:
-                    args.append(it.get_tensor(index[t.name]))
-            got = evaluate(op, params, args)
-            got = [got] if len(op.outputs) == 1 else list(got)
-            for t, g in zip(op.outputs, got):
-                ref = it.get_tensor(index[model.tensors[t].name])
-                np.testing.assert_array_equal(np.asarray(g).reshape(ref.shape), ref,
-                                              err_msg=f"{name}: op {op.kind} (index {op.index}) output {t}")
-                checked += 1
+        checked += check_ops_against_litert(model, litert_sample_tensors(it, d["x"][s:s + 1]), name)
     assert checked >= len(model.ops)
 
 
 def _whole_network_gradients(name: str, samples: int = 8, min_cos: float = 0.99) -> dict[str, float]:
-    from edge_qmul.train import Trainer
     model, d = zoo(name)
     x8 = core_input(model, d["x"][:samples])
     classes = int(np.prod(model.tensors[Trainer(model.copy()).logits_tensor].shape[1:]))
@@ -104,7 +83,6 @@ UNLEARN_MODELS = ["squeezenet_mini", "lstm_ts", "mobilenet_v3_small", "efficient
 def _zoo_store(name: str, root: Path, n_train: int = 48, n_val: int = 16):
     """A store of random inputs labelled by the model itself (so it 'knows' them), owned by six
     people, alice among them, plus a validation slice; returns (model path, store path, samples)."""
-    from edge_qmul.store import Store
     model, _ = zoo(name)
     rng = np.random.default_rng(1)
     t = model.tensors[model.core_inputs[0]]
@@ -124,13 +102,11 @@ def _zoo_store(name: str, root: Path, n_train: int = 48, n_val: int = 16):
 
 
 def _litert_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    from edge_qmul import litert
     pred = litert.run(path.read_bytes(), x).reshape(len(x), -1).argmax(axis=1)
     return 100.0 * float(np.mean(pred == y))
 
 
 def _unlearn_zoo(name: str, method: str, tmp_path: Path) -> dict:
-    from edge_qmul.cli import main
     model_path, store_path, (x, y, owners) = _zoo_store(name, tmp_path)
     out, rep = tmp_path / "new.tflite", tmp_path / "report.json"
     rc = main(["unlearn", "--model", str(model_path), "--store", str(store_path), "--owner", "alice",
@@ -168,8 +144,6 @@ def test_zoo_unlearn_qmul(name, tmp_path):
 def test_zoo_memory_report_matches_measured_peak(name):
     """The new ops' backward_bytes keep Trainer.memory_report honest: CONCATENATION, MUL, LOGISTIC,
     HARD_SWISH, TANH, the LSTM, SPLIT / UNPACK / TRANSPOSE."""
-    from test_train import _measured_peak
-    from edge_qmul.train import Trainer
     model, d = zoo(name)
     x8 = core_input(model, np.concatenate([d["x"], d["x"]])[:32])
     classes = int(np.prod(model.tensors[Trainer(model.copy()).logits_tensor].shape[1:]))

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_qmul import Model, load_tflite  # noqa: E402
 from edge_qmul.bench import bench_model, format_table, plot  # noqa: E402
+from edge_qmul.datasets import open_npz, sample_keys  # noqa: E402
 from edge_qmul.errors import ModelError  # noqa: E402
 from edge_qmul.fsutil import atomic_write  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
@@ -86,7 +87,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_samples(path: Path, model: Model) -> tuple[np.ndarray, np.ndarray]:
     """(int8 inputs, int labels) from an .npz, checked against the model's input shape."""
-    from edge_qmul.datasets import open_npz, sample_keys
     try:
         f = open_npz(path)
     except ValueError as e:

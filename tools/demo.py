@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         write_block(args.readme, [table_md], DEMO_BEGIN, DEMO_END)
         say(f"wrote the table into {args.readme}")
 
-    per_class = {name: [100 * float(np.mean(model.forward(x_test[y_test == c]).argmax(1) == c)) for c in range(10)]
+    per_class = {name: [metrics.accuracy(model, x_test[y_test == c], y_test[y_test == c]) for c in range(10)]
                  for name, model in (("before", base), ("after", after), ("retrain", retrained))}
     import matplotlib
     matplotlib.use("Agg")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_qmul import datasets, load_tflite  # noqa: E402
 from edge_qmul.errors import ModelError  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
+from edge_qmul.store import Store  # noqa: E402
 from edge_qmul.unlearn.similar_labels import TableError, build_table, confused_pairs, similarity_matrix  # noqa: E402
 
 
@@ -28,8 +30,6 @@ def load_data(spec: str, model, split: str):
     """(int8 inputs, labels, class names, description) from a built-in dataset, an npz or images."""
     q = model.tensors[model.core_inputs[0]].quant
     if spec.startswith("images:"):
-        from edge_qmul.store import Store
-        import tempfile
         shape = tuple(model.tensors[model.core_inputs[0]].shape[1:])
         with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "s.db", create=True) as store:
             ids = store.import_image_folder(spec[7:], q, size=shape[:2], channels=shape[2] if len(shape) > 2 else 1,

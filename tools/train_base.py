@@ -25,7 +25,6 @@ directory next to DIR and moved in, manifest.json last. A bad input is one line 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -42,10 +41,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from edge_qmul import ModelError, Model, __version__, datasets, load_tflite, models, save_tflite  # noqa: E402
-from edge_qmul.fsutil import atomic_write, fsync_dir  # noqa: E402
+from edge_qmul import ModelError, Model, __version__, datasets, load_tflite, metrics, models, save_tflite  # noqa: E402
+from edge_qmul.fsutil import atomic_write, fsync_dir, sha256_file  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
-from edge_qmul.store import IMAGE_EXTENSIONS  # noqa: E402
 from edge_qmul.train import TRAINING_RECIPES, fit_recipe  # noqa: E402
 from edge_qmul.unlearn.similar_labels import SimilarLabelTable, build_table  # noqa: E402
 
@@ -174,33 +172,21 @@ def load_npz(path: Path) -> Data:
                 owners=owners, x_test=x_test, y_test=y_test)
 
 
-def find_images(root: Path) -> tuple[list[str], list[tuple[Path, int, str | None]]]:
-    """Class names and (file, label, owner or None) of ``root/<class>/[<owner>/]<image>``."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise PrepareError(f"--images {root}: no class folders (expected {root}/<class>/<owner>/<image> "
-                           f"or {root}/<class>/<image>)")
-    found = []
-    for label, cname in enumerate(classes):
-        for p in sorted((root / cname).rglob("*")):
-            rel = p.relative_to(root / cname)
-            if not p.is_file() or any(part.startswith(".") for part in rel.parts) \
-                    or p.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            if len(rel.parts) > 2:
-                raise PrepareError(f"--images {p}: nested too deep; images go in {root}/<class>/<owner>/ "
-                                   f"or {root}/<class>/")
-            found.append((p, label, rel.parts[0] if len(rel.parts) == 2 else None))
-    if not found:
-        raise PrepareError(f"--images {root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    if len({who is None for _, _, who in found}) > 1:
+def image_owners(root: Path, found: list[tuple[Path, int, tuple[str, ...]]]) -> np.ndarray | None:
+    """The owner folder of each image of ``root/<class>/<owner>/<image>``, or None when every image
+    sits directly in its class folder; a PrepareError for deeper or mixed layouts."""
+    for p, _, parts in found:
+        if len(parts) > 2:
+            raise PrepareError(f"--images {p}: nested too deep; images go in {root}/<class>/<owner>/ "
+                               f"or {root}/<class>/")
+    if len({len(parts) for _, _, parts in found}) > 1:
         raise PrepareError(f"--images {root}: some images sit in owner folders and some directly in a class "
                            "folder; use one layout for all")
-    return classes, found
+    return None if len(found[0][2]) == 1 else np.array([parts[0] for _, _, parts in found])
 
 
 def load_images(root: Path, size: tuple[int, int], channels: int) -> Data:
-    """An image folder as (N, H, W, C) float32 in [0, 1], read the way ``Store.import_image_folder`` reads it."""
+    """An image folder as (N, H, W, C) float32 in [0, 1], read by the loader behind ``Store.import_image_folder``."""
     if not root.is_dir():
         raise PrepareError(f"--images {root}: no such directory")
     if channels not in (1, 3):
@@ -209,20 +195,13 @@ def load_images(root: Path, size: tuple[int, int], channels: int) -> Data:
     if h <= 0 or w <= 0:
         raise PrepareError(f"--image-size {h} {w}: must be positive")
     try:
-        from PIL import Image, UnidentifiedImageError
+        classes, found = datasets.find_images(root)
+        owners = image_owners(root, found)
+        x = datasets.read_pixels([p for p, _, _ in found], (h, w), channels)
+    except datasets.SampleError as e:
+        raise PrepareError(f"--images {e}") from None
     except ImportError:
         raise PrepareError("--images needs Pillow: pip install pillow") from None
-    classes, found = find_images(root)
-    x = np.empty((len(found), h, w, channels), np.float32)
-    for i, (p, _, _) in enumerate(found):
-        try:
-            with Image.open(p) as im:
-                pixels = np.asarray(im.convert("L" if channels == 1 else "RGB")
-                                    .resize((w, h), Image.Resampling.BILINEAR), np.float32)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise PrepareError(f"--images {p}: not a readable image ({type(e).__name__})") from None
-        x[i] = pixels.reshape(h, w, channels)
-    owners = None if found[0][2] is None else np.array([who for _, _, who in found])
     return Data(x / np.float32(255.0), np.array([label for _, label, _ in found], np.int64), classes,
                 {"kind": "images", "path": str(root), "image_size": [h, w], "channels": channels},
                 (0.0, 1.0), owners=owners)
@@ -295,11 +274,6 @@ def train_model(data: Data, train: np.ndarray, arch: str, epochs: int, seed: int
     return model, recipe
 
 
-def num_classes(model: Model) -> int:
-    """Number of classes the model's logits cover."""
-    return int(model.tensors[model.core_outputs[0]].shape[-1])
-
-
 def import_model(path: Path, data: Data) -> Model:
     """An int8 .tflite that fits the data (input shape, class count), or a PrepareError saying why not."""
     if not path.is_file():
@@ -314,21 +288,12 @@ def import_model(path: Path, data: Data) -> Model:
         hint = " (set --image-size H W and --channels C to match)" if data.source["kind"] == "images" else ""
         raise PrepareError(f"--model {path}: takes samples shaped {shape}, the data's are {data.shape}{hint}")
     top = int(max(data.y.max(), data.y_test.max() if data.y_test is not None else 0))
-    if top >= num_classes(model):
-        raise PrepareError(f"--model {path}: has {num_classes(model)} classes, the data has label {top}")
+    if top >= model.num_classes:
+        raise PrepareError(f"--model {path}: has {model.num_classes} classes, the data has label {top}")
     return model
 
 
-def accuracy(model: Model, x8: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy in percent."""
-    return float(100 * np.mean(model.forward(x8).argmax(axis=1) == y))
-
-
 # --- writing ---------------------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
 
 def push_commands(out: Path) -> list[str]:
     """The host commands that send the prepared files to a device (model first: samples are
@@ -423,20 +388,20 @@ def prepare(out: Path, dataset: str | None = None, data: Path | None = None, ima
         model_info = {"source": "trained", "arch": chosen, "recipe": recipe}
     else:
         model_info = {"source": "imported", "path": str(model), "sha256_in": sha256_file(Path(model))}
-    names = d.class_names + [str(c) for c in range(len(d.class_names), num_classes(base))]
+    names = d.class_names + [str(c) for c in range(len(d.class_names), base.num_classes)]
     q = base.tensors[base.core_inputs[0]].quant
     x8 = quantize(d.x, q)
-    scores = {"validation": accuracy(base, x8[val], d.y[val])}
+    scores = {"validation": metrics.accuracy(base, x8[val], d.y[val])}
     if d.x_test is not None:
-        scores["test"] = accuracy(base, quantize(d.x_test, q), d.y_test)
+        scores["test"] = metrics.accuracy(base, quantize(d.x_test, q), d.y_test)
     say("accuracy: " + ", ".join(f"{k} {v:.1f}%" for k, v in scores.items()))
 
     description = f"{d.source.get('name') or d.source['path']}: training slice, {int((~val).sum())} samples"
-    table = build_table(base, x8[~val], d.y[~val], k=min(TABLE_K, num_classes(base) - 1),
+    table = build_table(base, x8[~val], d.y[~val], k=min(TABLE_K, base.num_classes - 1),
                         class_names=names, data=description)
     samples = {role: {"x": d.x[m], "y": d.y[m], "owners": who[m], "class_names": np.array(names)}
                for role, m in (("train", ~val), ("validation", val))}
-    model_info.update(input_shape=list(d.shape), num_classes=num_classes(base),
+    model_info.update(input_shape=list(d.shape), num_classes=base.num_classes,
                       input_quant={"scale": float(q.scale[0]), "zero_point": int(q.zero_point[0])})
     manifest = {
         "tool": "tools/train_base.py", "edge_qmul_version": __version__, "seed": seed,

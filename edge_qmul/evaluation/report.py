@@ -106,7 +106,7 @@ def pareto(summary: dict, budget: str) -> list[tuple[str, str]]:
 
 def plot(summary: dict, budgets: list[str], path: Path, title: str) -> None:
     """Average gap against budget, one line per method, one panel per protocol (95% intervals)."""
-    import matplotlib
+    import matplotlib  # optional (the host extra): only the plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter

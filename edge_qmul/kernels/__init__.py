@@ -12,6 +12,9 @@ import os
 import threading
 from collections import Counter
 
+import numba
+from numba.np.ufunc import parallel as _numba_parallel  # to start numba's threads (serialized())
+
 from ..errors import ModelError
 from . import (activation, add, binary, conv, depthwise, fully_connected, lstm, mean, movement, pool,
                quantize, resize, shape, softmax)
@@ -33,9 +36,7 @@ def serialized() -> bool:
     """Whether kernels run one at a time: numba's threading layer is workqueue (launched here)."""
     global _serialize
     if _serialize is None:
-        import numba
-        from numba.np.ufunc import parallel
-        parallel._launch_threads()
+        _numba_parallel._launch_threads()
         _serialize = (numba.threading_layer() == "workqueue"
                       and os.environ.get("EDGE_QMUL_KERNEL_LOCK", "on") != "off")
     return _serialize

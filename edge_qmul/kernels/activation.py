@@ -33,8 +33,9 @@ from numba import njit
 
 from ..errors import ModelError
 from ..grad import Error, from_accumulator
-from ..quant import (QuantParams, activation_range, multiply_by_quantized_multiplier,
-                     quantize_multiplier)
+from ..quant import (QuantParams, activation_range, multiply_by_quantized_multiplier, quantize_multiplier,
+                     rounding_divide_by_pot_int16, rounding_shift_right_half_up,
+                     saturating_rounding_doubling_high_mul_int16 as _srdhm16, wrap_int16 as _i16)
 from .common import libm_float32, output, per_tensor, tensor, vector_split, where
 from .contract import Kernel, MemoryQuery, error_bytes
 
@@ -105,26 +106,10 @@ def leaky_relu_table(zp_in, zp_out, mult_id, shift_id, mult_alpha, shift_alpha, 
 
 
 @njit(cache=True, inline="always")
-def _i16(v):
-    """Conversion to int16_t: wraps."""
-    return ((v + 32768) & 0xFFFF) - 32768
-
-
-@njit(cache=True, inline="always")
 def _div_trunc(a, b):
     """C integer division (rounds toward zero)."""
     q = abs(a) // b
     return q if a >= 0 else -q
-
-
-@njit(cache=True, inline="always")
-def _srdhm16(a, b):
-    """gemmlowp SaturatingRoundingDoublingHighMul on int16 (nudge, then truncating divide)."""
-    if a == b and a == -32768:
-        return 32767
-    ab = a * b
-    nudge = (1 << 14) if ab >= 0 else 1 - (1 << 14)
-    return _i16(_div_trunc(ab + nudge, 1 << 15))
 
 
 @njit(cache=True, inline="always")
@@ -133,15 +118,6 @@ def _sdhm16(a, b):
     if a == b and a == -32768:
         return 32767
     return _i16(_div_trunc(a * b, 1 << 15))
-
-
-@njit(cache=True, inline="always")
-def _rdbp16(x, exponent):
-    """gemmlowp RoundingDivideByPOT on int16 (the mask is (1 << exponent) - 1 cast to int16)."""
-    mask = _i16((1 << exponent) - 1)
-    remainder = _i16(x & mask)
-    threshold = _i16((mask >> 1) + (1 if x < 0 else 0))
-    return _i16((x >> exponent) + (1 if remainder > threshold else 0))
 
 
 @njit(cache=True, inline="always")
@@ -164,12 +140,12 @@ def hard_swish_table(zp_in, zp_out, out_mult16, out_exp, relu_mult16, relu_exp, 
         if relu_exp > 0:
             reluish = _sat_left_shift16(reluish, 1)
         if relu_exp < 0:
-            reluish = _rshr_up16(reluish, -relu_exp) if neon else _rdbp16(reluish, -relu_exp)
+            reluish = _rshr_up16(reluish, -relu_exp) if neon else rounding_divide_by_pot_int16(reluish, -relu_exp)
         reluish = _i16((reluish + (1 << 15)) >> 1)  # [-1, 1] -> [0, 1]
         if neon:
             v = _rshr_up16(_floor_dhm16(reluish, preshift_out), -out_exp)
         else:
-            v = _rdbp16(_sdhm16(reluish, preshift_out), -out_exp)
+            v = rounding_divide_by_pot_int16(_sdhm16(reluish, preshift_out), -out_exp)
         v = _i16(v + zp_out)
         table[q + 128] = min(max(v, -128), 127)
     return table
@@ -185,10 +161,11 @@ def _floor_dhm16(a, b):
 
 @njit(cache=True, inline="always")
 def _rshr_up16(x, exponent):
-    """vrshl by -exponent on int16: (x + 2^(exponent-1)) >> exponent, ties toward +inf, no overflow."""
+    """vrshl by -exponent on int16 lanes: a rounding right shift, ties toward +inf; none for
+    exponent <= 0."""
     if exponent <= 0:
         return x
-    return _i16((x + (1 << (exponent - 1))) >> exponent)
+    return _i16(rounding_shift_right_half_up(x, exponent))
 
 
 def _int16_multiplier(real: float) -> tuple[int, int]:
@@ -196,7 +173,7 @@ def _int16_multiplier(real: float) -> tuple[int, int]:
     m, e = quantize_multiplier(real)
     if m >= 2**31 - 1 - (1 << 15):
         return 32767, e
-    return (m + (1 << 15)) >> 16, e
+    return int(rounding_shift_right_half_up(m, 16)), e
 
 
 # --- derivative tables ---------------------------------------------------------------------------

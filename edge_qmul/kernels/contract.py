@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..errors import ModelError
 from ..grad import Error
 
 
@@ -94,7 +95,6 @@ def error_bytes(op, model, q: MemoryQuery) -> int:
 
 
 def no_backward(params, ctx: Backward) -> list:
-    from ..errors import ModelError
     raise ModelError(f"op {ctx.op.kind} (index {ctx.op.index}) has no backward; it cannot sit between "
                      "a trainable op and the loss")
 

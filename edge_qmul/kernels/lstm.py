@@ -29,6 +29,9 @@ enter with F_BITS fractional bits (unit S * 2^-F_BITS); gate derivatives come fr
 activations the forward saves (a recomputation for the batch); per-gate weight scales are folded into
 Q15 multipliers before the int8 weight products. Weight and bias gradients are int64 sums handed to
 ``ctx.emit`` with the scale that makes them dL/d(real parameter).
+
+This module checks and prepares the op and runs both directions; the gemmlowp tables live in
+lstm_activations.py, the compiled time-step loops of both directions in lstm_cell.py.
 """
 from __future__ import annotations
 
@@ -36,13 +39,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
 
 from ..errors import ModelError
 from ..grad import from_accumulator
-from ..quant import multiply_by_quantized_multiplier, quantize_multipliers
+from ..quant import quantize_multipliers
 from .common import tensor, where
 from .contract import Kernel, MemoryQuery
+from .lstm_activations import activation_table
+from .lstm_cell import fold_bias, lstm_bptt, lstm_grad_params, lstm_int8
 
 # input slots of the op (tflite/kernels/lstm_shared.h, lstm::full)
 INPUT, STATE_H, STATE_C = 0, 18, 19
@@ -60,149 +64,6 @@ PARAMETERS = tuple((s, f"input_to_{g}_weight") for s, g in zip(W_INPUT, GATES)) 
 
 GATE_SCALE = 2.0 ** -12      # gates before activation: Q3.12 (no layer norm)
 F_BITS = 8                   # fractional bits of the backward's int64 errors below the output error's unit
-
-
-# --- gemmlowp int16 fixed point (fixedpoint.h, generic scalar code) --------------------------------
-# Raw values are int16 held in int64; C's int16 arithmetic wraps, which _wrap16 reproduces.
-
-@njit(cache=True, inline="always")
-def _wrap16(v):
-    return ((v + 32768) & 0xFFFF) - 32768
-
-
-@njit(cache=True, inline="always")
-def _srdhm16(a, b):
-    """SaturatingRoundingDoublingHighMul<int16>: (a*b + nudge) / 2^15, C division (toward zero)."""
-    if a == -32768 and b == -32768:
-        return 32767
-    ab = a * b
-    v = ab + (16384 if ab >= 0 else 1 - 16384)
-    return v // 32768 if v >= 0 else -((-v) // 32768)
-
-
-@njit(cache=True, inline="always")
-def _rdbpot(x, exponent):
-    """RoundingDivideByPOT: x / 2^exponent, ties away from zero."""
-    mask = (1 << exponent) - 1
-    remainder = x & mask
-    threshold = (mask >> 1) + (1 if x < 0 else 0)
-    return (x >> exponent) + (1 if remainder > threshold else 0)
-
-
-@njit(cache=True, inline="always")
-def _mul_pot16(x, exponent):
-    """SaturatingRoundingMultiplyByPOT<exponent> on int16 (also Rescale)."""
-    if exponent > 0:
-        threshold = (1 << (15 - exponent)) - 1
-        if x > threshold:
-            return 32767
-        if x < -threshold:
-            return -32768
-        return x << exponent
-    if exponent < 0:
-        return _rdbpot(x, -exponent)
-    return x
-
-
-@njit(cache=True, inline="always")
-def _const16(raw32):
-    """GEMMLOWP_CHECKED_FIXEDPOINT_CONSTANT for int16: the int32 constant rounded right by 16."""
-    return _rdbpot(raw32, 16)
-
-
-@njit(cache=True)
-def _exp_quarter16(a):
-    # exp(x) for x in [-1/4, 0), F0 in and out: Taylor expansion around -1/8
-    constant_term = _const16(1895147668)
-    one_third = _const16(715827883)
-    x = _wrap16(a + (1 << 12))
-    x2 = _srdhm16(x, x)
-    x3 = _srdhm16(x2, x)
-    x4 = _srdhm16(x2, x2)
-    x4_over_4 = _mul_pot16(x4, -2)
-    poly = _mul_pot16(_wrap16(_srdhm16(_wrap16(x4_over_4 + x3), one_third) + x2), -1)
-    return max(-32768, min(32767, constant_term + _srdhm16(constant_term, _wrap16(x + poly))))
-
-
-@njit(cache=True)
-def _exp_negative16(a, integer_bits):
-    """exp_on_negative_values: exp(a) for a <= 0 in Q(integer_bits), Q0.15 out."""
-    frac = 15 - integer_bits
-    one_quarter = 1 << (frac - 2)
-    a_mod = _wrap16((a & (one_quarter - 1)) - one_quarter)
-    result = _exp_quarter16(_mul_pot16(a_mod, integer_bits))
-    remainder = _wrap16(a_mod - a)
-    exps = (-2, -1, 0, 1, 2, 3, 4)
-    mults = (1672461947, 1302514674, 790015084, 290630308, 39332535, 720401, 242)
-    for k in range(7):
-        e = exps[k]
-        if integer_bits > e and (remainder & (1 << (frac + e))) != 0:
-            result = _srdhm16(result, _const16(mults[k]))
-    if integer_bits > 5:
-        if a < _const16(-(1 << (36 - integer_bits))):
-            result = 0
-    if a == 0:
-        result = 32767
-    return result
-
-
-@njit(cache=True)
-def _newton_reciprocal16(a):
-    # the Newton-Raphson loop shared by one_over_one_plus_x_for_x_in_0_1 and
-    # one_minus_x_over_one_plus_x_for_x_in_0_1: x ~ 1 / ((1 + a) / 2) in F2, a in F0 (raw values)
-    half_denominator = a + 32767  # RoundingHalfSum(a, F0::One()): (sum + sign) / 2, C division
-    half_denominator = (half_denominator + (1 if half_denominator >= 0 else -1))
-    half_denominator = half_denominator // 2 if half_denominator >= 0 else -((-half_denominator) // 2)
-    x = _wrap16(_const16(1515870810) + _srdhm16(half_denominator, _const16(-1010580540)))
-    for _ in range(3):
-        one_minus = _wrap16((1 << 13) - _srdhm16(half_denominator, x))
-        x = _wrap16(x + _mul_pot16(_srdhm16(x, one_minus), 2))
-    return x
-
-
-@njit(cache=True)
-def gemmlowp_logistic16(a, integer_bits):
-    """gemmlowp::logistic on FixedPoint<int16, integer_bits> -> FixedPoint<int16, 0> (raw)."""
-    positive = a > 0
-    abs_a = a if positive else _wrap16(-a)
-    # one_over_one_plus_x_for_x_in_0_1(exp(-|a|)): Rescale<0>(ExactMulByPot<-1>(x))
-    r_pos = _mul_pot16(_newton_reciprocal16(_exp_negative16(_wrap16(-abs_a), integer_bits)), 1)
-    if a == 0:
-        return 16384
-    return r_pos if positive else _wrap16(32767 - r_pos)
-
-
-@njit(cache=True)
-def gemmlowp_tanh16(a, integer_bits):
-    """gemmlowp::tanh on FixedPoint<int16, integer_bits> -> FixedPoint<int16, 0> (raw)."""
-    negative = a < 0
-    n = a if negative else _wrap16(-a)
-    # one_minus_x_over_one_plus_x_for_x_in_0_1(exp(2n)): Rescale<0>(x - F2::One())
-    t = _mul_pot16(_wrap16(_newton_reciprocal16(_exp_negative16(n, integer_bits + 1)) - (1 << 13)), 2)
-    if a == 0:
-        return 0
-    return _wrap16(-t) if negative else t
-
-
-@njit(cache=True)
-def _table(kind, integer_bits):
-    out = np.empty(65536, np.int16)
-    for i in range(65536):
-        v = i - 32768
-        out[i] = gemmlowp_logistic16(v, integer_bits) if kind == 0 else gemmlowp_tanh16(v, integer_bits)
-    return out
-
-
-_TABLES: dict = {}
-
-
-def activation_table(kind: str, integer_bits: int) -> np.ndarray:
-    """int16 -> int16 table of gemmlowp's logistic ("sigmoid") or tanh at ``integer_bits``: entry
-    v + 32768 is f(v). Built once per process."""
-    key = (kind, integer_bits)
-    if key not in _TABLES:
-        _TABLES[key] = _table(0 if kind == "sigmoid" else 1, integer_bits)
-    return _TABLES[key]
 
 
 # --- prepare -----------------------------------------------------------------------------------------
@@ -382,72 +243,6 @@ def forward(p: LstmParams, *inputs) -> np.ndarray:
     return _run(p, inputs, False)[0]
 
 
-@njit(cache=True)
-def fold_bias(w, bias, zero_point):
-    # bias[g, r] + zero_point * sum_k w[g, r, k], int32 (MatrixScalarMultiplyAccumulate)
-    out = np.empty(bias.shape, np.int32)
-    for g in range(w.shape[0]):
-        for r in range(w.shape[1]):
-            s = np.int32(0)
-            for k in range(w.shape[2]):
-                s += np.int32(w[g, r, k])
-            out[g, r] = np.int32(bias[g, r] + s * np.int32(zero_point))
-    return out
-
-
-@njit(cache=True, inline="always")
-def _clamp16(v):
-    return max(-32768, min(32767, v))
-
-
-@njit(cache=True, parallel=True)
-def lstm_int8(x, wx, wh, bx, bh, x_mult, x_shift, h_mult, h_shift, h0, c0, sigmoid, tanh_gate, tanh_cell,
-              cell_scale, cell_clip, hidden_mult, hidden_shift, hidden_zp, save, gates_out, cells_out):
-    n, steps, n_input = x.shape
-    n_cell = wx.shape[1]
-    y = np.empty((n, steps, n_cell), np.int8)
-    for b in prange(n):
-        h = h0[b].copy()
-        c = c0[b].copy()
-        if save:
-            cells_out[b, 0] = c
-        gate = np.empty((4, n_cell), np.int16)
-        for t in range(steps):
-            xt = x[b, t]
-            for g in range(4):
-                for r in range(n_cell):
-                    # input branch (gate starts at 0), then the recurrent branch accumulates onto it
-                    # int32 sums as LiteRT's (they cannot wrap for int8 products of these widths)
-                    acc = np.int64(bx[g, r])
-                    for k in range(n_input):
-                        acc += np.int64(xt[k]) * np.int64(wx[g, r, k])
-                    v = _clamp16(np.int64(multiply_by_quantized_multiplier(np.int32(acc), x_mult[g], x_shift[g])))
-                    acc = np.int64(bh[g, r])
-                    for k in range(n_cell):
-                        acc += np.int64(h[k]) * np.int64(wh[g, r, k])
-                    v = _clamp16(np.int64(multiply_by_quantized_multiplier(np.int32(acc), h_mult[g], h_shift[g])) + v)
-                    if g == 2:
-                        gate[g, r] = tanh_gate[v + 32768]
-                    else:
-                        gate[g, r] = sigmoid[v + 32768]
-            for r in range(n_cell):
-                i, f, cg, o = np.int64(gate[0, r]), np.int64(gate[1, r]), np.int64(gate[2, r]), np.int64(gate[3, r])
-                kept = _wrap16(_rdbpot(f * np.int64(c[r]), 15))
-                new = _wrap16(_rdbpot(i * cg, 30 + cell_scale))
-                cr = _clamp16(kept + new)
-                if cell_clip > 0:
-                    cr = max(-cell_clip, min(cell_clip, cr))
-                c[r] = cr
-                th = np.int32(tanh_cell[cr + 32768])
-                v = np.int64(multiply_by_quantized_multiplier(np.int32(o) * th, hidden_mult, hidden_shift)) + hidden_zp
-                h[r] = max(-128, min(127, v))
-            y[b, t] = h
-            if save:
-                gates_out[b, t] = gate
-                cells_out[b, t + 1] = c
-    return y
-
-
 def macs(op, model) -> int:
     x = model.tensors[op.inputs[INPUT]]
     w = model.tensors[op.inputs[W_INPUT[0]]]
@@ -507,119 +302,6 @@ def backward(p: LstmParams, ctx) -> list:
     if ctx.wants[INPUT]:
         result[INPUT] = from_accumulator(dx, unit * top_x)
     return result
-
-
-@njit(cache=True, inline="always")
-def _mul15(a, q):
-    """a * q / 2^15 for an int64 error and a Q15 factor, rounded to nearest (ties up)."""
-    return (a * q + 16384) >> 15
-
-
-@njit(cache=True, parallel=True)
-def lstm_bptt(dy, y, gates, cells, wx, wh, mx, mh, m_rec, shift_rec, tanh_cell, cell_scale, cell_clip, f_bits):
-    """Backpropagation through time, int64 errors in units of the output error's scale / 2^f_bits.
-
-    Returns dz (N, T, 4, H): dL/d(real gate pre-activation), and the input error sums (N, T, F) in
-    units of (unit * max s_wx). Errors stop where the forward clamped: the hidden output at the int8
-    bounds, the cell state at the int16 bounds or the cell clip."""
-    n, steps, n_cell = y.shape
-    n_input = wx.shape[2]
-    dz = np.zeros((n, steps, 4, n_cell), np.int64)
-    dx = np.zeros((n, steps, n_input), np.int64)
-    c_lo = -cell_clip if cell_clip > 0 else -32768
-    c_hi = cell_clip if cell_clip > 0 else 32767
-    half = np.int64(1) << (shift_rec - 1) if shift_rec > 0 else np.int64(0)
-    cshift = -cell_scale
-    for b in prange(n):
-        dh_rec = np.zeros(n_cell, np.int64)     # dL/dh from step t + 1's gates
-        dc_next = np.zeros(n_cell, np.int64)    # dL/dc through step t + 1's forget gate
-        folded = np.empty((4, n_cell), np.int64)
-        for t in range(steps - 1, -1, -1):
-            for r in range(n_cell):
-                i = np.int64(gates[b, t, 0, r])
-                f = np.int64(gates[b, t, 1, r])
-                g = np.int64(gates[b, t, 2, r])
-                o = np.int64(gates[b, t, 3, r])
-                c = np.int64(cells[b, t + 1, r])
-                c_prev = np.int64(cells[b, t, r])
-                dh = (np.int64(dy[b, t, r]) << f_bits) + dh_rec[r]
-                if not -128 < y[b, t, r] < 127:
-                    dh = 0
-                th = np.int64(tanh_cell[c + 32768])
-                # h = o * tanh(c)
-                do = _mul15(dh, th)
-                dc = dc_next[r] + _mul15(_mul15(dh, o), 32768 - ((th * th + 16384) >> 15))
-                if not c_lo < c < c_hi:
-                    dc = 0
-                # c = f * c_prev + i * g
-                di = _mul15(dc, g)
-                dg = _mul15(dc, i)
-                df = (dc * c_prev + (np.int64(1) << (cshift - 1))) >> cshift
-                dc_next[r] = _mul15(dc, f)
-                dz[b, t, 0, r] = _mul15(di, (i * (32768 - i) + 16384) >> 15)
-                dz[b, t, 1, r] = _mul15(df, (f * (32768 - f) + 16384) >> 15)
-                dz[b, t, 2, r] = _mul15(dg, 32768 - ((g * g + 16384) >> 15))
-                dz[b, t, 3, r] = _mul15(do, (o * (32768 - o) + 16384) >> 15)
-            # input error: sum over gates of w_x^T dz, each gate's weight scale folded in first
-            for k in range(n_input):
-                dx[b, t, k] = 0
-            for gi in range(4):
-                for r in range(n_cell):
-                    folded[gi, r] = _mul15(dz[b, t, gi, r], mh[gi])
-                    v = _mul15(dz[b, t, gi, r], mx[gi])
-                    if v == 0:
-                        continue
-                    for k in range(n_input):
-                        dx[b, t, k] += v * np.int64(wx[gi, r, k])
-            # recurrent error for step t - 1, back in units of the error: times max(s_wh)
-            for k in range(n_cell):
-                acc = np.int64(0)
-                for gi in range(4):
-                    for r in range(n_cell):
-                        acc += folded[gi, r] * np.int64(wh[gi, r, k])
-                dh_rec[k] = (acc * m_rec + half) >> shift_rec if shift_rec > 0 else acc * m_rec << (-shift_rec)
-    return dz, dx
-
-
-@njit(cache=True, parallel=True)
-def lstm_grad_params(dz, x, hprev, x_zp, h_zp):
-    """Weight and bias gradient sums (int64): dW_x[g] = sum dz[g] (x - zp_x)^T over samples and
-    steps, dW_h[g] likewise with the previous hidden state, db[g] = sum dz[g]."""
-    n, steps, _, n_cell = dz.shape
-    n_input = x.shape[2]
-    rows = n * steps
-    # (x - zp) and (h - zp) rows made once; each (gate, cell) row of the gradient sums over rows
-    xc = np.empty((rows, n_input), np.int64)
-    hc = np.empty((rows, n_cell), np.int64)
-    d2 = dz.reshape(rows, 4 * n_cell)
-    for b in range(n):
-        for t in range(steps):
-            for k in range(n_input):
-                xc[b * steps + t, k] = np.int64(x[b, t, k]) - x_zp
-            for k in range(n_cell):
-                hc[b * steps + t, k] = np.int64(hprev[b, t, k]) - h_zp
-    gx = np.zeros((4 * n_cell, n_input), np.int64)
-    gh = np.zeros((4 * n_cell, n_cell), np.int64)
-    gb = np.zeros(4 * n_cell, np.int64)
-    for gr in prange(4 * n_cell):
-        ax = np.zeros(n_input, np.int64)
-        ah = np.zeros(n_cell, np.int64)
-        s = np.int64(0)
-        for row in range(rows):
-            d = d2[row, gr]
-            if d == 0:
-                continue
-            s += d
-            xr = xc[row]
-            hr = hc[row]
-            for k in range(n_input):
-                ax[k] += d * xr[k]
-            for k in range(n_cell):
-                ah[k] += d * hr[k]
-        gx[gr] = ax
-        gh[gr] = ah
-        gb[gr] = s
-    return gx.reshape(4, n_cell, n_input), gh.reshape(4, n_cell, n_cell), gb.reshape(4, n_cell)
 
 
 def backward_bytes(op, model, q: MemoryQuery) -> int:

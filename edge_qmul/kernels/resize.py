@@ -26,6 +26,7 @@ from numba import njit, prange
 
 from .. import grad as G
 from ..errors import ModelError
+from ..quant import rounding_divide_by_pot
 from .common import check_output_shape, output, per_tensor, tensor, where
 from .contract import Backward, Kernel, MemoryQuery
 
@@ -190,7 +191,6 @@ def resize_bilinear_int8(x, y0, y1, fy, x0, x1, fx):
     n, _, _, c = x.shape
     out_h, out_w = y0.size, x0.size
     out = np.empty((n, out_h, out_w, c), np.int8)
-    half = np.int64(1) << 19
     for b in prange(n):
         for oy in range(out_h):
             for ox in range(out_w):
@@ -198,8 +198,10 @@ def resize_bilinear_int8(x, y0, y1, fy, x0, x1, fx):
                 for ch in range(c):
                     acc = (np.int64(x[b, y0[oy], x0[ox], ch]) * w00 + np.int64(x[b, y1[oy], x0[ox], ch]) * w10
                            + np.int64(x[b, y0[oy], x1[ox], ch]) * w01 + np.int64(x[b, y1[oy], x1[ox], ch]) * w11)
-                    # (acc +- 2^19) / 2^20 in C: half away from zero
-                    out[b, oy, ox, ch] = (acc + half) >> 20 if acc > 0 else -((half - acc) >> 20)
+                    # LiteRT: (acc +- 2^19) / 2^20 in int64 C division, half away from zero. |acc| <=
+                    # 128 * 2^22 (the taps' |weights| sum to at most 2048^2, a negative fraction
+                    # included): int32 holds it
+                    out[b, oy, ox, ch] = rounding_divide_by_pot(np.int32(acc), 20)
     return out
 
 

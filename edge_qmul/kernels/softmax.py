@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import ModelError
-from ..quant import _quantize_multipliers, multiply_by_quantized_multiplier
+from ..quant import QuantParams, _quantize_multipliers, multiply_by_quantized_multiplier
 from .common import libm_float32, output, per_tensor, tensor, where
 from .contract import Kernel
 
@@ -123,7 +123,6 @@ def softmax_int8_uint16_table(x, table16, out_scale, out_zp):
 
 def softmax_quant(op, model):
     """int8 SOFTMAX's output quantization is fixed by LiteRT: scale 1/256, zero point -128."""
-    from ..quant import QuantParams
     return QuantParams(np.array([1 / 256], np.float32), np.array([-128], np.int64), 0)
 
 

@@ -309,7 +309,7 @@ def make_requantize_tile(mr: int, nr: int, lanes: int):
                     q = builder.trunc(builder.ashr(prod, const(v64, 31)), v32)
                     saturate = builder.and_(m_min, builder.icmp_signed("==", x, const(v32, -(2 ** 31))))
                     q = builder.select(saturate, const(v32, 2 ** 31 - 1), q)
-                    # rounding right shift, ties toward +inf: (q >> r) + ((q >> (r - 1)) & 1)
+                    # quant.rounding_shift_right_half_up in int32 lanes: (q >> r) + ((q >> (r - 1)) & 1)
                     y = builder.add(builder.ashr(q, right), builder.and_(builder.ashr(q, right_1), round_bit))
                     y = smin(builder, smax(builder, builder.add(y, zp), lo), hi)
                     dst = builder.inttoptr(builder.add(o_row, ir.Constant(intp, v * lanes)), v8.as_pointer())

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import tflite
 
+from ..arithmetic import arithmetic
 from ..errors import ModelError
 from ..graph import Model, Op, Tensor
 from ..quant import QuantParams
@@ -32,7 +33,6 @@ def load_tflite(src: str | os.PathLike | bytes | bytearray | memoryview, litert:
     Raises ModelError naming the problem for anything that is not a well-formed int8 model of the
     supported op set.
     """
-    from ..arithmetic import arithmetic
     litert = arithmetic(litert)  # a bad name fails before the file is read
     if isinstance(src, (bytes, bytearray, memoryview)):
         buf, origin = bytes(src), "<bytes>"

@@ -104,7 +104,7 @@ OPTIONS["UNIDIRECTIONAL_SEQUENCE_LSTM"] = (
         ("asymmetric_quantize_inputs", "AsymmetricQuantizeInputs", *_bool),
         ("diagonal_recurrent_tensors", "DiagonalRecurrentTensors", *_bool)))
 DEFAULT_VERSIONS.update({"UNIDIRECTIONAL_SEQUENCE_LSTM": 1})
-# Data movement (kernels/movement.py); int8 versions from op_version.cc, inside the resolver's ranges.
+# Data movement (kernels/movement/); int8 versions from op_version.cc, inside the resolver's ranges.
 OPTIONS["CONCATENATION"] = ("ConcatenationOptions", tflite.BuiltinOptions.ConcatenationOptions, (
     ("axis", "Axis", *_ident), ("activation", "FusedActivationFunction", *_act)))
 OPTIONS["SQUEEZE"] = ("SqueezeOptions", tflite.BuiltinOptions.SqueezeOptions, (

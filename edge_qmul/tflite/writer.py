@@ -16,7 +16,7 @@ import tflite
 
 from ..errors import ModelError
 from ..fsutil import atomic_write
-from ..graph import Model
+from ..graph import Model, Tensor
 from .reader import FILE_IDENTIFIER
 from .schema import DEFAULT_VERSIONS, INT_VECTOR, OP_NUMBERS, OPTIONS, TYPE_NUMBERS
 
@@ -62,7 +62,6 @@ def to_bytes(model: Model) -> bytes:
         inputs = list(op.inputs)
         if op.kind == "RESHAPE":
             out = model.tensors[op.outputs[0]]
-            from ..graph import Tensor
             shape = np.array((-1,) + tuple(out.shape[1:]), np.int32)
             tensors.append(Tensor(f"{out.name}/shape", (len(shape),), np.dtype(np.int32), None, shape))
             inputs = inputs[:1] + [len(tensors) - 1]

@@ -96,7 +96,7 @@ def unlearn(model: Model, forget: Split, retain: Split, method: str = DEFAULT_ME
     check_splits(forget, retain, validation)
     forget = (np.asarray(forget[0]), np.asarray(forget[1]))
     retain = (np.asarray(retain[0]), np.asarray(retain[1]))
-    num_classes = int(np.prod(model.tensors[model.core_outputs[0]].shape[1:]))
+    num_classes = model.num_classes
     for name, (_, y) in (("forget", forget), ("retain", retain)):
         bad = np.flatnonzero((y < 0) | (y >= num_classes))
         if bad.size:

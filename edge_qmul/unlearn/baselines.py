@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import ModelError
 from ..graph import Model
+from ..models import reinitialize
 from ..train import Trainer, combine
 from .loop import Split, UnlearnConfig, UnlearnResult, drive, drive_retain_only
 
@@ -24,7 +25,6 @@ def retrain(model: Model, forget: Split, retain: Split, validation: Split | None
             progress=None, **_) -> UnlearnResult:
     """Fresh weights on the same graph, calibrated and trained on the retain set only (cosine
     schedule, momentum): what the model would be had it never seen the forget set."""
-    from ..models import reinitialize
     rng = np.random.default_rng(config.seed)
     xr, yr = retain
     calib = xr[rng.choice(len(xr), min(256, len(xr)), replace=False)]

@@ -42,8 +42,10 @@ import numpy as np
 
 from ..errors import ModelError
 from ..graph import Model
+from ..losses import softmax
 from ..quant import dequantize
-from ..train import Gradients, ParamGrad, Trainer, _sum_squares
+from ..train import Gradients, ParamGrad, Trainer
+from ..train.gradients import sum_squares
 from .loop import Split, StoppingRule, UnlearnConfig, UnlearnResult, report, within_budget
 
 LABEL_RULES = ("model", "released")
@@ -56,12 +58,6 @@ SATURATION_LIMIT = 0.25
 
 
 # --- similar labels ----------------------------------------------------------------------------
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
 
 def closest_wrong_labels(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     """The intended rule: per row, ``argmin_{c != y} |p_c - p_y|`` (ties to the lower class).
@@ -89,7 +85,7 @@ def released_labels(outputs: np.ndarray, y: np.ndarray, order: np.ndarray | None
     if order is not None:
         z, y = z[order], y[order]
     rows = np.arange(len(y))
-    d = np.abs(z - _softmax(z)[rows, y][:, None])
+    d = np.abs(z - softmax(z)[rows, y][:, None])
     d[rows, y] = np.inf
     c = np.argmin(d, axis=1)  # the first minimum among c != y, as torch.argmin on the masked vector
     return (c - (c > y)).astype(np.int64)  # its position in the vector without y
@@ -97,8 +93,7 @@ def released_labels(outputs: np.ndarray, y: np.ndarray, order: np.ndarray | None
 
 def _logits(model: Model, x: np.ndarray, batch: int = 512) -> np.ndarray:
     """Dequantized logits (N, C) of the int8 core, float64."""
-    from ..metrics import logits_tensor
-    t = logits_tensor(model)
+    t = model.logits_tensor
     q = model.tensors[t].quant
     core_in = model.core_inputs[0]
     out = []
@@ -113,7 +108,7 @@ def _logits(model: Model, x: np.ndarray, batch: int = 512) -> np.ndarray:
 def tensor_norm_sum(g: Gradients) -> float:
     """sum over parameter tensors of each tensor's L2 norm (the released code's ``grad_norm``,
     RL_min.py lines 94-98) — not the L2 norm of the whole gradient (Gradients.norm)."""
-    return float(sum(math.sqrt(_sum_squares(pg.acc.reshape(-1))) * abs(pg.scale) for pg in g.params.values()))
+    return float(sum(math.sqrt(sum_squares(pg.acc.reshape(-1))) * abs(pg.scale) for pg in g.params.values()))
 
 
 def official_weights(f: float, r: float) -> tuple[float, float]:
@@ -154,7 +149,7 @@ class _Guard:
     def _saturation(self) -> dict[str, float]:
         out = {}
         model = self.trainer.model
-        for name, t in self.trainer._trainable_tensors().items():
+        for name, t in self.trainer.trainable_tensors().items():
             w = model.tensors[t].data
             if w.dtype == np.int8:
                 out[name] = float(np.mean(np.abs(w.astype(np.int16)) >= 127))
@@ -221,7 +216,7 @@ def qmul_official(model: Model, forget: Split, retain: Split, validation: Split 
         if config.labels == "released":
             targets = released_labels(_logits(model, xf), yf, order=rng.permutation(nf))
         else:
-            targets = closest_wrong_labels(_softmax(_logits(model, xf)), yf)
+            targets = closest_wrong_labels(softmax(_logits(model, xf)), yf)
         passes["forward"] += nf
 
         # 2. Adaptive Gradient Reweighting over every forget and retain batch

@@ -18,13 +18,13 @@ import numpy as np
 
 from ..graph import Model
 from ..train import Trainer, combine
+from . import similar_labels as sl
 from .baselines import agr_weights, random_wrong_labels
 from .loop import Split, UnlearnConfig, UnlearnResult, drive
 
 
 def similar_labels(model: Model, forget: Split, config: UnlearnConfig, table=None) -> np.ndarray:
     """Substitute targets for the forget set: int labels, or (N, C) soft targets (table, soft mode)."""
-    from . import similar_labels as sl
     x, y = forget
     if config.labels == "table":
         if table is None:

@@ -28,15 +28,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .. import metrics
 from ..fsutil import atomic_write
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..graph import Model
+from ..graph import Model
 
 __all__ = ["TableError", "SimilarLabelTable", "TABLE_VERSION", "MODES", "build_table",
            "similarity_matrix", "confused_pairs", "assign_from_table", "assign_from_model",
@@ -218,7 +216,7 @@ class SimilarLabelTable:
 
 # --- building a table ------------------------------------------------------------------------------
 
-def similarity_matrix(model: "Model", x_int8: np.ndarray, y: np.ndarray,
+def similarity_matrix(model: Model, x_int8: np.ndarray, y: np.ndarray,
                       class_names: list[str] | None = None) -> np.ndarray:
     """(C, C) float64: row c is the mean of p(. | x) over samples of true class c (diagonal kept).
 
@@ -239,14 +237,14 @@ def similarity_matrix(model: "Model", x_int8: np.ndarray, y: np.ndarray,
     return s / counts[:, None]
 
 
-def build_table(model: "Model", x_int8: np.ndarray, y: np.ndarray, k: int = 3,
+def build_table(model: Model, x_int8: np.ndarray, y: np.ndarray, k: int = 3,
                 class_names: list[str] | None = None, data: str = "") -> SimilarLabelTable:
     """Similar-label table from the model's probabilities on (x_int8, y): for class c, its k
     classes c' != c with the highest mean p(c' | x) over samples of class c, weights normalized.
 
     The table records the model's SHA-256 and ``data`` (a description of the samples).
     """
-    num = metrics._num_classes(model)
+    num = model.num_classes
     if class_names is None:
         class_names = [str(c) for c in range(num)]
     class_names = list(class_names)
@@ -322,7 +320,7 @@ def assign_from_table(table: SimilarLabelTable, labels: np.ndarray, mode: str = 
     return out
 
 
-def assign_from_model(model: "Model", x_int8: np.ndarray, y: np.ndarray) -> np.ndarray:
+def assign_from_model(model: Model, x_int8: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per sample, the original model's most probable wrong class: argmax_{c != y} p(c | x)
     (int64 (N,); ties go to the lower class)."""
     p = metrics.predict_proba(model, x_int8)

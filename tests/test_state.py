@@ -1,0 +1,159 @@
+"""The state directory's one owner: the agent's commit and `edge-qmul unlearn --state --commit` leave
+the same tree; the directory's lock; content addressing; every write through the FileOps layer."""
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import fixture_path
+from edge_qmul import cli, datasets
+from edge_qmul.fsutil import FileOps, sha256_file
+from edge_qmul.state import StateDir, StateError
+from firmware_bridge.device import Agent
+from firmware_bridge.frames import MsgType
+
+OWNER = "user3"
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _populate(root: Path) -> None:
+    """The digits model active and 400 train samples of 8 owners plus 80 validation samples,
+    through the same calls the agent's PUT_END makes."""
+    ds = datasets.load("digits", seed=0)
+    owners = np.array([f"user{i % 8}" for i in range(400)])
+    with StateDir(root) as state:
+        state.activate(state.add("model", fixture_path("digits_cnn").read_bytes()))
+        train = state.add("samples", _npz(x=ds.x_train[:400], y=ds.y_train[:400], owners=owners))
+        assert state.import_samples(train) == 400
+        val = state.add("samples", _npz(x=ds.x_train[400:480], y=ds.y_train[400:480]))
+        assert state.import_samples(val, owner="holdout", role="validation") == 80
+
+
+def _tree(root: Path, job_id: str) -> dict[str, str]:
+    """Relative path -> content digest, with the job's random id named <job>; the job file and the
+    store are compared by what they say (their ids and times differ), not by their bytes."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_dir() or path.name.startswith("store.db"):
+            continue
+        rel = str(path.relative_to(root)).replace(job_id, "<job>")
+        out[rel] = "job" if rel.startswith("jobs/") else sha256_file(path)
+    return out
+
+
+def _store_view(state: StateDir) -> dict:
+    with state.store() as s:
+        s.verify()
+        return {"active": s.active_model, "count": s.count(), "owners": s.owners(),
+                "requests": [(r["status"], r["method"]) for r in s.requests()]}
+
+
+def test_cli_and_agent_commit_leave_the_same_state_directory(tmp_path):
+    """One forget of an owner, committed through the agent (FORGET, JOB_STATUS, COMMIT) in one
+    state directory and through `edge-qmul unlearn --state DIR --commit` in a copy of it: the same
+    files, byte for byte (models, samples, tables, current.tflite), the same store contents, both job
+    files committed with the same certificate fields."""
+    via_agent, via_cli = tmp_path / "agent", tmp_path / "cli"
+    _populate(via_agent)
+    _populate(via_cli)
+    params = {"epochs": 2, "seed": 0}
+
+    agent = Agent(via_agent, threads=1)
+    try:
+        job_a = agent.handle(MsgType.FORGET, {"selector": {"owner": OWNER}, "method": "ft", "params": params})["job_id"]
+        deadline = time.monotonic() + 600
+        while agent.handle(MsgType.JOB_STATUS, {"job_id": job_a})["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, "the agent's job did not finish"
+            time.sleep(0.05)
+        agent.handle(MsgType.COMMIT, {"job_id": job_a})
+    finally:
+        agent.close()
+
+    assert cli.main(["unlearn", "--state", str(via_cli), "--owner", OWNER, "--method", "ft",
+                     "--epochs", "2", "--seed", "0", "--commit"]) == 0
+    [job_file_cli] = (via_cli / "jobs").glob("*.json")
+    job_c = job_file_cli.stem
+
+    tree_a, tree_c = _tree(via_agent, job_a), _tree(via_cli, job_c)
+    assert tree_a == tree_c
+    assert "current.tflite" in tree_a and "jobs/<job>.json" in tree_a and "jobs/<job>.ids" not in tree_a
+    with StateDir(via_agent) as a, StateDir(via_cli) as c:
+        view_a, view_c = _store_view(a), _store_view(c)
+        assert view_a == view_c and OWNER not in view_a["owners"]
+        assert tree_a["current.tflite"] == view_a["active"]
+    cert_a = json.loads((via_agent / "jobs" / f"{job_a}.json").read_text())
+    cert_c = json.loads(job_file_cli.read_text())
+    assert cert_a["status"] == cert_c["status"] == "committed"
+    same = ("model_before_sha256", "model_after_sha256", "forgotten_sample_id_hashes", "n_forgotten",
+            "method", "params", "committed", "steps")
+    assert {k: cert_a["certificate"][k] for k in same} == {k: cert_c["certificate"][k] for k in same}
+
+
+def test_state_directory_is_held_by_one_process_at_a_time(tmp_path):
+    """A second opener (a CLI run beside a serving agent) is refused with a clear error, changing
+    nothing; after close the directory opens again."""
+    first = StateDir(tmp_path / "s")
+    try:
+        with pytest.raises(StateError, match="open in another process"):
+            StateDir(tmp_path / "s")
+        assert cli.main(["unlearn", "--state", str(tmp_path / "s"), "--owner", "x"]) == 2
+    finally:
+        first.close()
+    StateDir(tmp_path / "s").close()
+
+
+class RecordingOps(FileOps):
+    """Records every primitive step, in order."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, str]] = []
+
+    def write(self, path, data, mode="wb"):
+        self.steps.append(("write", Path(path).name))
+        super().write(path, data, mode)
+
+    def fsync(self, path):
+        self.steps.append(("fsync", Path(path).name))
+        super().fsync(path)
+
+    def rename(self, src, dst):
+        self.steps.append(("rename", Path(dst).name))
+        super().rename(src, dst)
+
+    def unlink(self, path):
+        self.steps.append(("unlink", Path(path).name))
+        super().unlink(path)
+
+    def fsync_dir(self, directory):
+        self.steps.append(("fsync_dir", Path(directory).name))
+        super().fsync_dir(directory)
+
+
+def test_every_write_goes_through_the_file_operations_layer(tmp_path):
+    """Adding and activating a model: each file lands by write, fsync, rename, fsync of its
+    directory, in that order; content addressing stores a file once."""
+    ops = RecordingOps()
+    data = fixture_path("digits_cnn").read_bytes()
+    with StateDir(tmp_path / "s", ops=ops) as state:
+        sha = state.add("model", data)
+        assert sha == sha256_file(fixture_path("digits_cnn"))
+        assert [k for k, _ in ops.steps] == ["write", "fsync", "rename", "fsync_dir"]
+        assert ops.steps[2] == ("rename", f"{sha}.tflite") and ops.steps[3] == ("fsync_dir", "models")
+        assert state.add("model", data) == sha and len(ops.steps) == 4  # already there: nothing written
+        state.activate(sha)
+        assert ops.steps[-2:] == [("rename", "current.tflite"), ("fsync_dir", "s")]
+        assert (tmp_path / "s" / "current.tflite").read_bytes() == data
+        with pytest.raises(StateError, match="no such file"):
+            state.resolve("models/nothing.tflite")
+        with pytest.raises(StateError, match="unknown file"):
+            state.resolve("../store.db")

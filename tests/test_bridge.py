@@ -133,8 +133,9 @@ def _lossy_pair(kind: str, state, loss: float, seed: int):
     return host, agent, shutdown
 
 
-@pytest.mark.parametrize("loss", [0.01, pytest.param(0.05, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("kind", ["tcp", "pty"])
+@pytest.mark.parametrize("kind,loss", [("tcp", 0.01), pytest.param("pty", 0.01, marks=pytest.mark.slow),
+                                       pytest.param("tcp", 0.05, marks=pytest.mark.slow),
+                                       pytest.param("pty", 0.05, marks=pytest.mark.slow)])
 def test_lossy_link_transfer_and_forget(host_files, tmp_path, kind, loss):
     host, agent, shutdown = _lossy_pair(kind, tmp_path / "state", loss, seed=int(loss * 1000))
     try:

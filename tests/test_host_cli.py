@@ -115,6 +115,7 @@ def _samples_npz(path: Path, ds, mask, owners) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_busy_device_refuses_a_second_forget_and_stays_consistent(agent, trained_digits):
     url, key, tmp = agent
     ds, val = trained_digits["ds"], trained_digits["val"]

@@ -153,7 +153,8 @@ def test_every_byte_value_both_directions(pair):
 
 
 @pytest.mark.parametrize("pair,direction", [("pty", "a->b"), ("pty", "b->a"), ("tcp", "a->b"),
-                                            ("tcp", "b->a"), ("loop", "a->b")],
+                                            ("tcp", "b->a"),
+                                            pytest.param("loop", "a->b", marks=pytest.mark.slow)],
                          indirect=["pair"])
 def test_one_megabyte_write_arrives_complete(pair, direction):
     a, b = pair if direction == "a->b" else pair[::-1]

@@ -77,7 +77,8 @@ def test_zoo_whole_network_gradients_match_reference(name):
 
 # --- unlearning on the real architectures --------------------------------------------------------
 
-UNLEARN_MODELS = ["squeezenet_mini", "lstm_ts", "mobilenet_v3_small", "efficientnet_b0"]
+UNLEARN_MODELS = ["squeezenet_mini", "lstm_ts", "mobilenet_v3_small",
+                  pytest.param("efficientnet_b0", marks=pytest.mark.slow)]  # the largest: slow tier
 
 
 def _zoo_store(name: str, root: Path, n_train: int = 48, n_val: int = 16):

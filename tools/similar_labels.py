@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edge_qmul import datasets, load_tflite  # noqa: E402
 from edge_qmul.errors import ModelError  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
-from edge_qmul.store import Store  # noqa: E402
 from edge_qmul.unlearn.similar_labels import TableError, build_table, confused_pairs, similarity_matrix  # noqa: E402
 
 
@@ -31,11 +29,9 @@ def load_data(spec: str, model, split: str):
     q = model.tensors[model.core_inputs[0]].quant
     if spec.startswith("images:"):
         shape = tuple(model.tensors[model.core_inputs[0]].shape[1:])
-        with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "s.db", create=True) as store:
-            ids = store.import_image_folder(spec[7:], q, size=shape[:2], channels=shape[2] if len(shape) > 2 else 1,
-                                            owner="host")
-            x, y = store.load(ids)
-            return x, y, store.class_names, f"image folder {spec[7:]}"
+        batch = datasets.image_folder_samples(spec[7:], q, size=shape[:2],
+                                              channels=shape[2] if len(shape) > 2 else 1, owner="host")
+        return batch.x, np.asarray(batch.labels), batch.class_names, f"image folder {spec[7:]}"
     ds = datasets.load_npz(spec[4:]) if spec.startswith("npz:") else datasets.load(spec)
     x, y = (ds.x_train, ds.y_train) if split == "train" else (ds.x_test, ds.y_test)
     x8 = x if x.dtype == np.int8 else quantize(x, q)

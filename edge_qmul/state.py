@@ -2,7 +2,8 @@
 
     models/<sha256>.tflite     content-addressed models (uploads and job results)
     tables/<sha256>.json       similar-label tables
-    samples/<sha256>.npz       uploaded sample batches (imported into the store; .imported marks it)
+    samples/<sha256>.npz       uploaded sample batches until imported (then deleted: the store holds
+                               them, where a forget deletes them; <sha256>.imported marks the import)
     incoming/<sha256>.part     uploads in progress (resumed after a restart)
     jobs/<job_id>.json         forget jobs and their certificates (.ids: the ids COMMIT deletes)
     store.db                   the SQLite sample store; its meta row names the active model
@@ -171,6 +172,11 @@ class StateDir:
             return
         self.ops.atomic_write(self.current, self.path("model", sha).read_bytes())
 
+    def has(self, kind: str, sha: str) -> bool:
+        """Whether the device holds this upload (for samples: as a file, or imported)."""
+        path = self.path(kind, sha)
+        return path.exists() or (kind == "samples" and path.with_suffix(".imported").exists())
+
     # --- uploads: incoming/<sha>.part, verified before anything reads it ---
     def _part(self, sha: str) -> Path:
         return self.root / "incoming" / f"{sha}.part"
@@ -205,6 +211,7 @@ class StateDir:
         path = self.path("samples", sha)
         marker = path.with_suffix(".imported")
         if marker.exists():
+            self._drop_imported(path)
             return int(marker.read_text() or 0)
         _, model = self.load_active()
         prefix = sha[:32]
@@ -220,7 +227,15 @@ class StateDir:
             else:
                 n = len(import_samples(s, model, npz=path, owner=owner, role=role, id_prefix=prefix))
         self.ops.atomic_write(marker, str(n).encode())
+        self._drop_imported(path)
         return n
+
+    def _drop_imported(self, path: Path) -> None:
+        # an imported upload's bytes live on in the store, where a forget deletes them; a copy left
+        # in samples/ would keep a forgotten person's data on the device (found by the power-cut
+        # simulator's secure-delete check)
+        if path.exists():
+            self.ops.remove(path)
 
     # --- jobs ---
     def save_job(self, job: ForgetJob) -> None:
@@ -338,6 +353,8 @@ class StateDir:
         # atomic_write makes its temp file next to the target: a cut leaves them in any folder
         for tmp in self.root.rglob(".*.tmp"):
             self.ops.unlink(tmp)
+        for marker in sorted((self.root / "samples").glob("*.imported")):  # a cut after the import
+            self._drop_imported(marker.with_suffix(".npz"))
         requests: dict[str, dict] = {}
         if self.store_path.exists():
             with self.store(check="full") as s:
@@ -358,6 +375,11 @@ class StateDir:
                     with self.store() as s:
                         s.set_status(req["id"], "rolled_back")
                 job.fail("interrupted: the agent restarted")
+                self.ops.unlink(self._job_file(job.job_id, ".ids"))
+                self.save_job(job)
+            elif job.status == "done" and req is not None and req["status"] == "rolled_back":
+                # the rollback reached the store but the cut came before the job file said so
+                job.status = "rolled_back"
                 self.ops.unlink(self._job_file(job.job_id, ".ids"))
                 self.save_job(job)
             elif job.status == "done" and req is not None and req["status"] == "committed":

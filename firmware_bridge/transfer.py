@@ -42,7 +42,7 @@ class TransferArea:
             raise RemoteError("bad_request", f"unknown kind {kind!r}; known: {', '.join(KINDS)}")
         if not isinstance(size, int) or not 0 <= size <= MAX_FILE:
             raise RemoteError("bad_request", f"size must be an integer in [0, {MAX_FILE}]")
-        if self.state.path(kind, sha).exists():
+        if self.state.has(kind, sha):
             return {"offset": size, "complete": True}
         held = self.state.part_size(sha)
         if held > size:  # a stale partial of another size: start over
@@ -68,7 +68,7 @@ class TransferArea:
         if not isinstance(kind, str) or kind not in KINDS:
             raise RemoteError("bad_request", f"unknown kind {kind!r}")
         dest = self.state.path(kind, sha)
-        if not dest.exists():
+        if not self.state.has(kind, sha):
             dest = self.state.install_part(kind, sha)  # StateError (checksum, offset) -> the agent's reply
         return {"path": str(dest.relative_to(self.state.root)), "sha256": sha}
 

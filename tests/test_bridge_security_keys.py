@@ -135,7 +135,8 @@ def _expect_refused(path: Path, content: bytes, *words: str) -> None:
         assert word in message, message
     if content:
         for form in (content.hex(), repr(content), content[:8].hex(), content.decode("latin-1")):
-            assert form not in message
+            # a one-byte key's "07" is in a path like pytest-107: only forms long enough to mean it
+            assert len(form) < 6 or form not in message
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o606, 0o610, 0o601, 0o777])

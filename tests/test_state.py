@@ -157,3 +157,66 @@ def test_every_write_goes_through_the_file_operations_layer(tmp_path):
             state.resolve("models/nothing.tflite")
         with pytest.raises(StateError, match="unknown file"):
             state.resolve("../store.db")
+
+
+def test_an_imported_upload_leaves_no_copy_of_the_samples(tmp_path):
+    """Regression (found by the power-cut simulator's secure-delete check): samples/<sha>.npz stayed
+    after its import, so a committed forget left the person's raw samples on the device. The upload
+    is deleted once the store holds it; pushing it again is "complete" and imports nothing twice;
+    after the commit no file in the directory holds the owner's samples."""
+    from firmware_bridge.transfer import TransferArea
+
+    ds = datasets.load("digits", seed=0)
+    owners = np.array([f"user{i % 8}" for i in range(400)])
+    data = _npz(x=ds.x_train[:400], y=ds.y_train[:400], owners=owners)
+    raw = [row.tobytes() for row in ds.x_train[:400][owners == OWNER]]
+    with StateDir(tmp_path) as state:
+        state.activate(state.add("model", fixture_path("digits_cnn").read_bytes()))
+        sha = state.add("samples", data)
+        assert state.import_samples(sha) == 400
+        assert not state.path("samples", sha).exists() and state.has("samples", sha)
+        begin = TransferArea(state).begin({"kind": "samples", "sha256": sha, "size": len(data)})
+        assert begin == {"offset": len(data), "complete": True}
+        assert TransferArea(state).end({"kind": "samples", "sha256": sha})["sha256"] == sha
+        assert state.import_samples(sha) == 400
+        with state.store() as s:
+            assert s.count() == 400
+        job = state.new_job({"owner": OWNER}, "ft", {"epochs": 1, "seed": 0})
+        state.run_job(job, warn=lambda m: None)
+        state.commit_job(job)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            assert not any(r in blob for r in raw), f"{path.name} holds {OWNER}'s samples"
+
+
+def test_recovery_drops_an_upload_whose_import_the_cut_interrupted(tmp_path):
+    """A cut after the import's marker but before the upload's deletion: start-up deletes it."""
+    ds = datasets.load("digits", seed=0)
+    data = _npz(x=ds.x_train[:40], y=ds.y_train[:40])
+    with StateDir(tmp_path) as state:
+        state.activate(state.add("model", fixture_path("digits_cnn").read_bytes()))
+        sha = state.add("samples", data)
+        state.import_samples(sha, owner="alice")
+    state.path("samples", sha).write_bytes(data)  # as the cut left it
+    with StateDir(tmp_path) as state:
+        assert not state.path("samples", sha).exists()
+        assert state.import_samples(sha) == 40
+
+
+def test_recovery_finishes_a_rollback_the_cut_interrupted(tmp_path):
+    """Regression (found by the power-cut simulator): a cut after the store recorded a rollback but
+    before the job file did left a "done" job whose rollback the store then refused forever
+    ("illegal status change rolled_back -> rolled_back"), so no new job could start."""
+    _populate(tmp_path)
+    with StateDir(tmp_path) as state:
+        job = state.new_job({"owner": OWNER}, "ft", {"epochs": 1, "seed": 0})
+        state.run_job(job, warn=lambda m: None)
+        with state.store() as s:
+            s.set_status(job.job_id, "rolled_back")  # the cut falls here
+    with StateDir(tmp_path) as state:
+        assert state.jobs[job.job_id].status == "rolled_back"
+        assert not (tmp_path / "jobs" / f"{job.job_id}.ids").exists()
+        nxt = state.new_job({"owner": "user5"}, "ft", {"epochs": 1, "seed": 0})
+        state.run_job(nxt, warn=lambda m: None)
+        state.commit_job(nxt)

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from edge_qmul.fsutil import sha256_file
 from edge_qmul.jobs import ForgetJob
 from edge_qmul.state import StateDir
 from edge_qmul.store import Store
+from firmware_bridge.device import Agent
+from firmware_bridge.frames import MsgType
 from firmware_bridge.transfer import TransferArea
 
 OWNER, ROLLED = "user3", "user4"  # forgotten and committed; forgotten and rolled back
@@ -138,7 +141,7 @@ def _record(root: Path, recorder: type[RecordingOps]):
         state.collect_garbage()
         assert not state.path("model", hashlib.sha256(spare).hexdigest()).exists()
     facts = {"models": (old, hashlib.sha256(new_model).hexdigest()), "new": cert["model_after_sha256"],
-             "forget": job.job_id, "rolled": rolled.job_id, "rolled_n": rolled_n, "secrets": secrets,
+             "forget": job.job_id, "total": 200 + 60, "owner_n": len(ids), "rolled": rolled.job_id, "rolled_n": rolled_n, "secrets": secrets,
              "uploads": [("model", new_model), ("table", table), ("samples", val), ("model", spare)]}
     return initial, ops.trace, facts
 
@@ -161,10 +164,35 @@ def _check_files(state_dir: Path, facts: dict, committed: bool, where: str) -> N
                 assert not any(s in blob for s in facts["secrets"]), f"{where}: {path.name} keeps {OWNER}'s data"
 
 
+def _agent_push(agent: Agent, kind: str, data: bytes, **end_fields) -> dict:
+    """The host's put() against the agent's handlers: PUT_BEGIN, PUT_CHUNKs from its offset, PUT_END."""
+    sha = hashlib.sha256(data).hexdigest()
+    begin = agent.handle(MsgType.PUT_BEGIN, {"kind": kind, "sha256": sha, "size": len(data)})
+    offset = begin["offset"]
+    assert offset == (len(data) if begin["complete"] else agent.dir.part_size(sha))  # resumes where it verifies
+    while offset < len(data):
+        body = {"sha256": sha, "offset": offset, "data": data[offset:offset + CHUNK]}
+        offset = agent.handle(MsgType.PUT_CHUNK, body)["offset"]
+    return agent.handle(MsgType.PUT_END, {"kind": kind, "sha256": sha, **end_fields})
+
+
+def _agent_job(agent: Agent, selector: dict) -> dict:
+    """FORGET, JOB_STATUS until it ends, COMMIT: the certificate."""
+    job_id = agent.handle(MsgType.FORGET, {"selector": selector, "method": "ft",
+                                           "params": {"epochs": 1, "seed": 1}})["job_id"]
+    deadline = time.monotonic() + 120
+    while agent.handle(MsgType.JOB_STATUS, {"job_id": job_id})["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, "the new job did not end"
+        time.sleep(0.005)
+    return agent.handle(MsgType.COMMIT, {"job_id": job_id})["certificate"]
+
+
 def _check(state_dir: Path, facts: dict, where: str, finish: bool) -> None:
-    """The invariants after recovery; with ``finish``, the host's interrupted uploads resume and a
-    new forget job runs and commits."""
-    with StateDir(state_dir) as state:
+    """Start the agent on the cut state (its start-up recovery), check the invariants; with
+    ``finish``, the host resumes its uploads and a new forget job runs and commits."""
+    agent = Agent(state_dir, threads=1)
+    try:
+        state = agent.dir
         with Store(state.store_path) as s:  # the full check: integrity, row digests, the audit chain
             s.verify()
             active = s.active_model
@@ -186,19 +214,16 @@ def _check(state_dir: Path, facts: dict, where: str, finish: bool) -> None:
         for job in state.jobs.values():
             assert job.status in ("failed", "done", "committed", "rolled_back"), where
         if finish:
-            area = TransferArea(state)
             for kind, data in facts["uploads"]:
-                assert _push(area, kind, data), where
-            state.import_samples(hashlib.sha256(facts["uploads"][2][1]).hexdigest(), owner="holdout",
-                                 role="validation")
-            with state.store() as s:
-                assert s.count(owner="holdout") == 60, where
+                fields = {"owner": "holdout", "role": "validation"} if kind == "samples" else {}
+                _agent_push(agent, kind, data, **fields)
+            assert agent.handle(MsgType.INFO, {})["samples"] == facts["total"] - (facts["owner_n"] if committed else 0), where
             for job in state.open_jobs():  # a finished, uncommitted job is decided first
-                state.rollback_job(job)
-            job = state.new_job({"owner": "user5"}, "ft", {"epochs": 1, "seed": 1})
-            state.run_job(job, warn=lambda m: None)
-            cert = state.commit_job(job)
+                agent.handle(MsgType.ROLLBACK, {"job_id": job.job_id})
+            cert = _agent_job(agent, {"owner": "user5"})
             assert sha256_file(state.current) == cert["model_after_sha256"], where
+    finally:
+        agent.close()
 
 
 def _cuts(trace) -> list[tuple[int, bool, bool]]:

@@ -71,10 +71,14 @@ class RecordingOps(FileOps):
     def _store_files(self) -> dict:
         return {n: (self.root / n).read_bytes() if (self.root / n).exists() else None for n in (DB, WAL)}
 
-    def store_changed(self, synced: bool) -> None:
-        """Record what SQLite wrote since the last look, in the order its WAL protocol writes it;
-        ``synced``: a transaction ended (SQLite fsyncs at commit and checkpoint)."""
+    def store_changed(self, synchronous: int | None) -> None:
+        """Record what SQLite wrote since the last look, in the order its WAL protocol writes it.
+        ``synchronous``: None inside a transaction, else the connection's ``PRAGMA synchronous``,
+        which decides the fsyncs (WAL mode: FULL and EXTRA sync the WAL at every commit and the
+        database at a checkpoint; NORMAL syncs both only at a checkpoint; OFF never)."""
         now, before = self._store_files(), self._seen
+        level = -1 if synchronous is None else synchronous
+        checkpoint = now[DB] != before[DB]
         if before[WAL] is None and now[WAL] is not None:
             self._wal_dir_synced = False  # a new WAL: its first fsync also syncs the directory
         wal_grew = now[WAL] and now[WAL] != before[WAL]
@@ -82,7 +86,7 @@ class RecordingOps(FileOps):
             for data in _frame_writes(before[WAL] or b"", now[WAL], _page_size(now[DB])):
                 self._add("write", WAL, "sqlite", data=data)
             self._unsynced.add(WAL)
-        if synced and WAL in self._unsynced and now[WAL]:
+        if (level >= 2 or (level == 1 and checkpoint)) and WAL in self._unsynced and now[WAL]:
             self._add("fsync", WAL, "sqlite")
             if not self._wal_dir_synced:  # as the unix VFS does for a file it created
                 self._add("fsync_dir", ".", "sqlite")
@@ -92,7 +96,7 @@ class RecordingOps(FileOps):
             for data in _page_writes(before[DB] or b"", now[DB] or b"", _page_size(now[DB])):
                 self._add("write", DB, "sqlite", data=data)
             self._unsynced.add(DB)
-        if synced and DB in self._unsynced:
+        if level >= 1 and DB in self._unsynced:
             self._add("fsync", DB, "sqlite")
             self._unsynced.discard(DB)
         if before[WAL] is not None and now[WAL] is None:  # the last connection closed
@@ -104,20 +108,28 @@ class RecordingOps(FileOps):
         self._seen = now
 
     @contextlib.contextmanager
-    def recording_sqlite(self):
-        """Within: every sqlite3 connection reports its statements' writes to this recorder."""
+    def recording_sqlite(self, synchronous: str | None = None):
+        """Within: every sqlite3 connection reports its statements' writes to this recorder.
+        ``synchronous`` (a test of the simulator): the store's ``PRAGMA synchronous = FULL`` runs
+        with this value instead."""
         real_connect, recorder = sqlite3.connect, self
 
         class RecordingConnection(sqlite3.Connection):
-            def execute(self, *args, **kwargs):
+            def _synchronous(self) -> int:
+                return sqlite3.Connection.execute(self, "PRAGMA synchronous").fetchone()[0]
+
+            def execute(self, sql, *args, **kwargs):
+                if synchronous and sql.replace(" ", "").upper() == "PRAGMASYNCHRONOUS=FULL":
+                    sql = f"PRAGMA synchronous = {synchronous}"
                 try:
-                    return super().execute(*args, **kwargs)
+                    return super().execute(sql, *args, **kwargs)
                 finally:
-                    recorder.store_changed(synced=not self.in_transaction)
+                    recorder.store_changed(None if self.in_transaction else self._synchronous())
 
             def close(self):
+                level = self._synchronous()
                 super().close()
-                recorder.store_changed(synced=True)
+                recorder.store_changed(level)
 
         def connect(*args, **kwargs):
             kwargs.setdefault("factory", RecordingConnection)

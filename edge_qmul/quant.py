@@ -90,7 +90,11 @@ def quantize(x: np.ndarray, qp: QuantParams, dtype=np.int8) -> np.ndarray:
         shape[qp.axis] = -1
     scale = qp.scale.reshape(shape) if shape else qp.scale[0]
     zp = qp.zero_point.reshape(shape) if shape else qp.zero_point[0]
-    q = round_half_away(np.asarray(x, dtype=np.float32) / scale) + zp
+    with np.errstate(over="ignore"):  # a huge feature over a small scale is inf: clipped next
+        v = np.asarray(x, dtype=np.float32) / scale
+    # Into int64's range before the cast: beyond it, x86 casts any float to INT64_MIN, so 1e30 and
+    # -1e30 both came out at one end of the int8 range (found by fuzzing sample uploads).
+    q = round_half_away(np.clip(v, -2.0**40, 2.0**40)) + zp
     return np.clip(q, info.min, info.max).astype(dtype)
 
 

@@ -200,6 +200,12 @@ class StateDir:
         if sha256_file(part) != sha:
             self.drop_part(sha)
             raise StateError("checksum", "the received file does not match its SHA-256; send it again")
+        if kind == "model":  # a model nothing could load is refused here, and leaves nothing behind
+            try:
+                load_tflite(part)
+            except (ModelError, OSError) as e:
+                self.drop_part(sha)
+                raise StateError("bad_model", str(e).replace(str(part), "the uploaded model")) from None
         self.ops.move(part, dest)
         return dest
 

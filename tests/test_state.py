@@ -2,6 +2,7 @@
 the same tree; the directory's lock; content addressing; every write through the FileOps layer."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -220,3 +221,40 @@ def test_recovery_finishes_a_rollback_the_cut_interrupted(tmp_path):
         nxt = state.new_job({"owner": "user5"}, "ft", {"epochs": 1, "seed": 0})
         state.run_job(nxt, warn=lambda m: None)
         state.commit_job(nxt)
+
+
+def test_a_malformed_model_upload_is_refused_and_leaves_the_directory_unchanged(tmp_path):
+    """PUT_END of a model nothing can load answers bad_model and keeps nothing (before, a bad model
+    stayed in models/ until a collection); 60 structure-aware mutants of the digits model
+    (tests/fuzzlib.py) that the loader refuses, through the agent's handlers."""
+    from bridge_helpers import tree_digest
+    from fuzzlib import mutant
+    from edge_qmul.errors import ModelError
+    from edge_qmul.tflite import load_tflite
+    from firmware_bridge.channel import RemoteError
+
+    _populate(tmp_path / "state")
+    agent = Agent(tmp_path / "state", threads=1)
+    refused = 0
+    try:
+        before = tree_digest(tmp_path / "state")
+        for index in range(400):
+            kind, _, data = mutant("digits_cnn", 16, index)
+            try:
+                load_tflite(data)
+                continue  # a mutant that still loads is a model, not malformed
+            except ModelError:
+                pass
+            sha = hashlib.sha256(data).hexdigest()
+            agent.handle(MsgType.PUT_BEGIN, {"kind": "model", "sha256": sha, "size": len(data)})
+            agent.handle(MsgType.PUT_CHUNK, {"sha256": sha, "offset": 0, "data": data})
+            with pytest.raises(RemoteError) as info:
+                agent.handle(MsgType.PUT_END, {"kind": "model", "sha256": sha, "activate": True})
+            assert info.value.code == "bad_model" and str(tmp_path) not in str(info.value), (kind, info.value)
+            assert tree_digest(tmp_path / "state") == before, kind
+            refused += 1
+            if refused == 60:
+                break
+        assert refused == 60
+    finally:
+        agent.close()

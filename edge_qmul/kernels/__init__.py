@@ -13,6 +13,8 @@ import threading
 from collections import Counter
 
 import numba
+import numba.core.errors
+import numpy as np
 from numba.np.ufunc import parallel as _numba_parallel  # to start numba's threads (serialized())
 
 from ..errors import ModelError
@@ -88,13 +90,33 @@ def prepare(op, model):
         return KERNELS[op.kind].prepare(op, model)
     except ModelError:
         raise
-    except (ValueError, IndexError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError, OverflowError, MemoryError) as e:
         raise ModelError(f"op {op.kind} (index {op.index}): malformed ({type(e).__name__}: {e})") from None
 
 
 def evaluate(op, params, args: list):
-    """The op's output (one array) or outputs (a tuple, for ops with several)."""
-    return KERNELS[op.kind].forward(params, *args)
+    """The op's output (one array) or outputs (a tuple, for ops with several).
+
+    A malformed model can pass ``prepare`` with op inputs its kernel cannot take (another rank or
+    dtype than the op's, an extra input or output, multipliers out of range, sizes beyond memory:
+    found by fuzzing .tflite files); what the kernel then raises, or a result that does not match
+    the op's outputs, is a ModelError naming the op.
+    """
+    try:
+        result = KERNELS[op.kind].forward(params, *args)
+    except ModelError:
+        raise
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError,
+            numba.core.errors.NumbaError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ModelError(f"op {op.kind} (index {op.index}): its tensors do not fit the op "
+                         f"({type(e).__name__}: {first})") from None
+    n = len(op.outputs)
+    if not (isinstance(result, np.ndarray) if n == 1 else
+            isinstance(result, (tuple, list)) and len(result) == n):
+        made = len(result) if isinstance(result, (tuple, list)) else 1
+        raise ModelError(f"op {op.kind} (index {op.index}) lists {n} outputs, but its kernel makes {made}")
+    return result
 
 
 def macs(op, model) -> int:

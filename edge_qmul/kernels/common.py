@@ -114,6 +114,16 @@ def check_output_shape(op, out, shape: tuple) -> None:
                          f"the op computes {list(shape)}")
 
 
+def check_bias(model, op, channels: int) -> None:
+    """The optional bias (input 2) of a conv-like op: int32, one value per output channel. The
+    compiled loops read ``bias[c]`` for every channel unchecked: a shorter bias (found by fuzzing
+    .tflite files) read and corrupted memory past its end."""
+    b = tensor(model, op, 2, dtype=np.int32, optional=True)
+    if b is not None and tuple(b.shape) != (channels,):
+        raise ModelError(f"{where(op)}: bias {b.name!r} has shape {list(b.shape)}, expected [{channels}] "
+                         "(one per output channel)")
+
+
 @dataclass(frozen=True)
 class Requant:
     """Per-output-channel requantization: multiplier, shift, output zero point, clamp."""

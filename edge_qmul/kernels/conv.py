@@ -17,8 +17,8 @@ from ..errors import ModelError
 from ..grad import channel_sum
 from . import linear as _linear
 from .contract import Kernel
-from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
-                     window_macs as macs)
+from .common import (Requant, Window, check_bias, check_output_shape, conv_requant, output, tensor, where,
+                     window, window_macs as macs)
 from .gemm import MR, padded_params, panel_width, row_bases, tile_product
 from .implicit_gemm import (border_geometry, conv2d_int8_implicit, conv2d_int32_implicit, next_position,
                             offset_into_border, pack_filters, positions_per_task, tap_offsets)
@@ -45,6 +45,7 @@ def prepare(op, model) -> ConvParams:
     win = window(op, x.shape[1], x.shape[2], kh, kw, o.get("padding", "VALID"), o.get("stride_h", 1),
                  o.get("stride_w", 1), o.get("dilation_h", 1), o.get("dilation_w", 1))
     check_output_shape(op, out, (1, win.out_h, win.out_w, cout))
+    check_bias(model, op, cout)
     rq = conv_requant(op, x, w, out, cout, o.get("activation", "NONE"))
     # LiteRT multiplies filters (cout x kh*kw*cin) by the im2col of one invocation's positions
     rq = replace(rq, rounding=model.litert.gemm(cout, kh * kw * cin, win.out_h * win.out_w))

@@ -11,8 +11,8 @@ from ..grad import channel_sum
 from ..quant import SHIFT_AFTER_MULTIPLY, requantize
 from . import linear as _linear
 from .contract import Kernel
-from .common import (Requant, Window, check_output_shape, conv_requant, output, tensor, where, window,
-                     window_macs as macs)
+from .common import (Requant, Window, check_bias, check_output_shape, conv_requant, output, tensor, where,
+                     window, window_macs as macs)
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ def prepare(op, model) -> DepthwiseParams:
     win = window(op, x.shape[1], x.shape[2], kh, kw, o.get("padding", "VALID"), o.get("stride_h", 1),
                  o.get("stride_w", 1), o.get("dilation_h", 1), o.get("dilation_w", 1))
     check_output_shape(op, out, (1, win.out_h, win.out_w, cout))
+    check_bias(model, op, cout)
     if w.quant.per_channel and w.quant.axis != 3:
         raise ModelError(f"{where(op)}: per-channel filter must be quantized along axis 3")
     rq = conv_requant(op, x, w, out, cout, o.get("activation", "NONE"))

@@ -11,7 +11,7 @@ from ..grad import channel_sum
 from ..quant import activation_range, quantize_multipliers, requantize
 from . import linear as _linear
 from .contract import Kernel
-from .common import Requant, check_output_shape, output, per_tensor, tensor, where
+from .common import Requant, check_bias, check_output_shape, output, per_tensor, tensor, where
 from .gemm import MR, pack_panels, panel_width, row_bases, tile_product
 
 
@@ -54,6 +54,7 @@ def prepare(op, model) -> FullyConnectedParams:
                          "keep_num_dims is false; only one row per sample (or keep_num_dims) is supported")
     shape = tuple(x.shape[:-1]) + (cout,) if keep else (rows, cout)
     check_output_shape(op, out, shape)
+    check_bias(model, op, cout)
     # LiteRT's GEMM: filters (cout x depth) times the invocation's rows as destination columns
     rounding = model.litert.gemm(cout, depth, rows)
     return FullyConnectedParams(Requant(mult, shift, out.quant.zp, lo, hi, rounding), -x.quant.zp, depth,

@@ -23,6 +23,7 @@ from .fold import fold_constants
 from .schema import INT_VECTOR, OP_CODES, OPTIONS, TENSOR_TYPES
 
 FILE_IDENTIFIER = b"TFL3"
+MAX_TENSOR_BYTES = 1 << 31  # one sample's tensor: far above any model an edge device runs
 
 
 def load_tflite(src: str | os.PathLike | bytes | bytearray | memoryview, litert: str | None = None) -> Model:
@@ -159,6 +160,9 @@ def _read_tensor(t, i: int, buffers: list[bytes], buf: bytes) -> Tensor:
     sig = tuple(int(s) for s in t.ShapeSignatureAsNumpy()) if t.ShapeSignatureLength() else None
     if any(s < 0 for s in shape):
         raise ModelError(f"tensor {i} ({name!r}) has a negative dimension {list(shape)}")
+    if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_TENSOR_BYTES:
+        # e.g. a dimension of 2**31 - 1: kernels would try to allocate terabytes (found by fuzzing)
+        raise ModelError(f"tensor {i} ({name!r}) of shape {list(shape)} holds over {MAX_TENSOR_BYTES >> 30} GiB")
     quant = None
     q = t.Quantization()
     if q is not None and q.ScaleLength() > 0:
@@ -216,9 +220,13 @@ def _check_order(tensors: list[Tensor], ops: list[Op], inputs: list[int], output
                 raise ModelError(f"op {op.kind} (index {op.index}) reads tensor {i} ({tensors[i].name!r}) "
                                  "before any op writes it")
         known.update(op.outputs)
+    computed = {t for op in ops for t in op.outputs}
     for t in outputs:
         if t not in known:
             raise ModelError(f"model output {t} ({tensors[t].name!r}) is never computed")
+        if t not in computed:  # a constant, state or input tensor as an output (found by fuzzing)
+            raise ModelError(f"model output {t} ({tensors[t].name!r}) is a constant or an input: no op "
+                             "computes it")
 
 
 def _compact(tensors, ops, inputs, outputs, metadata, description, signature) -> tuple:

@@ -209,8 +209,11 @@ class SimilarLabelTable:
         raw = path.read_bytes()
         try:
             d = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TableError(f"{path}: not a JSON similar-label table: {e}") from None
+        except (ValueError, RecursionError) as e:
+            # ValueError: bad UTF-8 or JSON, and also an integer of over 4,300 digits (Python's
+            # int-from-string limit); RecursionError: arrays nested thousands deep
+            raise TableError(f"{path}: not a JSON similar-label table: {type(e).__name__}: "
+                             f"{str(e)[:200]}") from None
         return cls.from_dict(d, source=str(path))
 
 

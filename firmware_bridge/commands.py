@@ -1,4 +1,5 @@
-"""The bridge's sub-commands of ``edge-qmul``: ``serve`` (the device agent) and ``keygen``.
+"""The bridge's sub-commands of ``edge-qmul``: ``serve`` (the device agent), ``keygen`` and
+``broker-config`` (a mosquitto setup for a fleet).
 
 Registered under the entry-point group ``edge_qmul.commands`` (pyproject.toml), so the engine's
 command line offers them without importing the bridge.
@@ -12,8 +13,9 @@ import numba
 
 from edge_qmul.api import CLIError, add_command
 
+from .broker import add_broker_command
 from .device import Agent, KeyFileError, read_key, serve, write_key
-from .transport import SerialTransport, TcpListener
+from .transport import SerialTransport, TcpListener, TransportError, open_transport
 
 LOG_FORMAT = '{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}'
 
@@ -29,6 +31,13 @@ def _serve(args: argparse.Namespace) -> int:
     agent = Agent(args.state, threads=args.threads)
     if args.serial:
         serve(SerialTransport(args.serial), agent, key)
+        return 0
+    if args.url:
+        try:
+            transport = open_transport(args.url)
+        except TransportError as e:
+            raise CLIError(str(e)) from None
+        serve(transport, agent, key)
         return 0
     host, _, port = args.listen.rpartition(":")
     if not port.isdigit():
@@ -50,13 +59,17 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    """Add ``serve`` and ``keygen`` to the ``edge-qmul`` sub-command parsers ``sub``."""
-    sv = add_command(sub, "serve", "run the device agent (firmware_bridge) on a serial line or TCP", [
+    """Add ``serve``, ``keygen`` and ``broker-config`` to the ``edge-qmul`` sub-command parsers ``sub``."""
+    sv = add_command(sub, "serve", "run the device agent (firmware_bridge) on a serial line, TCP or an MQTT broker", [
         "edge-qmul serve --serial /dev/ttyUSB0 --state /var/lib/edge-qmul --key-file device.key",
-        "edge-qmul serve --listen 0.0.0.0:7070 --state /var/lib/edge-qmul --key-file device.key"])
+        "edge-qmul serve --listen 0.0.0.0:7070 --state /var/lib/edge-qmul --key-file device.key",
+        "edge-qmul serve --url 'mqtts://broker:8883/cam1?role=device&password_file=cam1.pw&ca=ca.crt' "
+        "--state /var/lib/edge-qmul --key-file device.key"])
     where = sv.add_mutually_exclusive_group(required=True)
     where.add_argument("--serial", help="a pyserial URL or device, e.g. /dev/ttyUSB0")
     where.add_argument("--listen", help="HOST:PORT to listen on (TCP)")
+    where.add_argument("--url", help="any transport URL, e.g. mqtts://broker:8883/ID?role=device&"
+                       "password_file=F&ca=ca.crt (the device's topics on an MQTT broker)")
     sv.add_argument("--state", required=True, help="the device's state directory")
     sv.add_argument("--key-file", required=True, help="the 32-byte pre-shared key (mode 0600)")
     sv.add_argument("--threads", type=int, help="compute threads for unlearning (default: every core; "
@@ -66,3 +79,4 @@ def add_commands(sub) -> None:
                      "edge-qmul keygen device.key   # then copy it to the host over a channel you trust")
     kg.add_argument("key_file")
     kg.set_defaults(func=_keygen)
+    add_broker_command(sub)

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                "  edge-qmul-host --device tcp://board:7070 --key-file device.key push-samples d.npz --owner alice\n"
                "  edge-qmul-host --device tcp://board:7070 --key-file device.key forget --owner alice --wait --commit\n"
                "  edge-qmul-host --device tcp://board:7070 --key-file device.key pull-model --out new.tflite")
-    ap.add_argument("--device", required=True, help="tcp://HOST:PORT or serial:///dev/ttyUSB0 (any pyserial URL)")
+    ap.add_argument("--device", required=True, help="tcp://HOST:PORT, serial:///dev/ttyUSB0 (any pyserial URL) or "
+                    "mqtts://BROKER:PORT/DEVICE_ID?password_file=F&ca=ca.crt")
     ap.add_argument("--key-file", required=True)
     ap.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for one reply")
     sub = ap.add_subparsers(dest="command", required=True)

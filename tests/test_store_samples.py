@@ -251,3 +251,13 @@ def test_import_image_folder(tmp_path):
         ids = s.import_image_folder(flat, Q, size=(4, 4), owner="dora")
         assert s.select(owner="dora") == ids and s.input_shape == (4, 4, 1)
 
+
+
+def test_float_labels_beyond_any_class_are_named_not_called_negative(tmp_path):
+    """Regression (found by fuzzing sample uploads): a label of 1e300 was cast to int64's minimum
+    and refused as "negative"."""
+    with Store(tmp_path / "s.db", create=True) as s:
+        x = np.zeros((2, 4), np.int8)
+        with pytest.raises(StoreError, match=r"label 1e\+300 of sample 1 is not a class index"):
+            s.add(x, np.array([1.0, 1e300]), "alice")
+        assert s.count() == 0

@@ -256,6 +256,10 @@ class StateDir:
         time: two jobs from the same model cannot both be committed (the second's model would still
         know the first's samples), so a second request is refused with what to do."""
         selector = check_selector(selector)
+        if job_id is not None and job_id in self.jobs:
+            # a retried or redelivered request: its job, whatever happened since (after a commit the
+            # selection names no sample any more, and checking it would refuse the retry)
+            return self.jobs[job_id]
         method = default_method(selector) if method is None else method
         if not isinstance(method, str) or method not in METHODS:
             raise StateError("bad_request", f"unknown method {method!r}")
@@ -268,8 +272,6 @@ class StateDir:
                 s.select(**selector, role=None)
             except StoreError as e:
                 raise StateError("bad_selector", str(e)) from None
-        if job_id is not None and job_id in self.jobs:
-            return self.jobs[job_id]
         for job in self.open_jobs():
             if job.status == "done":
                 raise StateError("busy", f"job {job.job_id} has finished and waits: commit it or roll it "

@@ -113,6 +113,7 @@ class Agent:
         if self.dir.store_path.exists():
             with self.dir.store() as s:
                 out["samples"] = s.count()
+                out["owners"] = s.owners()  # a fleet host targets an erasure request by these
         return out
 
     def put_end(self, body: dict) -> dict:

@@ -258,3 +258,22 @@ def test_a_malformed_model_upload_is_refused_and_leaves_the_directory_unchanged(
         assert refused == 60
     finally:
         agent.close()
+
+
+def test_a_forget_retried_after_its_commit_finds_its_job(tmp_path):
+    """Regression (found by the fleet's redelivery test): a FORGET whose job key the device knows
+    was checked against the store first, so a retry after the commit (the owner now gone) was
+    refused as an unknown owner instead of answering its job."""
+    _populate(tmp_path)
+    agent = Agent(tmp_path, threads=1)
+    try:
+        body = {"selector": {"owner": OWNER}, "method": "ft", "params": {"epochs": 1, "seed": 0},
+                "job_key": "0123456789abcdef"}
+        job_id = agent.handle(MsgType.FORGET, body)["job_id"]
+        while agent.handle(MsgType.JOB_STATUS, {"job_id": job_id})["status"] in ("queued", "running"):
+            time.sleep(0.01)
+        agent.handle(MsgType.COMMIT, {"job_id": job_id})
+        assert agent.handle(MsgType.FORGET, body)["job_id"] == job_id == "0123456789abcdef"
+        assert len(agent.jobs) == 1
+    finally:
+        agent.close()

@@ -35,6 +35,13 @@ is disconnected (MQTT's rule). mosquitto allows that even under another user's c
 intruder then receives nothing (the ACL is checked at delivery) but the owner is pushed off and
 messages queued meanwhile are dropped: a denial of service, not a leak.
 
+Presence (role=device). The device's client sets a Last Will `offline` on `PREFIX/DEVICE_ID/status`
+(QoS 1, retained) and publishes a retained `online` there on every connect, and `offline` when it
+closes cleanly (a clean DISCONNECT drops the will): a host subscribed to `PREFIX/+/status` knows
+which devices are up without sending them anything (firmware_bridge/fleet/presence.py), so nothing
+piles up in an absent device's queue. A broker whose ACL forbids the topic refuses these publishes
+in their PUBACK; that is harmless (the link works, only presence is missing).
+
 MTU: `MQTT_MTU`, 16384 bytes, as TCP. The broker delivers each message whole, in order and
 checked, so only the per-message cost matters: a PUBACK round trip through the broker per write,
 which large frames amortise; 16 KiB (encoded at most 16450 bytes) stays far below the message
@@ -63,7 +70,7 @@ from .base import (DEFAULT, DEFAULT_READ_TIMEOUT, TCP_MTU, Transport, TransportC
                    UseDefault, check_max_bytes)
 
 __all__ = ["MAX_MESSAGE", "MQTT_MTU", "MqttSettings", "MqttTransport", "PREFIX", "check_device_id",
-           "device_topics", "open_mqtt_url", "parse_mqtt_url"]
+           "device_topics", "open_mqtt_url", "parse_mqtt_url", "read_password", "status_topic"]
 
 log = logging.getLogger("firmware_bridge.transport.mqtt")
 
@@ -86,6 +93,12 @@ def check_device_id(device_id: str) -> str:
         raise ValueError(f"device id {device_id!r}: expected 1-64 of A-Z a-z 0-9 _ . - "
                          "(starting with a letter or digit)")
     return device_id
+
+
+def status_topic(device_id: str, prefix: str = PREFIX) -> str:
+    """The retained presence topic of a device: `online` or `offline` (its Last Will)."""
+    check_device_id(device_id)
+    return f"{prefix}/{device_id}/status"
 
 
 def device_topics(device_id: str, prefix: str = PREFIX) -> tuple[str, str]:
@@ -234,6 +247,9 @@ class MqttTransport(Transport):
                                        protocol=mqtt.MQTTv5)
         c.enable_logger(log)  # paho's lines name packet flags, never the password
         c.reconnect_delay_set(*reconnect_delay)
+        self.topic_status = status_topic(s.device_id, s.prefix) if s.role == "device" else None
+        if self.topic_status:
+            c.will_set(self.topic_status, b"offline", qos=1, retain=True)
         if s.username is not None:
             c.username_pw_set(s.username, password)
         if s.tls:
@@ -293,6 +309,8 @@ class MqttTransport(Transport):
         # Subscribed on every connect: a broker that lost the session (no persistence) would
         # otherwise never deliver again; subscribing again to a kept subscription is harmless.
         self._sub_mid = client.subscribe(self.topic_in, qos=1)[1]
+        if self.topic_status:  # after the subscription: a host that sees `online` can be answered
+            client.publish(self.topic_status, b"online", qos=1, retain=True)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if mid != self._sub_mid:
@@ -379,6 +397,12 @@ class MqttTransport(Transport):
             self._closed = True
             self._cond.notify_all()
         if self.connected:  # DISCONNECT goes out through the network thread, then it stops
+            if self.topic_status:  # a clean DISCONNECT drops the will: say it ourselves
+                info = self._client.publish(self.topic_status, b"offline", qos=1, retain=True)
+                try:
+                    info.wait_for_publish(min(2.0, self.write_timeout))
+                except (RuntimeError, ValueError):  # the connection went meanwhile: the will says it
+                    pass
             self._client.disconnect()
             self._client.loop_stop()
         else:  # stop the reconnecting thread first (paho logs an error if it loops unconnected)

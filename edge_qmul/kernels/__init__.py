@@ -112,8 +112,9 @@ def evaluate(op, params, args: list):
         raise ModelError(f"op {op.kind} (index {op.index}): its tensors do not fit the op "
                          f"({type(e).__name__}: {first})") from None
     n = len(op.outputs)
-    if not (isinstance(result, np.ndarray) if n == 1 else
-            isinstance(result, (tuple, list)) and len(result) == n):
+    # one output: an array (or, from ops with any number of outputs such as SPLIT, a 1-tuple)
+    if not ((isinstance(result, np.ndarray) and n == 1) or
+            (isinstance(result, (tuple, list)) and len(result) == n)):
         made = len(result) if isinstance(result, (tuple, list)) else 1
         raise ModelError(f"op {op.kind} (index {op.index}) lists {n} outputs, but its kernel makes {made}")
     return result

@@ -1,10 +1,10 @@
-# edge_qmul: `make install`, `make demo`, `make check`, `make test`, `make test-slow`, `make bench`.
+# edge_qmul: `make install`, `make demo`, `make fleet-demo`, `make check`, `make test`, `make test-slow`, `make bench`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install check test test-slow test-arm64 bench demo eval clean
+.PHONY: install check test test-slow test-arm64 bench demo fleet-demo eval clean
 
 install: $(STAMP)
 
@@ -57,6 +57,11 @@ eval: $(STAMP)
 	NUMBA_NUM_THREADS=1 $(BIN)/python tools/evaluate.py --suite benchmarks/unlearn_suite.json
 	NUMBA_NUM_THREADS=1 $(BIN)/python benchmarks/stopping_target.py
 	$(BIN)/python tools/demo.py --out demo_out --readme README.md
+
+# A broker and five device agents on this machine (needs mosquitto: apt-get install mosquitto); one
+# person forgotten on the three devices that hold them, one of those back only after the request.
+fleet-demo: $(STAMP)
+	$(BIN)/python tools/fleet_demo.py
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py --out demo_out

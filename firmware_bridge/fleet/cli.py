@@ -30,7 +30,7 @@ from edge_qmul.api import add_command, atomic_write
 from ..channel import ChannelError
 from ..transport import TransportError
 from ..transport.mqtt import parse_mqtt_url
-from .registry import DELIVERY_STATES, FleetError, Registry
+from .registry import DELIVERY_STATES, FleetError, Registry, job_key
 from .runner import Fleet, Offline
 
 DEFAULT_DB = "fleet.db"
@@ -97,6 +97,7 @@ def report(reg: Registry, request_id: str) -> dict:
                      "model_matches_certificate": (None if not cert or not d["model_sha256_pulled"] else
                                                    d["model_sha256_pulled"] == cert.get("model_after_sha256")),
                      "error": d["error"], "attempts": d["attempts"] + 1, "updated": _when(d["updated"]),
+                     "earlier_jobs": [job_key(request_id, d["device_id"], i) for i in range(d["attempts"])],
                      "certificate": cert})
     return {"document": "edge-qmul erasure request report", "generated": _when(datetime.datetime.now().timestamp()),
             "request": {"id": req["id"], "owner": req["owner"], "method": req["method"], "params": req["params"],

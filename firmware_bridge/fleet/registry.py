@@ -255,6 +255,21 @@ class Registry:
             self._refresh_status(c, request_id)
         return [r[0] for r in rows]
 
+    def next_attempt(self, request_id: str, device_id: str, error: str) -> dict:
+        """One delivery back to pending as its next attempt (a new job key), `error` saying why the
+        last one ended; the delivery."""
+        with self._tx() as c:
+            row = c.execute("SELECT attempts FROM deliveries WHERE request_id = ? AND device_id = ?",
+                            (request_id, device_id)).fetchone()
+            if row is None:
+                raise FleetError(f"request {request_id!r} has no delivery to device {device_id!r}")
+            c.execute("UPDATE deliveries SET status = 'pending', job_key = ?, job_id = NULL, error = ?, "
+                      "attempts = ?, updated = ? WHERE request_id = ? AND device_id = ?",
+                      (job_key(request_id, device_id, row[0] + 1), error, row[0] + 1, time.time(), request_id,
+                       device_id))
+            self._refresh_status(c, request_id)
+        return self.delivery(request_id, device_id)
+
     @staticmethod
     def _refresh_status(c: sqlite3.Connection, request_id: str) -> None:
         commit = c.execute("SELECT commit_flag FROM requests WHERE id = ?", (request_id,)).fetchone()[0]

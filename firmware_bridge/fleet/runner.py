@@ -11,9 +11,11 @@ Exactly once. A delivery's FORGET carries its job key; the device makes the key 
 answers a FORGET whose key it knows with that job. Before any FORGET, the runner asks JOB_STATUS of
 the key: a job the device already has (a FORGET whose reply was lost, a fleet process restarted
 mid-step) is followed, never started again. COMMIT is idempotent on the device too (the commit of a
-committed job returns its certificate). After COMMIT the runner pulls the whole certificate
-(jobs/<id>.json) and the active model (`current`) and checks sha256(current) equals the
-certificate's model_after_sha256.
+committed job returns its certificate). A job the agent's start-up recovery failed ("interrupted":
+the agent died while it ran, nothing was committed) is started again as the delivery's next
+attempt (a new key), up to `max_attempts` jobs; the report lists the earlier ones. After COMMIT
+the runner pulls the whole certificate (jobs/<id>.json) and the active model (`current`) and
+checks sha256(current) equals the certificate's model_after_sha256.
 
 Stale HELLOs. Over MQTT, the HELLOs sent to an offline device wait in its broker session and reach
 it in a burst when it returns: it answers each, and the host's Client ignores every HELLO_ACK
@@ -22,6 +24,7 @@ is sent to a device that has not answered a HELLO. The fleet never logs keys or 
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
@@ -52,6 +55,13 @@ class Link:
     client: Client
 
 
+def _close_quietly(link: Link) -> None:
+    try:
+        link.transport.close()
+    except Exception:  # noqa: BLE001 - closing what may already be gone
+        pass
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -63,14 +73,20 @@ class Fleet:
     bounds one reply; `poll_s` is how often a device that was offline is tried again.
     """
 
+    # Links kept open at most (least recently used closed first): paho's network loop uses
+    # select(), which fails on fds >= 1024, and each link holds 3 fds; 200 leaves room.
+    max_links = 200
+    _released = 0
+
     def __init__(self, registry: Registry, *, hello_timeout: float = 2.0, reply_timeout: float = 3.0,
                  poll_s: float = 10.0, job_poll_s: float = 1.0, workers: int = 8,
-                 on_event: Callable[[str], None] | None = None, presence=None) -> None:
+                 on_event: Callable[[str], None] | None = None, presence=None, max_attempts: int = 3) -> None:
         self.registry = registry
         self.hello_timeout, self.reply_timeout = hello_timeout, reply_timeout
         self.poll_s, self.job_poll_s, self.workers = poll_s, job_poll_s, workers
         self.on_event = on_event or (lambda msg: None)
         self.presence = presence  # an optional presence watcher: .online(device_id) -> bool | None
+        self.max_attempts = max_attempts  # jobs per delivery when agents die mid-job (then: failed)
         self._links: dict[str, Link] = {}
         self._links_lock = threading.Lock()
 
@@ -111,7 +127,9 @@ class Fleet:
         """A DeviceClient with a live session to the device (at the registry's URL and key file,
         unless given); Offline if it does not answer HELLO."""
         with self._links_lock:
-            link = self._links.get(device_id)
+            link = self._links.pop(device_id, None)
+            if link is not None:
+                self._links[device_id] = link  # least recently used first
         if link is None:
             if url is None or key_file is None:
                 dev = self.registry.device(device_id)
@@ -119,6 +137,9 @@ class Fleet:
             link = self.open_link(device_id, url, key_file)
             with self._links_lock:
                 self._links[device_id] = link
+                extra = len(self._links) - self.max_links // 2 if len(self._links) > self.max_links else 0
+                evicted = [self._links.pop(d) for d in list(self._links)[:extra]]
+            self._release(evicted)  # scale: paho's select() cannot watch fds >= 1024 (3 fds per link)
         if link.client.session is None:
             link.client.timeout, link.client.retries = self.hello_timeout, 1
             try:
@@ -129,6 +150,22 @@ class Fleet:
                 raise Offline(f"device {device_id}: {e}") from None
             link.client.timeout, link.client.retries = self.reply_timeout, 3
         return DeviceClient(link.client)
+
+    def close_link(self, device_id: str) -> None:
+        """Close the device's link (a delivery that ended): it is opened again when needed."""
+        with self._links_lock:
+            link = self._links.pop(device_id, None)
+        if link is not None:
+            self._release([link])
+
+    def _release(self, links: list[Link]) -> None:
+        """Close links. A closed paho client keeps its wake-up socketpair until the garbage
+        collector frees it (a cycle), so collect every 64 closes: fds stay below 1024."""
+        for link in links:
+            _close_quietly(link)
+            self._released += 1
+            if self._released % 64 == 0:
+                gc.collect()
 
     def drop_session(self, device_id: str) -> None:
         with self._links_lock:
@@ -223,6 +260,14 @@ class Fleet:
             if job["status"] in ("failed", "rolled_back"):
                 result = dev.result(key)
                 why = result.get("error") or f"the job was {job['status']}"
+                if job["status"] == "failed" and str(why).startswith("interrupted") \
+                        and d["attempts"] + 1 < self.max_attempts:
+                    # the agent died mid-job and its recovery failed it: nothing was committed, so
+                    # the delivery starts again as a new attempt (a new key; the failed job stays)
+                    d.update(self.registry.next_attempt(rid, did, error=f"job {key} failed: {why}"))
+                    self._event(f"{did}: job {key} interrupted ({why}); attempt {d['attempts'] + 1} "
+                                f"as job {d['job_key']}")
+                    return 0.0
                 self.registry.update_delivery(rid, did, status="failed", error=f"job {key} {job['status']}: {why}")
                 self._event(f"{did}: job {key} {job['status']}: {why}")
                 return None
@@ -325,6 +370,8 @@ class Fleet:
                             delay = self.poll_s
                         due_set[did] = time.monotonic()
                         due[did] = due_set[did] + (delay or 0.0)
+                        if delay is None:  # this delivery ended: free its link (fds, broker session)
+                            self.close_link(did)
                 else:
                     if self.presence is not None:
                         self.presence.wait_change(0.2)

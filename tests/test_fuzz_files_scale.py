@@ -544,3 +544,13 @@ def test_regression_table_json_that_python_cannot_parse_is_a_table_error(tmp_pat
     path.write_text(text)
     with pytest.raises(TableError, match="not a JSON similar-label table"):
         SimilarLabelTable.load(path)
+
+
+def test_regression_a_batch_dimension_of_65536_is_refused_before_any_gather_table():
+    """Found by the slow tier's .tflite fuzzer as a hang under load: resnet_tiny with an ADD input's
+    dimension 1 -> 65536 built a gather table of 2^27 entries (4.7 s alone, over 60 s on a busy
+    machine) before the shapes were refused; the shapes are now checked first."""
+    kind, what, data = mutant("resnet_tiny", 2024, 14267)
+    assert kind == "tensor_shape" and "65536" in what
+    with pytest.raises(ModelError, match="does not broadcast to one sample"):
+        load_tflite(data)

@@ -16,7 +16,7 @@ from ..quant import (activation_range, multiply_by_quantized_multiplier,
                      multiply_by_quantized_multiplier_floor_shift, quantize_multiplier,
                      saturating_rounding_doubling_high_mul)
 from ..grad import Error, from_accumulator
-from .common import five_fold, output, per_tensor, tensor, where
+from .common import check_one_sample, five_fold, output, per_tensor, tensor, where
 from .contract import Backward, Kernel, MemoryQuery
 
 # add.cc: int8 inputs are shifted left by 20 bits before rescaling, so the sum keeps precision.
@@ -69,6 +69,8 @@ def prepare(op, model) -> AddParams:
     lo, hi = activation_range(op.options.get("activation", "NONE"), qo)
     # LiteRT runs one sample of the file's shapes at a time; so does the element schedule.
     sample = (1,) + tuple(out.shape[1:])
+    for t in (a, b):
+        check_one_sample(op, tuple(t.shape), sample)
     index1, index2 = (np.ascontiguousarray(np.broadcast_to(
         np.arange(int(np.prod(t.shape)), dtype=np.int64).reshape(t.shape), sample)).reshape(-1)
         for t in (a, b))

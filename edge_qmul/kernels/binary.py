@@ -29,7 +29,7 @@ from numba import njit, prange
 from ..errors import ModelError
 from ..grad import Error, from_accumulator
 from ..quant import activation_range, multiply_by_quantized_multiplier, quantize_multiplier
-from .common import five_fold, output, per_tensor, tensor, where
+from .common import check_one_sample, five_fold, output, per_tensor, tensor, where
 from .contract import Backward, Kernel, MemoryQuery
 
 MAX_RANK = 6      # LiteRT's broadcast kernels (kMaxMulBroadcastDim, BroadcastBinaryOpSimple)
@@ -104,6 +104,8 @@ def prepare(op, model) -> BinaryParams:
     if same:
         index1 = index2 = np.empty(0, np.int32)
     else:  # LiteRT runs one sample of the file's shapes at a time; so do the gathers.
+        for s in (sa, sb):
+            check_one_sample(op, s, sample)
         index1, index2 = (np.ascontiguousarray(np.broadcast_to(
             np.arange(int(np.prod(s, dtype=np.int64)), dtype=np.int32).reshape(s), sample)).reshape(-1)
             for s in (sa, sb))

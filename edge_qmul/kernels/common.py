@@ -114,6 +114,19 @@ def check_output_shape(op, out, shape: tuple) -> None:
                          f"the op computes {list(shape)}")
 
 
+def check_one_sample(op, shape: tuple, sample: tuple) -> None:
+    """An element-wise op's input must broadcast to one sample of its output (LiteRT runs one
+    sample at a time): checked before any index array is built, since a mutated dimension (found by
+    fuzzing .tflite files) made a gather table of a billion entries before the shapes were refused."""
+    try:
+        ok = np.broadcast_shapes(tuple(shape), tuple(sample)) == tuple(sample)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ModelError(f"{where(op)}: an input of shape {list(shape)} does not broadcast to one sample "
+                         f"{list(sample)} of the output")
+
+
 def check_bias(model, op, channels: int) -> None:
     """The optional bias (input 2) of a conv-like op: int32, one value per output channel. The
     compiled loops read ``bias[c]`` for every channel unchecked: a shorter bias (found by fuzzing

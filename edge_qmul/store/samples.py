@@ -48,7 +48,7 @@ class SampleMethods:
         if n and not (np.issubdtype(labels.dtype, np.integer) and labels.dtype != np.bool_):
             if np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) \
                     and np.all(np.mod(labels, 1) == 0):
-                big = np.abs(labels) >= 2.0**31  # beyond int64 the cast would wrap to a negative label
+                big = np.abs(labels.astype(np.float64)) >= 2.0**31  # beyond int64 the cast wraps to a negative label
                 if big.any():
                     i = int(np.nonzero(big)[0][0])
                     raise StoreError(f"label {labels[i]:g} of sample {i} is not a class index")

@@ -1,7 +1,7 @@
 """A power-cut simulator on the state directory's file-operations layer (MCUboot's simulator, for files).
 
 A clean run records every step of its ``FileOps`` (write, fsync, rename, unlink, fsync of a
-directory) with the bytes involved. :func:`disk_after` then rebuilds, for any prefix of that trace,
+directory) with the bytes involved. :class:`Replayer` then rebuilds, for any prefix of that trace,
 the directory a power cut there would leave: file contents are what was last fsynced (or, torn, that
 plus the new bytes up to a 512-byte sector boundary); directory entries are those of the last fsync
 of their directory (or, optimistic, every rename and creation so far: a rename not followed by a
@@ -299,9 +299,3 @@ class Replayer:
         self.disk.write_to(out, files)
         return digest.hexdigest()
 
-
-def disk_after(initial: Path, trace: list[Step], k: int, out: Path, renames_reached: bool,
-               torn: bool) -> Path:
-    """Write to ``out`` what ``initial`` becomes when power is cut after ``trace[:k]``."""
-    Replayer(initial, trace).cut(k, renames_reached, torn, out)
-    return out

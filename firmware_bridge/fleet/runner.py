@@ -24,7 +24,6 @@ is sent to a device that has not answered a HELLO. The fleet never logs keys or 
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import threading
@@ -76,7 +75,6 @@ class Fleet:
     # Links kept open at most (least recently used closed first): paho's network loop uses
     # select(), which fails on fds >= 1024, and each link holds 3 fds; 200 leaves room.
     max_links = 200
-    _released = 0
 
     def __init__(self, registry: Registry, *, hello_timeout: float = 2.0, reply_timeout: float = 3.0,
                  poll_s: float = 10.0, job_poll_s: float = 1.0, workers: int = 8,
@@ -159,13 +157,9 @@ class Fleet:
             self._release([link])
 
     def _release(self, links: list[Link]) -> None:
-        """Close links. A closed paho client keeps its wake-up socketpair until the garbage
-        collector frees it (a cycle), so collect every 64 closes: fds stay below 1024."""
+        """Close links (each transport frees its sockets as it closes)."""
         for link in links:
             _close_quietly(link)
-            self._released += 1
-            if self._released % 64 == 0:
-                gc.collect()
 
     def drop_session(self, device_id: str) -> None:
         with self._links_lock:

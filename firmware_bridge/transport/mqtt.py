@@ -408,6 +408,10 @@ class MqttTransport(Transport):
         else:  # stop the reconnecting thread first (paho logs an error if it loops unconnected)
             self._client.loop_stop()
             self._client.disconnect()
+        # paho keeps its wake-up socket pair until the client is garbage-collected (it sits in a
+        # cycle); release it now, as paho's own __del__ does, so a process opening and closing many
+        # transports stays below select()'s fd limit of 1024
+        self._client._reset_sockets(sockpair_only=True)
 
 
 def open_mqtt_url(url: str, *, timeout: float | None = DEFAULT_READ_TIMEOUT, **kwargs) -> MqttTransport:

@@ -7,7 +7,9 @@ the shapes the file declares (batch 1); the engine runs any batch size along axi
 from __future__ import annotations
 
 import copy
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -17,6 +19,9 @@ from . import kernels
 from .arithmetic import Arithmetic, arithmetic
 from .errors import ModelError
 from .quant import QuantParams, dequantize, quantize
+
+# forward/predict calls of one model before its compiled plan is built (EDGE_QMUL_PLAN_AFTER)
+PLAN_AFTER_CALLS = int(os.environ.get("EDGE_QMUL_PLAN_AFTER", "3"))
 
 
 @dataclass
@@ -78,6 +83,8 @@ class Model:
         for i, op in enumerate(ops):
             op.index = i
         self._prepared: list | None = None
+        self.weights_version = 0  # moved by whatever changes weights in place (the trainer)
+        self._plans: dict[bool, list] = {}  # interface? -> [prepared list it was built for, calls, Plan]
         kernels.check_supported(self)
 
     # --- interface -------------------------------------------------------------------------------
@@ -141,6 +148,7 @@ class Model:
             raise ModelError(f"parameter {name!r} is {t.data.dtype}{list(t.data.shape)}, "
                              f"got {value.dtype}{list(value.shape)}")
         t.data = value.copy()
+        self.weights_version += 1
 
     def use_litert(self, litert: str | Arithmetic | None) -> "Model":
         """Compute as the LiteRT of platform ``litert`` does (``x86_64``, ``aarch64``; None: the
@@ -187,6 +195,50 @@ class Model:
                     values[t] = v
         return values
 
+    def compiled(self, interface: bool = False, build: bool = True):
+        """The compiled plan (edge_qmul/plan) of ``forward`` (or, with ``interface``, of ``predict``),
+        built now if ``build``; None when plans are off or the model's could not be built.
+
+        EDGE_QMUL_PLAN: ``auto`` (default) builds a model's plan at its third forward/predict call;
+        ``explicit`` only here; ``off`` never (the per-op path always)."""
+        if os.environ.get("EDGE_QMUL_PLAN", "auto") == "off":
+            return None
+        prepared = self._ensure_prepared()
+        state = self._plans.get(interface)
+        if state is None or state[0] is not prepared:
+            state = self._plans[interface] = [prepared, 0, None]
+        if state[2] is None and build:
+            from .plan import Plan
+            try:
+                state[2] = Plan(self, interface)
+            except Exception as e:  # the per-op path stays: it is the reference the plan copies
+                warnings.warn(f"edge_qmul: no compiled plan for this model ({type(e).__name__}: {e})")
+                state[2] = False
+        return state[2] or None
+
+    def _run_outputs(self, feeds: dict[int, np.ndarray], interface: bool) -> list[np.ndarray]:
+        # A model's third call of forward/predict builds its plan (EDGE_QMUL_PLAN=auto): one-off
+        # runs (loading, checks, fuzzing) never pay for compiling one. A plan that fails at run time is dropped and the
+        # per-op path answers (and raises the error that names the op, if there is one).
+        prepared = self._ensure_prepared()
+        state = self._plans.get(interface)
+        if state is None or state[0] is not prepared:
+            state = self._plans[interface] = [prepared, 0, None]
+        plan = state[2]
+        if plan is None and os.environ.get("EDGE_QMUL_PLAN", "auto") == "auto":
+            state[1] += 1
+            if state[1] >= PLAN_AFTER_CALLS:
+                plan = self.compiled(interface)
+        if plan:
+            try:
+                values = plan.run(feeds)
+                return [values[t] for t in (self.outputs if interface else self.core_outputs)]
+            except Exception as e:
+                warnings.warn(f"edge_qmul: compiled plan failed ({type(e).__name__}: {e}); per-op path used")
+                state[2] = False
+        values = self.run(feeds, start_after_interface=not interface)
+        return [values[t] for t in (self.outputs if interface else self.core_outputs)]
+
     def _check_batch(self, x: np.ndarray, t: int, where: str) -> np.ndarray:
         tensor = self.tensors[t]
         x = np.asarray(x)
@@ -211,8 +263,7 @@ class Model:
         if len(xs) != len(core_in):
             raise ModelError(f"forward: the model has {len(core_in)} input(s), got {len(xs)}")
         feeds = {t: self._check_batch(x, t, "forward") for t, x in zip(core_in, xs)}
-        values = self.run(feeds, start_after_interface=True)
-        outs = [values[t] for t in self.core_outputs]
+        outs = self._run_outputs(feeds, interface=False)
         return outs[0] if len(outs) == 1 else outs
 
     def predict(self, *xs: np.ndarray) -> np.ndarray | list[np.ndarray]:
@@ -232,8 +283,7 @@ class Model:
                     raise ModelError(f"predict: input {tensor.name!r} holds NaN or inf")
                 x = quantize(x, tensor.quant)
             feeds[t] = self._check_batch(x, t, "predict")
-        values = self.run(feeds)
-        outs = [values[t] for t in self.outputs]
+        outs = self._run_outputs(feeds, interface=True)
         return outs[0] if len(outs) == 1 else outs
 
     def dequantize_output(self, y: np.ndarray, k: int = 0) -> np.ndarray:

@@ -1,10 +1,15 @@
 """Shared fixtures: the real TensorFlow-converted int8 models and LiteRT's outputs for them."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Compiled plans (edge_qmul/plan) are built when a test asks (tests/test_plan.py), not at every
+# model's third forward: compiling one costs seconds per model, and the tests load hundreds.
+os.environ.setdefault("EDGE_QMUL_PLAN", "explicit")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_MODELS = ["digits_cnn", "digits_cnn_floatio", "mlp40", "mobilenet_tiny", "resnet_tiny",

@@ -184,7 +184,7 @@ DEFAULT_TESTS=(
   tests/test_zoo.py::test_zoo_every_intermediate_tensor_equals_litert
   tests/test_random_ops.py tests/test_ops_activation.py tests/test_ops_binary.py tests/test_ops_mean.py
   tests/test_ops_movement.py tests/test_ops_resize.py tests/test_ops_lstm.py tests/test_litert_profiles.py
-  tests/test_quant.py tests/test_threads.py
+  tests/test_quant.py tests/test_threads.py tests/test_dot_tile.py
   tests/test_cross_platform.py tests/test_transport.py
   # a megabyte through each transport within 15 s: too tight for a CPU emulated 10-50x slower
   --deselect "tests/test_transport.py::test_one_megabyte_write_arrives_complete"

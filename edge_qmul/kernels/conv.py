@@ -15,10 +15,12 @@ from numba import njit, prange
 
 from ..errors import ModelError
 from ..grad import channel_sum
+from . import implicit_dot as _implicit_dot
 from . import linear as _linear
 from .contract import Kernel
 from .common import (Requant, Window, check_bias, check_output_shape, conv_requant, output, tensor, where,
                      window, window_macs as macs)
+from .dot_tile import dot_kind
 from .gemm import MR, padded_params, panel_width, row_bases, tile_product
 from .implicit_gemm import (border_geometry, conv2d_int8_implicit, conv2d_int32_implicit, next_position,
                             offset_into_border, pack_filters, positions_per_task, tap_offsets)
@@ -56,6 +58,8 @@ def prepare(op, model) -> ConvParams:
 def forward(p: ConvParams, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     bias = p.zero_bias if bias is None else bias
     v, r = p.win, p.rq
+    if dot_kind() is not None:  # int8 dot-product tiles (vpdpbusd / sdot)
+        return _implicit_dot.conv_forward(x, w, bias, -p.input_offset, v, r, r.multiplier, r.shift)
     cout, k_h, k_w, cin = w.shape
     positions = x.shape[0] * v.out_h * v.out_w
     rows, cols, channels, tap_len, offsets = border_geometry(x.shape[1], x.shape[2], cin, v, k_h, k_w)

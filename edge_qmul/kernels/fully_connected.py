@@ -9,9 +9,11 @@ from numba import njit, prange
 from ..errors import ModelError
 from ..grad import channel_sum
 from ..quant import activation_range, quantize_multipliers, requantize
+from . import implicit_dot as _implicit_dot
 from . import linear as _linear
 from .contract import Kernel
 from .common import Requant, check_bias, check_output_shape, output, per_tensor, tensor, where
+from .dot_tile import dot_kind
 from .gemm import MR, pack_panels, panel_width, row_bases, tile_product
 
 
@@ -66,6 +68,10 @@ def forward(p: FullyConnectedParams, x: np.ndarray, w: np.ndarray, bias: np.ndar
     n = x.shape[0]
     r = p.rq
     rows = np.ascontiguousarray(x).reshape(-1, p.depth)
+    if rows.shape[0] >= 4 and dot_kind() is not None:  # int8 dot-product tiles (vpdpbusd / sdot)
+        y = _implicit_dot.fc_forward(rows, np.ascontiguousarray(w), bias, -p.input_offset, r.multiplier, r.shift,
+                                     r.out_zero_point, r.act_min, r.act_max, r.rounding)
+        return y.reshape((n,) + p.out_shape)
     # a few rows: one dot product per output; four or more: the tile kernel (each weight pair
     # loaded once serves a panel of rows)
     kernel = fully_connected_int8_gemm if rows.shape[0] >= 4 else fully_connected_int8

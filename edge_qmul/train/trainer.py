@@ -279,6 +279,7 @@ class Trainer:
         lr = self.learning_rate() * weight
         for name, pg in gradients.items():
             self._apply_param(name, pg, lr)
+        self.model.weights_version += 1  # compiled plans pack the weights again (edge_qmul/plan)
         self.steps += 1
 
     def _apply_param(self, name: str, pg: ParamGrad, lr: float) -> None:

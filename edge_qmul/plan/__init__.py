@@ -1,0 +1,317 @@
+"""A compiled plan per model: the graph's forward as one compiled function, not a Python loop of ops.
+
+At batch 1 the per-op path spends most of its time in Python (the digits CNN: 27 us a forward
+against LiteRT's 4 us; each op's forward pads parameters, lays out its GEMM, checks shapes, then
+crosses into numba). A plan does that work once: each op's emitter (plan/steps.py) writes one line
+of Python source calling the op's compiled core with its scalars as literals, the lines become one
+``@njit`` function per run of supported ops (a *segment*), and a call of the plan is one crossing
+into compiled code per segment. Ops without an emitter run between segments through the per-op
+path. Small work calls serial twins of the kernels (plan/serial.py): no parallel region opens.
+
+The generated source lives in a file (numba caches only functions defined in files), named by a
+digest of the source and of the engine's own sources, so a changed kernel never loads an old plan.
+Weights are passed by reference, so training in place is seen; a tensor whose array is replaced
+(``Model.set_parameter``) is picked up at the next call.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from .. import kernels
+from ..kernels.gemm import NR
+from ..numba_cache import sources_fingerprint
+from .serial import serial
+from .steps import EMITTERS, PARALLEL_WORK
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+_MODULES: dict[str, object] = {}
+_LOCK = threading.Lock()
+_fingerprint: str | None = None
+
+
+def plan_dir() -> Path:
+    """Where generated plan sources (and numba's cache of them) live: EDGE_QMUL_PLAN_DIR, else
+    $XDG_CACHE_HOME/edge_qmul/plans (~/.cache/...)."""
+    if os.environ.get("EDGE_QMUL_PLAN_DIR"):
+        return Path(os.environ["EDGE_QMUL_PLAN_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "edge_qmul" / "plans"
+
+
+class _Source:
+    """The source of one segment being generated (the ``g`` the emitters write through)."""
+
+    def __init__(self, model, live: dict[int, str]) -> None:
+        self.model = model
+        self.live = live          # tensor index -> variable holding it in the segment
+        self.lines: list[str] = []
+        self.consts: list[tuple[str, object]] = []  # ("tensor", index) or ("array", ndarray)
+        self._const_ids: dict[tuple, int] = {}
+        self.imports: dict[int, tuple[str, object]] = {}
+        self.max_work = 0  # per sample, of the segment's largest call
+        self._tmp = 0
+
+    def line(self, text: str) -> None:
+        self.lines.append(text)
+
+    def tmp(self) -> str:
+        self._tmp += 1
+        return f"v{self._tmp}"
+
+    def _slot(self, key: tuple, entry: tuple) -> str:
+        if key not in self._const_ids:
+            self._const_ids[key] = len(self.consts)
+            self.consts.append(entry)
+        return f"c[{self._const_ids[key]}]"
+
+    def derived(self, key: str, make, part: int) -> str:
+        """Part ``part`` of ``make(model)``, arrays computed from the current weights (packed
+        filters): made again whenever the weights change."""
+        return self._slot(("derived", key, part), ("derived", (key, make), part))
+
+    def const(self, array: np.ndarray) -> str:
+        """A fixed array (computed at plan time) as a slot of the constant tuple."""
+        return self._slot(("array", id(array)), ("array", np.ascontiguousarray(array)))
+
+    def x(self, op, k: int) -> str:
+        """Input ``k`` of ``op``: a variable of the segment, or a constant tensor's slot."""
+        t = op.inputs[k]
+        if t in self.live:
+            return self.live[t]
+        if self.model.tensors[t].is_constant:
+            return self._slot(("tensor", t), ("tensor", t))
+        raise NotImplementedError(f"tensor {t} is neither computed nor constant")
+
+    def bias(self, op, zero_bias: np.ndarray) -> str:
+        return self.x(op, 2) if len(op.inputs) > 2 and op.inputs[2] >= 0 else self.const(zero_bias)
+
+    def i32(self, expr: str) -> str:
+        return expr  # biases are int32 (common.check_bias); the run functions pad them
+
+    def padded(self, expr: str) -> str:
+        return f"{self.fn(pad_to_panels)}({expr})"
+
+    def fn(self, dispatcher) -> str:
+        name = f"F{len(self.imports)}" if id(dispatcher) not in self.imports else self.imports[id(dispatcher)][0]
+        self.imports.setdefault(id(dispatcher), (name, dispatcher))
+        return self.imports[id(dispatcher)][0]
+
+    def call(self, dispatcher, args: str, work: int, twin=None) -> str:
+        """The kernel's call: its serial twin (``twin``, or one compiled from the kernel's own
+        source), so that no parallel region opens inside the plan."""
+        self.max_work = max(self.max_work, int(work))
+        return f"{self.fn(twin or serial(dispatcher))}({args})"
+
+    def macs(self, op) -> int:
+        return max(1, kernels.macs(op, self.model))
+
+    @staticmethod
+    def literal(value) -> str:
+        if isinstance(value, np.float32):
+            return f"np.float32({float(value)!r})"
+        if isinstance(value, (float, np.floating)):
+            return repr(float(value))
+        return str(int(value))
+
+    def assign(self, op, expr: str) -> None:
+        name = f"t{op.outputs[0]}"
+        self.line(f"{name} = {expr}")
+        self.live[op.outputs[0]] = name
+
+
+def _module_source(segments: list[tuple[list[str], _Source]]) -> tuple[str, dict]:
+    header = ['"""A compiled plan generated by edge_qmul.plan: do not edit."""', "import numpy as np",
+              "from numba import njit", ""]
+    imports = {}
+    for _, g in segments:
+        for name, d in g.imports.values():
+            imports[name] = d
+    body = []
+    for i, (params, g) in enumerate(segments):
+        body += ["", "", "@njit(cache=True)", f"def segment{i}(ins, c, threads):"]
+        body += [f"    {p} = ins[{k}]" for k, p in enumerate(params)]
+        body.append(f"    n = {params[0]}.shape[0]")
+        body += [f"    {line}" for line in g.lines]
+        body.append(f"    return ({', '.join(g.live[t] for t in g.outputs)},)")
+    return "\n".join(header) + "\n" + "\n".join(body) + "\n", imports
+
+
+def _load(source: str, imports: dict):
+    """Write the source under plan_dir() (named by its digest and the engine's sources) and import
+    it, or reuse the module already imported."""
+    global _fingerprint
+    if _fingerprint is None:
+        _fingerprint = sources_fingerprint(_PACKAGE)
+    names = "".join(f"{n}={d.py_func.__module__}.{d.py_func.__qualname__}\n" for n, d in sorted(imports.items()))
+    digest = hashlib.sha256((source + names + _fingerprint + numba.__version__).encode()).hexdigest()[:24]
+    with _LOCK:
+        if digest in _MODULES:
+            return _MODULES[digest]
+        directory = plan_dir()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            directory = Path(tempfile.mkdtemp(prefix="edge_qmul_plans_"))
+        path = directory / f"plan_{digest}.py"
+        if not path.is_file() or path.read_text() != source:
+            tmp = directory / f".plan_{digest}.{os.getpid()}.tmp"
+            tmp.write_text(source)
+            os.replace(tmp, path)
+        name = f"edge_qmul_plan_{digest}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        module.__dict__.update(imports)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        _MODULES[digest] = module
+        return module
+
+
+class Plan:
+    """A model's forward (``interface=False``: the int8 core) or predict (``interface=True``) as
+    compiled segments and per-op steps. ``plan(*xs)`` returns every output value by tensor index."""
+
+    def __init__(self, model, interface: bool) -> None:
+        self.model = model
+        prepared = model._ensure_prepared()
+        core_in, core_out = set(model.core_inputs), set(model.core_outputs)
+        self.inputs = list(model.inputs if interface else model.core_inputs)
+        self.outputs = list(model.outputs if interface else model.core_outputs)
+        ops = []
+        for op, params in zip(model.ops, prepared):
+            if not interface and ((op.kind == "QUANTIZE" and op.outputs[0] in core_in)
+                                  or (op.kind == "DEQUANTIZE" and op.inputs[0] in core_out)):
+                continue
+            ops.append((op, params))
+        self._consts: dict[int, tuple] = {}
+        self.steps = self._build(ops)
+        self.segments = sum(1 for s in self.steps if s[0] == "segment")
+
+    def _build(self, ops: list) -> list:
+        # consumers after each position: which tensors a segment must hand out
+        later_uses = [set() for _ in range(len(ops) + 1)]
+        later_uses[len(ops)] = set(self.outputs)
+        for i in range(len(ops) - 1, -1, -1):
+            later_uses[i] = later_uses[i + 1] | {t for t in ops[i][0].inputs if t >= 0}
+        runs, current = [], []
+        for i, (op, params) in enumerate(ops):
+            if op.kind in EMITTERS and len(op.outputs) == 1 and not self._stateful(op):
+                current.append(i)
+                continue
+            if current:
+                runs.append(("segment", current))
+                current = []
+            runs.append(("op", i))
+        if current:
+            runs.append(("segment", current))
+        steps, compiled = [], []
+        for kind, what in runs:
+            if kind == "op":
+                steps.append(("op",) + ops[what])
+                continue
+            step = self._segment([ops[i] for i in what], later_uses[what[-1] + 1])
+            steps.extend(step)
+            compiled += [s for s in step if s[0] == "segment"]
+        if compiled:
+            source, imports = _module_source([(s[2], s[3]) for s in compiled])
+            module = _load(source, imports)
+            for i, s in enumerate(compiled):
+                s[1] = getattr(module, f"segment{i}")
+        return steps
+
+    def _stateful(self, op) -> bool:
+        return any(t >= 0 and self.model.tensors[t].variable for t in op.inputs)
+
+    def _segment(self, ops: list, needed_after: set) -> list:
+        produced = {t for op, _ in ops for t in op.outputs}
+        params = []
+        live = {}
+        for op, _ in ops:
+            for t in op.inputs:
+                if t >= 0 and t not in produced and t not in live and not self.model.tensors[t].is_constant:
+                    live[t] = f"a{len(params)}"
+                    params.append(t)
+        if not params:  # nothing flows in: run the ops one by one
+            return [("op",) + o for o in ops]
+        g = _Source(self.model, dict(live))
+        for op, p in ops:
+            try:
+                EMITTERS[op.kind](g, op, p, self.model)
+            except NotImplementedError:
+                return [("op",) + o for o in ops]
+        g.outputs = [t for t in sorted(produced) if t in needed_after]
+        g.ops = ops
+        return [["segment", None, [live[t] for t in params], g, params]]
+
+    def consts(self, g: _Source) -> tuple:
+        """The segment's constant tuple: weights by reference, fixed arrays, and arrays derived
+        from the weights, made again when a weight tensor's array is replaced or the model's
+        ``weights_version`` moves (the trainer's in-place updates)."""
+        tensors = self.model.tensors
+        stamp = (self.model.weights_version,) + tuple(id(tensors[e[1]].data) for e in g.consts if e[0] == "tensor")
+        cached = self._consts.get(id(g))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        made = {}
+        values = []
+        for kind, v, *part in g.consts:
+            if kind == "tensor":
+                values.append(tensors[v].data)
+            elif kind == "array":
+                values.append(v)
+            else:
+                (key, make), = (v,)
+                if key not in made:
+                    made[key] = make(self.model)
+                values.append(made[key][part[0]])
+        self._consts[id(g)] = (stamp, tuple(values))
+        return self._consts[id(g)][1]
+
+    def _per_op(self, ops: list, values: dict) -> None:
+        for op, params in ops:
+            args = [values[i] if i in values else (self.model.tensors[i].data if i >= 0 else None)
+                    for i in op.inputs]
+            result = kernels.evaluate(op, params, args)
+            if len(op.outputs) == 1:
+                values[op.outputs[0]] = result
+            else:
+                values.update(zip(op.outputs, result))
+
+    def run(self, feeds: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+        """Every value the plan computes (tensor index -> array) from ``feeds``."""
+        values = dict(feeds)
+        for step in self.steps:
+            if step[0] == "op":
+                self._per_op([step[1:]], values)
+                continue
+            _, fn, _, g, params = step
+            ins = tuple(values[t] for t in params)
+            if ins[0].shape[0] * g.max_work >= PARALLEL_WORK and numba.get_num_threads() > 1:
+                # work that pays for threads: the segment's ops one by one, in parallel kernels
+                # (a compiled segment calling parallel kernels took minutes and GBs to compile)
+                self._per_op(g.ops, values)
+                continue
+            outs = fn(ins, self.consts(g), numba.get_num_threads())
+            values.update(zip(g.outputs, outs))
+        return values
+
+
+@numba.njit(cache=True)
+def pad_to_panels(a):
+    """gemm.padded_params inside compiled code: int32 zeros past the last channel to whole panels."""
+    n = -(-a.shape[0] // NR) * NR
+    out = np.zeros(n, np.int32)
+    out[:a.shape[0]] = a
+    return out
+
+
+__all__ = ["Plan", "plan_dir", "pad_to_panels"]

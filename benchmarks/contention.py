@@ -30,7 +30,10 @@ load being separate processes started before the worker and killed after it:
 Configurations (``--configs``; each is environment given to the worker and to the second-engine
 load, so they take effect before numba starts its threads):
 
-  * ``default``: nothing set (numba's OpenMP layer, libgomp defaults);
+  * ``default``: nothing set (numba's OpenMP layer, libgomp defaults; since edge_qmul/threads.py the
+    engine itself then follows the load: the threads asked for are a ceiling);
+  * ``fixed``: ``EDGE_QMUL_THREADS=fixed``: the engine keeps the threads asked for (the engine's
+    behaviour before edge_qmul/threads.py);
   * ``passive``: ``OMP_WAIT_POLICY=passive`` (waiting OpenMP threads sleep at once);
   * ``spin10k``: ``GOMP_SPINCOUNT=10000`` (spin ~30x shorter than the default 300000 before sleeping);
   * ``active``: ``OMP_WAIT_POLICY=active`` (spin forever);
@@ -85,6 +88,7 @@ LOADS = ("none", "spin1", "spin2", "engine", "litert")
 ALL_LOADS = LOADS + ("agent",)
 CONFIGS = {
     "default": {},
+    "fixed": {"EDGE_QMUL_THREADS": "fixed"},
     "passive": {"OMP_WAIT_POLICY": "passive"},
     "active": {"OMP_WAIT_POLICY": "active"},
     "spin10k": {"GOMP_SPINCOUNT": "10000"},
@@ -95,7 +99,7 @@ CONFIGS = {
     "auto_half_passive": {"EDGE_QMUL_CONTENTION_AUTO_RULE": "half", "OMP_WAIT_POLICY": "passive"},
 }
 # knobs the worker must not inherit from the caller's shell (they would change the configuration)
-CLEARED_ENV = ("EDGE_QMUL_CONTENTION_AUTO_RULE", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+CLEARED_ENV = ("EDGE_QMUL_THREADS", "EDGE_QMUL_CONTENTION_AUTO_RULE", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
                "NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_PROC_BIND")
 LR = 0.01
 BATCH_TRAIN = 32

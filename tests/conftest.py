@@ -10,6 +10,9 @@ import pytest
 # Compiled plans (edge_qmul/plan) are built when a test asks (tests/test_plan.py), not at every
 # model's third forward: compiling one costs seconds per model, and the tests load hundreds.
 os.environ.setdefault("EDGE_QMUL_PLAN", "explicit")
+# Tests run the thread counts they set, whatever the machine's load (tests/test_load_threads.py
+# tests the engine's default, threads that follow the load).
+os.environ.setdefault("EDGE_QMUL_THREADS", "fixed")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_MODELS = ["digits_cnn", "digits_cnn_floatio", "mlp40", "mobilenet_tiny", "resnet_tiny",

@@ -17,6 +17,7 @@ import numba.core.errors
 import numpy as np
 from numba.np.ufunc import parallel as _numba_parallel  # to start numba's threads (serialized())
 
+from .. import threads as _threads
 from ..errors import ModelError
 from . import (activation, add, binary, conv, depthwise, fully_connected, lstm, mean, movement, pool,
                quantize, resize, shape, softmax)
@@ -47,6 +48,7 @@ def serialized() -> bool:
 def _one_at_a_time_if_needed(fn):
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        _threads.update()  # threads from the load (edge_qmul/threads.py)
         if _serialize is False or not serialized():  # one global read once the layer is known
             return fn(*args, **kwargs)
         with _KERNEL_LOCK:

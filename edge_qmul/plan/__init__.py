@@ -29,6 +29,7 @@ import numpy as np
 from .. import kernels
 from ..kernels.gemm import NR
 from ..numba_cache import sources_fingerprint
+from ..threads import update as update_threads
 from .serial import serial
 from .steps import EMITTERS, PARALLEL_WORK
 
@@ -295,6 +296,7 @@ class Plan:
                 continue
             _, fn, _, g, params = step
             ins = tuple(values[t] for t in params)
+            update_threads()
             if ins[0].shape[0] * g.max_work >= PARALLEL_WORK and numba.get_num_threads() > 1:
                 # work that pays for threads: the segment's ops one by one, in parallel kernels
                 # (a compiled segment calling parallel kernels took minutes and GBs to compile)

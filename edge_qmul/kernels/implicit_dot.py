@@ -141,18 +141,29 @@ def conv_chunk(kind: str | None, positions: int, layout: ConvLayout) -> int:
     """Output positions per conv task: a multiple of MR whose A bytes fit CHUNK_BYTES, and small
     enough that every thread gets two or more tasks."""
     mr = _kernels(kind).mr
-    fit = max(1, CHUNK_BYTES // (len(layout.offsets) * layout.tap_len * mr))
-    share = -(-positions // (2 * mr * max(1, numba.get_num_threads())))
+    return conv_chunk_for(positions, len(layout.offsets) * layout.tap_len * mr, mr, numba.get_num_threads())
+
+
+@njit(cache=_dt.LOADING_KIND is None)
+def conv_chunk_for(positions, bytes_per_block, mr, threads):
+    """conv_chunk for a given thread count, from the A bytes of MR positions (compiled plans)."""
+    fit = max(1, CHUNK_BYTES // bytes_per_block)
+    share = -(-positions // (2 * mr * max(1, threads)))
     return max(1, min(fit, share)) * mr
 
 
 def fc_rows_per_task(kind: str | None, rows: int, cout: int) -> int:
     """Rows per FC task (a multiple of MR): all rows when the panels alone give every thread two tasks."""
     k = _kernels(kind)
-    panels = -(-cout // _panel_width(k, cout))
-    blocks = -(-rows // k.mr)
-    groups = max(1, min(blocks, -(-2 * max(1, numba.get_num_threads()) // panels)))
-    return -(-blocks // groups) * k.mr
+    return fc_rows_per_task_for(rows, -(-cout // _panel_width(k, cout)), k.mr, numba.get_num_threads())
+
+
+@njit(cache=_dt.LOADING_KIND is None)
+def fc_rows_per_task_for(rows, panels, mr, threads):
+    """fc_rows_per_task for a given thread count and number of weight panels (compiled plans)."""
+    blocks = -(-rows // mr)
+    groups = max(1, min(blocks, -(-2 * max(1, threads) // panels)))
+    return -(-blocks // groups) * mr
 
 
 # The run functions below are compiled for one kind: the host's (numba-cached), or another one when

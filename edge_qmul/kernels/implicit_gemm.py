@@ -29,8 +29,15 @@ CHUNK_BYTES = 16 * 1024  # input bytes (taps x channels x 2) of the positions on
 def positions_per_task(positions: int, bytes_per_position: int) -> int:
     """Output positions per task: a multiple of MR whose A rows fit CHUNK_BYTES, and small enough
     that every thread gets two or more tasks (three uneven tasks on two threads: measured 1.0x)."""
+    return positions_per_task_for(positions, bytes_per_position, numba.get_num_threads())
+
+
+@njit(cache=True)
+def positions_per_task_for(positions, bytes_per_position, threads):
+    """positions_per_task for a given thread count (compiled plans pass it: a compiled function
+    that calls numba.get_num_threads() is not cached)."""
     fit = max(1, CHUNK_BYTES // (bytes_per_position * MR))
-    share = -(-positions // (2 * MR * max(1, numba.get_num_threads())))
+    share = -(-positions // (2 * MR * max(1, threads)))
     return max(1, min(fit, share)) * MR
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ..kernels import add, depthwise, fully_connected, implicit_dot, mean, pool, quantize, softmax
+from ..kernels import add, depthwise, fully_connected, implicit_dot, implicit_gemm, mean, pool, quantize, softmax
 from ..kernels.dot_tile import dot_kind
 from ..kernels.gemm import padded_params
-from ..kernels.gemm import MR
-from ..kernels.implicit_gemm import CHUNK_BYTES, border_geometry, conv2d_int8_implicit
+from ..kernels.implicit_gemm import border_geometry, conv2d_int8_implicit
 
 # A call's work (MACs, or elements for the cheap ops) below which its serial twin runs even when
 # threads are there: a parallel region costs 1-4 us to open (plan/serial.py), and half of ~30 us
@@ -43,7 +42,7 @@ def emit_conv(g, op, p, model) -> None:
     bias = g.bias(op, p.zero_bias)
     mult_p, shift_p = p.panel_requant or padded_params(r.multiplier, r.shift)
     per_sample = v.out_h * v.out_w
-    chunk = f"{g.fn(positions_per_task)}(n * {per_sample}, {2 * len(offsets) * tap_len}, threads)"
+    chunk = f"{g.fn(implicit_gemm.positions_per_task_for)}(n * {per_sample}, {2 * len(offsets) * tap_len}, threads)"
     args = (f"{g.x(op, 0)}, {g.x(op, 1)}, {p.input_offset}, {v.pad_top}, {v.pad_left}, {rows}, {cols}, "
             f"{channels}, {tap_len}, {g.const(offsets)}, {g.padded(bias)}, {g.const(mult_p)}, "
             f"{g.const(shift_p)}, {r.out_zero_point}, {r.act_min}, {r.act_max}, {v.stride_h}, {v.stride_w}, "
@@ -66,7 +65,7 @@ def emit_conv_dot(g, op, p, model) -> None:
     out = g.tmp()
     g.line(f"{out} = np.empty(({positions}, {cout}), np.int8)")
     mr = implicit_dot._KERNELS.mr
-    chunk = f"{g.fn(dot_conv_chunk)}({positions}, {len(lay.offsets) * lay.tap_len * mr}, {mr}, threads)"
+    chunk = f"{g.fn(implicit_dot.conv_chunk_for)}({positions}, {len(lay.offsets) * lay.tap_len * mr}, {mr}, threads)"
     args = (f"{g.x(op, 0)}, {panels}, {correction}, {g.const(lay.offsets)}, {g.i32(g.bias(op, p.zero_bias))}, "
             f"{g.const(np.ascontiguousarray(r.multiplier, np.int32))}, "
             f"{g.const(np.ascontiguousarray(r.shift, np.int32))}, {out}, {v.pad_top}, {v.pad_left}, {lay.rows}, "
@@ -87,7 +86,7 @@ def emit_fully_connected_dot(g, op, p, model) -> None:
     g.line(f"{out} = np.empty(({rows}.shape[0], {cout}), np.int8)")
     k = implicit_dot._KERNELS
     nr = k.nr_half if cout <= k.nr_half else k.nr
-    per_task = f"{g.fn(dot_fc_rows_per_task)}({rows}.shape[0], {-(-cout // nr)}, {k.mr}, threads)"
+    per_task = f"{g.fn(implicit_dot.fc_rows_per_task_for)}({rows}.shape[0], {-(-cout // nr)}, {k.mr}, threads)"
     args = (f"{rows}, {panels}, {correction}, {g.i32(g.bias(op, p.zero_bias))}, "
             f"{g.const(np.ascontiguousarray(r.multiplier, np.int32))}, {g.const(np.ascontiguousarray(r.shift, np.int32))}, "
             f"{out}, {r.out_zero_point}, {r.act_min}, {r.act_max}, {per_task}, {r.rounding}")
@@ -219,31 +218,6 @@ EMITTERS = {
 # --- compiled forms of what the per-op path computes in numpy -------------------------------------
 
 @njit(cache=True)
-def positions_per_task(positions, bytes_per_position, threads):
-    """implicit_gemm.positions_per_task inside compiled code (numba.get_num_threads() cannot be
-    called there: a function that does is not cached, so the plan passes the thread count)."""
-    fit = max(1, CHUNK_BYTES // (bytes_per_position * MR))
-    share = -(-positions // (2 * MR * max(1, threads)))
-    return max(1, min(fit, share)) * MR
-
-
-@njit(cache=True)
-def dot_conv_chunk(positions, bytes_per_block, mr, threads):
-    """implicit_dot.conv_chunk with the thread count passed in (see positions_per_task)."""
-    fit = max(1, implicit_dot.CHUNK_BYTES // bytes_per_block)
-    share = -(-positions // (2 * mr * max(1, threads)))
-    return max(1, min(fit, share)) * mr
-
-
-@njit(cache=True)
-def dot_fc_rows_per_task(rows, panels, mr, threads):
-    """implicit_dot.fc_rows_per_task with the thread count passed in."""
-    blocks = -(-rows // mr)
-    groups = max(1, min(blocks, -(-2 * max(1, threads) // panels)))
-    return -(-blocks // groups) * mr
-
-
-@njit(cache=True)
 def quantize_float(x, vector_size, inv_scale, scale, zp):
     """quantize.forward_quantize from float32: the first ``vector_size`` elements of a sample as
     LiteRT's vector loop (float32 product with float32(1/scale), ties to even), the rest as its
@@ -279,4 +253,4 @@ def dequantize_float(x, vector_size, scale, zp, scale32, offset32, fma):
     return out
 
 
-__all__ = ["EMITTERS", "PARALLEL_WORK", "dequantize_float", "positions_per_task", "quantize_float"]
+__all__ = ["EMITTERS", "PARALLEL_WORK", "dequantize_float", "quantize_float"]

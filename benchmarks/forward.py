@@ -35,6 +35,10 @@ GOP/s counts 2 operations per multiply-accumulate: ``2 * MACs * batch / engine_s
 """
 from __future__ import annotations
 
+import os
+
+# a row labelled 2 threads runs 2 threads, whatever the load (edge_qmul/threads.py would give one up)
+os.environ.setdefault("EDGE_QMUL_THREADS", "fixed")
 import argparse
 import json
 import os
@@ -303,6 +307,7 @@ def bench_case(name, model, content, batch, x, threads, repeats, min_time):
     numba.set_num_threads(threads)
     float_io = model.tensors[model.inputs[0]].dtype == np.float32
     engine_fn = model.predict if float_io else model.forward
+    model.compiled(interface=float_io)  # the compiled plan (EDGE_QMUL_PLAN=off: the per-op path)
     y_engine = np.asarray(engine_fn(x))
     stateful = is_stateful(model)
     builtin = LiteRT(content, batch, threads, builtin=True, stateful=stateful)

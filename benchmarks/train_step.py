@@ -42,6 +42,10 @@ are from the engine's dequantized int8 logits (same weights; the engine quantize
 """
 from __future__ import annotations
 
+import os
+
+# a row labelled 2 threads runs 2 threads, whatever the load (edge_qmul/threads.py would give one up)
+os.environ.setdefault("EDGE_QMUL_THREADS", "fixed")
 import argparse
 import copy
 import json

@@ -395,7 +395,8 @@ def ops(kind: str | None = None) -> DotOps:
 
 # --- drivers for the kernels' forward functions ---------------------------------------------------
 
-SERIAL_MACS = 1 << 22  # below this many multiply-adds (~30 us on vpdpbusd) a layer runs the serial variant
+SERIAL_MACS = 1 << 18  # below this many multiply-adds (~2-4 us on vpdpbusd) a layer runs the serial variant
+# (1 << 22 kept mobilenet_tiny and mobilenetv2_035 at batch 32 on one thread: 2 threads 1.3x and 1.5x slower)
 
 
 def _i32(a):

@@ -31,9 +31,15 @@ from ..kernels.gemm import NR
 from ..numba_cache import sources_fingerprint
 from ..threads import update as update_threads
 from .serial import serial
-from .steps import EMITTERS, PARALLEL_WORK
+from .steps import EMITTERS
 
 _PACKAGE = Path(__file__).resolve().parent.parent
+# A segment's multiply-adds (batch included) from which, with threads, its ops run one by one in
+# parallel kernels rather than in the compiled serial segment. Measured at 2 threads against the
+# serial plan (benchmarks/forward.py): mobilenetv2_035 and resnet_tiny at batch 1 (4.8 M, 8.9 M)
+# 2.8x and 2.2x slower per op in parallel, digits at batch 32 (2.7 M) 2.9x; at batch 32
+# mobilenetv2_035 (152 M) and resnet_tiny (284 M) 0.95x and 0.83x; mobilenet_tiny (33 M) alike.
+SEGMENT_PARALLEL_WORK = 1 << 25
 _MODULES: dict[str, object] = {}
 _LOCK = threading.Lock()
 _fingerprint: str | None = None
@@ -58,7 +64,7 @@ class _Source:
         self.consts: list[tuple[str, object]] = []  # ("tensor", index) or ("array", ndarray)
         self._const_ids: dict[tuple, int] = {}
         self.imports: dict[int, tuple[str, object]] = {}
-        self.max_work = 0  # per sample, of the segment's largest call
+        self.total_work = 0  # per sample, of all the segment's calls
         self._tmp = 0
 
     def line(self, text: str) -> None:
@@ -109,7 +115,7 @@ class _Source:
     def call(self, dispatcher, args: str, work: int, twin=None) -> str:
         """The kernel's call: its serial twin (``twin``, or one compiled from the kernel's own
         source), so that no parallel region opens inside the plan."""
-        self.max_work = max(self.max_work, int(work))
+        self.total_work += int(work)
         return f"{self.fn(twin or serial(dispatcher))}({args})"
 
     def macs(self, op) -> int:
@@ -297,7 +303,7 @@ class Plan:
             _, fn, _, g, params = step
             ins = tuple(values[t] for t in params)
             update_threads()
-            if ins[0].shape[0] * g.max_work >= PARALLEL_WORK and numba.get_num_threads() > 1:
+            if ins[0].shape[0] * g.total_work >= SEGMENT_PARALLEL_WORK and numba.get_num_threads() > 1:
                 # work that pays for threads: the segment's ops one by one, in parallel kernels
                 # (a compiled segment calling parallel kernels took minutes and GBs to compile)
                 self._per_op(g.ops, values)

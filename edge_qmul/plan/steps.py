@@ -17,11 +17,6 @@ from ..kernels.dot_tile import dot_kind
 from ..kernels.gemm import padded_params
 from ..kernels.implicit_gemm import border_geometry, conv2d_int8_implicit
 
-# A call's work (MACs, or elements for the cheap ops) below which its serial twin runs even when
-# threads are there: a parallel region costs 1-4 us to open (plan/serial.py), and half of ~30 us
-# of work (this many multiply-adds on the dot tiles) is where a second thread starts to pay.
-PARALLEL_WORK = implicit_dot.SERIAL_MACS
-
 
 def _packed(pack, op_index: int, *args):
     """A derived-constant maker: ``pack(weights of op, *args)`` -> (panels, correction)."""
@@ -253,4 +248,4 @@ def dequantize_float(x, vector_size, scale, zp, scale32, offset32, fma):
     return out
 
 
-__all__ = ["EMITTERS", "PARALLEL_WORK", "dequantize_float", "quantize_float"]
+__all__ = ["EMITTERS", "dequantize_float", "quantize_float"]

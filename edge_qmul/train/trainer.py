@@ -279,13 +279,13 @@ class Trainer:
         lr = self.learning_rate() * weight
         for name, pg in gradients.items():
             self._apply_param(name, pg, lr)
-        self.model.weights_version += 1  # compiled plans pack the weights again (edge_qmul/plan)
         self.steps += 1
 
     def _apply_param(self, name: str, pg: ParamGrad, lr: float) -> None:
         """-lr * gradient on one parameter: master + int8 weights, or int32 biases, in place."""
         if lr == 0.0:
             return
+        self.model.weights_version += 1  # compiled plans pack the weights again (edge_qmul/plan)
         F = self.frac_bits
         tensor, s_real, stride, count = self._update_info(name)
         sign = -1 if lr > 0 else 1  # descent for lr > 0

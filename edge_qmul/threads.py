@@ -46,6 +46,14 @@ def threads_for(other_cpus: float, ceiling: int) -> int:
     return max(1, min(ceiling, ceiling - math.ceil(other_cpus - 0.5)))
 
 
+def set_threads(n: int) -> None:
+    """Set the calling thread's kernel threads and make ``n`` the ceiling the load rule works under.
+    (A plain ``numba.set_num_threads`` is seen as a new ceiling too, except when it sets the very
+    count the rule had chosen: the two cannot be told apart.)"""
+    numba.set_num_threads(n)
+    _state.__dict__.update(ceiling=n, chosen=n)
+
+
 def update() -> None:
     """Follow the load (cheap when called often: one clock read between looks)."""
     now = time.monotonic()
@@ -70,4 +78,4 @@ def update() -> None:
     s["chosen"] = chosen
 
 
-__all__ = ["PERIOD", "threads_for", "update"]
+__all__ = ["PERIOD", "set_threads", "threads_for", "update"]

@@ -40,13 +40,28 @@ def test_one_thread_beside_a_spinning_process_and_the_ceiling_kept(monkeypatch):
         time.sleep(0.3)
         _look_twice()
         assert numba.get_num_threads() == 1  # a spinner holds a whole CPU
-        numba.set_num_threads(1)  # someone sets 1: the ceiling
+        threads.set_threads(1)  # someone sets 1: the ceiling
         spinner.kill()
         spinner.wait()
         _look_twice()
         assert numba.get_num_threads() == 1
     finally:
         spinner.kill()
+        numba.set_num_threads(before)
+        threads._state.__dict__.clear()
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one CPU: nothing to give up")
+def test_a_count_set_by_numba_itself_is_the_new_ceiling(monkeypatch):
+    monkeypatch.setenv("EDGE_QMUL_THREADS", "auto")
+    before = numba.get_num_threads()
+    threads._state.__dict__.clear()
+    try:
+        threads.set_threads(2)
+        numba.set_num_threads(1)  # not the count the rule chose (2): seen as the new ceiling
+        _look_twice()
+        assert numba.get_num_threads() == 1
+    finally:
         numba.set_num_threads(before)
         threads._state.__dict__.clear()
 

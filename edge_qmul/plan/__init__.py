@@ -16,6 +16,7 @@ Weights are passed by reference, so training in place is seen; a tensor whose ar
 from __future__ import annotations
 
 import hashlib
+import re
 import importlib.util
 import os
 import sys
@@ -108,9 +109,12 @@ class _Source:
         return f"{self.fn(pad_to_panels)}({expr})"
 
     def fn(self, dispatcher) -> str:
-        name = f"F{len(self.imports)}" if id(dispatcher) not in self.imports else self.imports[id(dispatcher)][0]
+        """The name the generated module gives a compiled function: from its module and qualified
+        name, so that it is the same in every segment of the module and never names another."""
+        py = dispatcher.py_func
+        name = "F_" + re.sub(r"\W", "_", f"{py.__module__}.{py.__qualname__}")
         self.imports.setdefault(id(dispatcher), (name, dispatcher))
-        return self.imports[id(dispatcher)][0]
+        return name
 
     def call(self, dispatcher, args: str, work: int, twin=None) -> str:
         """The kernel's call: its serial twin (``twin``, or one compiled from the kernel's own

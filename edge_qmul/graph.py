@@ -199,9 +199,10 @@ class Model:
         """The compiled plan (edge_qmul/plan) of ``forward`` (or, with ``interface``, of ``predict``),
         built now if ``build``; None when plans are off or the model's could not be built.
 
-        EDGE_QMUL_PLAN: ``auto`` (default) builds a model's plan at its third forward/predict call;
-        ``explicit`` only here; ``off`` never (the per-op path always)."""
-        if os.environ.get("EDGE_QMUL_PLAN", "auto") == "off":
+        EDGE_QMUL_PLAN: ``explicit`` (default) builds it only here; ``auto`` at a model's third
+        forward/predict call; ``off`` never (the per-op path always). Not ``auto`` by default yet:
+        on six zoo models a plan's outputs differ from the per-op path's by 1-3 steps (issue 18)."""
+        if os.environ.get("EDGE_QMUL_PLAN", "explicit") == "off":
             return None
         prepared = self._ensure_prepared()
         state = self._plans.get(interface)
@@ -225,7 +226,7 @@ class Model:
         if state is None or state[0] is not prepared:
             state = self._plans[interface] = [prepared, 0, None]
         plan = state[2]
-        if plan is None and os.environ.get("EDGE_QMUL_PLAN", "auto") == "auto":
+        if plan is None and os.environ.get("EDGE_QMUL_PLAN", "explicit") == "auto":
             state[1] += 1
             if state[1] >= PLAN_AFTER_CALLS:
                 plan = self.compiled(interface)

@@ -107,7 +107,7 @@ LOAD_ENGINE_THREADS = 2
 LITERT_THREADS = 2
 
 
-# --- /proc/stat -------------------------------------------------------------------------------------
+# --- /proc/stat (edge_qmul.threads.OtherBusy's twin: this script must also run an engine checkout older than it)
 
 def cpu_stat():
     """(busy CPU seconds of the whole machine incl. steal, wall clock), or None."""

@@ -58,6 +58,7 @@ import numba  # noqa: E402
 
 from edge_qmul import Model, Op, QuantParams, Tensor, load_tflite  # noqa: E402
 from edge_qmul.kernels import macs as op_macs  # noqa: E402
+from edge_qmul.threads import OtherBusy  # noqa: E402
 from edge_qmul.tflite import to_bytes  # noqa: E402
 
 try:  # LiteRT, with the legacy tflite_runtime as a fallback (DESIGN.md section 2)
@@ -301,9 +302,7 @@ def count_mismatches(a: np.ndarray, b: np.ndarray) -> int:
 
 def bench_case(name, model, content, batch, x, threads, repeats, min_time):
     load1_before = _load1()
-    stat0 = _cpu_stat()
-    t0 = time.perf_counter()
-    pt0 = time.process_time()
+    busy = OtherBusy().start()
     numba.set_num_threads(threads)
     float_io = model.tensors[model.inputs[0]].dtype == np.float32
     engine_fn = model.predict if float_io else model.forward
@@ -331,7 +330,7 @@ def bench_case(name, model, content, batch, x, threads, repeats, min_time):
     times = time_calls(fns, repeats, min_time)
     engine_s, builtin_s, xnn_s = times[:3]
     torch_s = times[3] if twin is not None else None
-    busy_other = _busy_other(stat0, t0, pt0)
+    busy_other = round(busy.value(), 2)
 
     # The engine's reference is LiteRT built-in run one sample at a time (how the fixtures' y_builtin
     # were made). With batch > 1 the timed, resized interpreter can differ from it: LiteRT's
@@ -452,31 +451,6 @@ def _load1() -> float:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return float("nan")
-
-
-def _cpu_stat() -> tuple[float, float] | None:
-    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat."""
-    try:
-        f = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    hz = os.sysconf("SC_CLK_TCK")
-    user, nice, system, idle, iowait, irq, softirq, steal = (f + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq) / hz, steal / hz
-
-
-def _busy_other(stat0, t0: float, pt0: float) -> float:
-    """Average number of CPUs other processes (and the hypervisor, as steal) kept busy meanwhile.
-
-    Spinning worker threads count as this process's own time, so this isolates outside load.
-    """
-    stat1 = _cpu_stat()
-    wall = time.perf_counter() - t0
-    if stat0 is None or stat1 is None or wall <= 0:
-        return float("nan")
-    busy = (stat1[0] - stat0[0]) + (stat1[1] - stat0[1])
-    own = time.process_time() - pt0
-    return round(max(0.0, busy - own) / wall, 2)
 
 
 def _loadavg() -> str:

@@ -73,6 +73,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from edge_qmul import datasets, models  # noqa: E402
 from edge_qmul.profile import Profiler  # noqa: E402
+from edge_qmul.threads import OtherBusy  # noqa: E402
 from edge_qmul.quant import dequantize, quantize  # noqa: E402
 from edge_qmul.train import Trainer, loss_head  # noqa: E402
 from torch_twin import TorchTwin  # noqa: E402
@@ -195,26 +196,6 @@ def torch_analytic(net, opt, x, y) -> dict:
     return {"params": params, "grads": params, "saved": saved["bytes"], "total": 2 * params + saved["bytes"]}
 
 
-def _cpu_stat():
-    try:
-        f = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    hz = os.sysconf("SC_CLK_TCK")
-    user, nice, system, idle, iowait, irq, softirq, steal = (f + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq) / hz, steal / hz
-
-
-def _busy_other(stat0, t0: float, pt0: float) -> float:
-    """Average number of CPUs other processes (and hypervisor steal) kept busy meanwhile."""
-    stat1 = _cpu_stat()
-    wall = time.perf_counter() - t0
-    if stat0 is None or stat1 is None or wall <= 0:
-        return float("nan")
-    busy = (stat1[0] - stat0[0]) + (stat1[1] - stat0[1])
-    return round(max(0.0, busy - (time.process_time() - pt0)) / wall, 2)
-
-
 def engine_loss(trainer: Trainer, x8, y) -> float:
     m = trainer.model
     vals = m.run({m.core_inputs[0]: x8}, start_after_interface=True)
@@ -286,13 +267,13 @@ def run_model(name, shape, calib, xf, y, data_note, repeats: int, min_time: floa
             eng(); tor()  # noqa: E702
         n_e, n_t = _steps_for(eng, min_time), _steps_for(tor, min_time)
         te, tt = [], []
-        stat0, t0, pt0 = _cpu_stat(), time.perf_counter(), time.process_time()
+        busy_meter = OtherBusy().start()
         for r in range(repeats):
             order = ((eng, n_e, te), (tor, n_t, tt)) if r % 2 == 0 else ((tor, n_t, tt), (eng, n_e, te))
             for fn, n, out in order:
                 out.append(_time_per_step(fn, n))
                 time.sleep(0.01)
-        busy = _busy_other(stat0, t0, pt0)
+        busy = round(busy_meter.value(), 2)
         e_s, t_s = statistics.median(te), statistics.median(tt)
         row = {"name": name, "batch": BATCH, "threads": threads, "engine_step_s": e_s, "torch_step_s": t_s,
                "engine_peak_bytes": int(e_peak), "torch_peak_bytes": t_peak,

@@ -200,8 +200,10 @@ class Model:
         built now if ``build``; None when plans are off or the model's could not be built.
 
         EDGE_QMUL_PLAN: ``explicit`` (default) builds it only here; ``auto`` at a model's third
-        forward/predict call; ``off`` never (the per-op path always). Not ``auto`` by default yet:
-        on six zoo models a plan's outputs differ from the per-op path's by 1-3 steps (issue 18)."""
+        forward/predict call; ``off`` never (the per-op path always). Not ``auto`` by default: compiling
+        a plan takes seconds for a small model and minutes for the largest (mobilenetv2_035 ~85 s, the
+        zoo's unrolled RNNs longer), cold, once per model structure (numba caches it on disk), which
+        a third ``predict`` should not cost unasked."""
         if os.environ.get("EDGE_QMUL_PLAN", "explicit") == "off":
             return None
         prepared = self._ensure_prepared()
@@ -242,6 +244,10 @@ class Model:
 
     def _check_batch(self, x: np.ndarray, t: int, where: str) -> np.ndarray:
         tensor = self.tensors[t]
+        if (type(x) is np.ndarray and x.dtype == tensor.dtype and x.dtype != np.float32
+                and x.shape[1:] == tuple(tensor.shape[1:]) and x.ndim == len(tensor.shape) and x.shape[0] >= 1
+                and x.flags.c_contiguous):
+            return x  # the usual case, checked in a few comparisons (a batch-1 forward is microseconds)
         x = np.asarray(x)
         if x.dtype != tensor.dtype:
             if tensor.dtype == np.float32 and np.issubdtype(x.dtype, np.floating):

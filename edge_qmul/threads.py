@@ -28,7 +28,7 @@ _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _state = threading.local()
 
 
-def _machine_busy_seconds() -> float | None:
+def machine_busy_seconds() -> float | None:
     """CPU seconds every process has spent busy since boot (/proc/stat's first line), or None."""
     try:
         with open("/proc/stat", "rb") as f:
@@ -38,6 +38,22 @@ def _machine_busy_seconds() -> float | None:
     ticks = [int(v) for v in fields[:8]]
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     return (sum(ticks) - idle) / _HZ
+
+
+class OtherBusy:
+    """How many CPUs other processes (and the hypervisor, as steal) kept busy between ``start()``
+    and ``value()``: the machine's busy CPU time minus this process's own, over the wall time
+    (this process's spinning threads count as its own). NaN where /proc/stat cannot be read."""
+
+    def start(self) -> "OtherBusy":
+        self.s0, self.t0, self.p0 = machine_busy_seconds(), time.perf_counter(), time.process_time()
+        return self
+
+    def value(self) -> float:
+        s1, wall = machine_busy_seconds(), time.perf_counter() - self.t0
+        if self.s0 is None or s1 is None or wall <= 0:
+            return float("nan")
+        return max(0.0, (s1 - self.s0) - (time.process_time() - self.p0)) / wall
 
 
 def threads_for(other_cpus: float, ceiling: int) -> int:
@@ -63,7 +79,7 @@ def update() -> None:
     s["next"] = now + PERIOD
     if os.environ.get("EDGE_QMUL_THREADS", "auto") != "auto":
         return
-    busy, own = _machine_busy_seconds(), time.process_time()
+    busy, own = machine_busy_seconds(), time.process_time()
     current = numba.get_num_threads()
     if current != s.get("chosen"):  # someone else set it since: that is the ceiling now
         s["ceiling"] = current
@@ -78,4 +94,4 @@ def update() -> None:
     s["chosen"] = chosen
 
 
-__all__ = ["PERIOD", "set_threads", "threads_for", "update"]
+__all__ = ["PERIOD", "OtherBusy", "machine_busy_seconds", "set_threads", "threads_for", "update"]

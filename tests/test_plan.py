@@ -64,9 +64,6 @@ def test_plan_equals_per_op_and_litert_on_the_fixtures(name):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known: on 6 of 14 zoo models the plan's outputs differ from the "
-                   "per-op path's by 1-3 steps (found at the end of issue 18's session; plans are "
-                   "EDGE_QMUL_PLAN=explicit by default until it is fixed)")
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_plan_equals_per_op_on_the_zoo(name):
     model = load_tflite(ZOO / f"{name}.tflite")

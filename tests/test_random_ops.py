@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("ai_edge_litert")
 
-from oplib import GraphBuilder, check_random_models, check_sample, log_uniform, pot, qp, random_int8  # noqa: E402
+from oplib import GraphBuilder, check_random_models, check_sample, compare, log_uniform, pot, qp, random_int8  # noqa: E402
 
 SEED = 20240611
 N_MODELS = int(os.environ.get("EDGE_QMUL_RANDOM_OPS_N", "300"))
@@ -511,3 +511,24 @@ def test_random_single_op_models_sample():
     """The fast tier's sample of the sweep above: the first models of every op."""
     check_sample({name: (lambda i, name=name: model_case(name, i)) for name in GENERATORS},
                  "tests/test_random_ops.model_case({name!r}, i)")
+
+
+@pytest.mark.parametrize("ratio_bits", [21, 23, 26])
+def test_add_of_an_operand_2_to_20_times_finer_matches_litert(ratio_bits):
+    """An ADD whose second operand's scale is under 2^-20 of the first's (an unrolled GRU adds the
+    FULLY_CONNECTED of its zero state, scale ~1e-9): AddElementwiseInt8's shift count 20 + s2 is
+    negative, which vshlq_s32 takes as a truncating right shift. Through predict and through a
+    compiled plan (where the count is a literal and a negative ``<<`` was folded to garbage)."""
+    g = GraphBuilder()
+    shape = (1, 4, 37)  # a 16-wide vector part and a scalar tail
+    a = g.tensor("a", shape, I8, qp(0.05, 3))
+    b = g.tensor("b", shape, I8, qp(0.05 * 2.0 ** -ratio_bits * 1.37, -5))
+    y = g.tensor("y", shape, I8, qp(0.1, -1))
+    g.op("ADD", [a, b], [y], activation="NONE")
+    model = g.model([a, b], [y])
+    rng = np.random.default_rng(ratio_bits)
+    xs = [random_int8(rng, (5,) + shape[1:]), random_int8(rng, (5,) + shape[1:])]
+    assert compare(model, xs) is None
+    plan = model.compiled(interface=True)
+    got = plan.run({a: xs[0], b: xs[1]})[y]
+    assert compare(model, xs, got=got) is None

@@ -136,8 +136,12 @@ def macs(op, model) -> int:
 def _rescale_input(d, mult, shift, loop):
     if loop == 0:
         # AddElementwiseInt8's vector body folds the input's right shift into the left shift:
-        # no rounding divide after the multiply.
-        return saturating_rounding_doubling_high_mul(np.int32(d << (LEFT_SHIFT + shift)), mult)
+        # no rounding divide after the multiply. The sum is vshlq_s32's count: negative (an input
+        # scale under 2^-20 of the other's, e.g. a zero state) shifts right, truncating; a negative
+        # count to << would be undefined (LLVM folded it to garbage when the shift was a literal).
+        total = LEFT_SHIFT + shift
+        shifted = d << total if total >= 0 else d >> -total
+        return saturating_rounding_doubling_high_mul(np.int32(shifted), mult)
     if loop == 2:
         # AddScalarBroadcast's vector body shifts right with vshlq_s32 (truncating: floor).
         return multiply_by_quantized_multiplier_floor_shift(np.int32(d << LEFT_SHIFT), mult, shift)

@@ -43,7 +43,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .tile import make_requantize_tile, target_features
+from .tile import loop, make_requantize_tile, target_features
 
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
 
@@ -119,34 +119,6 @@ def specs(kind: str) -> tuple[DotSpec, DotSpec]:
     raise ValueError(f"unknown dot kind {kind!r}")
 
 
-def _loop(builder, count, intp, carried, body_fn, name):
-    """for i in range(count): carried = body_fn(i, carried); the carried values are phis."""
-    entry = builder.block
-    head = builder.append_basic_block(name + ".head")
-    body = builder.append_basic_block(name + ".body")
-    done = builder.append_basic_block(name + ".done")
-    builder.branch(head)
-    builder.position_at_end(head)
-    i = builder.phi(intp)
-    i.add_incoming(ir.Constant(intp, 0), entry)
-    phis = []
-    for value in carried:
-        phi = builder.phi(value.type)
-        phi.add_incoming(value, entry)
-        phis.append(phi)
-    builder.cbranch(builder.icmp_signed("<", i, count), body, done)
-    builder.position_at_end(body)
-    updated = body_fn(i, phis)
-    i_next = builder.add(i, ir.Constant(intp, 1))
-    end = builder.block
-    builder.branch(head)
-    i.add_incoming(i_next, end)
-    for phi, value in zip(phis, updated):
-        phi.add_incoming(value, end)
-    builder.position_at_end(done)
-    return phis
-
-
 def _dot(builder, spec: DotSpec, acc, a, b):
     """acc + per-lane dot products of 4 bytes: unsigned a x signed b (vpdpbusd) or signed x signed."""
     v_sum = ir.VectorType(_I32, spec.lanes)
@@ -202,9 +174,9 @@ def emit_dot_tile(builder, spec: DotSpec, intp, a_ptr, bases_ptr, offsets_ptr, t
                 out += [_dot(builder, spec, sums[r * nv + v], a_vec, b_vecs[v]) for v in range(nv)]
             return out
 
-        return _loop(builder, quads, intp, sums, quad_body, "dot.quads")
+        return loop(builder, quads, intp, sums, quad_body, "dot.quads")
 
-    sums = _loop(builder, taps, intp, [ir.Constant(v_sum, None)] * (mr * nv), tap_body, "dot.taps")
+    sums = loop(builder, taps, intp, [ir.Constant(v_sum, None)] * (mr * nv), tap_body, "dot.taps")
     out_ptr = builder.bitcast(tile_ptr, v_sum.as_pointer())
     for r in range(mr):
         for v in range(nv):

@@ -2,9 +2,10 @@
 
 Packing is split from running: ``pack_conv`` / ``pack_fc`` run once per weight set and return the
 panels ([panel][k quad][column][4] int8) and the int32 per-output-channel correction
-(zp_in + A_SHIFT) * sum_k w[o, k]; the ``*_run`` functions take those, the input, the per-channel
-bias / multiplier / shift (any length >= C_out: padded inside to whole panels, as
-gemm.padded_params does), the requantization scalars and the int8 output to write into. Each comes
+(zp_in + A_SHIFT) * sum_k w[o, k]; ``requant_table`` folds the correction into the bias and pads
+bias, multiplier and shift to whole panels (as gemm.padded_params does); the ``*_run`` functions
+take the panels, that table, the input, the requantization scalars and the int8 output to write
+into (a compiled plan makes panels and table once per weights). Each comes
 as a parallel variant (a prange over tasks) and a serial one (a plain loop over the same inlined task
 body) for small layers, which should not pay for a parallel region.
 
@@ -29,6 +30,7 @@ from numba import njit, prange
 
 from . import dot_tile as _dt
 from .dot_tile import DotKernels, dot_kind
+from .implicit_gemm import position_bases
 
 CHUNK_BYTES = 16 * 1024  # A bytes (taps x tap length) of the positions one conv task handles
 WHOLE_ROW_MAX_CHANNELS = 8  # as implicit_gemm: narrower inputs read a window row as one tap
@@ -233,31 +235,19 @@ def input_row(x, buf, row, pad_top, pad_left):
 
 
 @njit(cache=_CACHE, inline="always")
-def position_bases(bases, first, i, count, out_h, out_w, rows, cols, channels, stride_h, stride_w):
-    pos = first + i
-    b = pos // (out_h * out_w)
-    oy = (pos // out_w) % out_h
-    ox = pos % out_w
-    for r in range(MR):
-        bases[r] = ((b * rows + oy * stride_h) * cols + ox * stride_w) * channels
-        if i + r + 1 < count:
-            ox += 1
-            if ox == out_w:
-                ox = 0
-                oy += 1
-                if oy == out_h:
-                    oy = 0
-                    b += 1
+def task_scratch(panels):
+    # what one task writes besides the output: the int32 tile, an int8 tile for a ragged last
+    # panel, the MR row bases, the one tap of an FC row
+    nr = panels.shape[2] // 4
+    return np.empty((MR, nr), np.int32), np.empty((MR, nr), np.int8), np.empty(MR, np.intp), np.zeros(1, np.intp)
 
 
 @njit(cache=_CACHE, inline="always")
-def conv_task(buf, offsets, panels, bias, mult, shift, out, first, count, out_h, out_w, stride_h, stride_w,
-              zp, lo, hi, rounding):
+def conv_task(buf, offsets, panels, table, out, first, count, out_h, out_w, stride_h, stride_w, zp, lo, hi,
+              rounding, tile, scratch, bases):
     _, rows, cols, channels = buf.shape
     nr = panels.shape[2] // 4
-    tile = np.empty((MR, nr), np.int32)
-    scratch = np.empty((MR, nr), np.int8)
-    bases = np.empty(MR, np.intp)
+    bias, mult, shift = table[0], table[1], table[2]
     for i in range(0, count, MR):
         position_bases(bases, first, i, count, out_h, out_w, rows, cols, channels, stride_h, stride_w)
         for p in range(panels.shape[0]):
@@ -266,65 +256,69 @@ def conv_task(buf, offsets, panels, bias, mult, shift, out, first, count, out_h,
                              scratch, rounding)
 
 
-@njit(cache=_CACHE, inline="always")
-def conv_prologue(x, panels, correction, bias, mult, shift, rows, cols, channels, input_zp):
+@njit(cache=_CACHE)
+def requant_table(panels, correction, bias, mult, shift):
+    """The int32 (3, panels' columns) table the run functions requantize with: bias - correction,
+    multiplier, shift, each padded with zeros to whole panels. Made per call by the per-op path,
+    once per weights by a compiled plan."""
     n_pad = panels.shape[0] * (panels.shape[2] // 4)
+    table = np.empty((3, n_pad), np.int32)
+    table[0] = padded(bias, n_pad, correction)
+    table[1] = padded(mult, n_pad, None)
+    table[2] = padded(shift, n_pad, None)
+    return table
+
+
+@njit(cache=_CACHE, inline="always")
+def conv_input(x, rows, cols, channels, input_zp, pad_top, pad_left):
+    # A: the input + SHIFT as bytes in its bordered buffer, the border holding zp_in + SHIFT
     buf = np.full((x.shape[0], rows, cols, channels), np.uint8((input_zp + SHIFT) & 0xFF), np.uint8)
-    return (buf, padded(bias, n_pad, correction), padded(mult, n_pad, None), padded(shift, n_pad, None))
+    for row in range(x.shape[0] * x.shape[1]):  # serial: one parallel region per call (the tasks)
+        input_row(x, buf, row, pad_top, pad_left)
+    return buf
 
 
 @njit(cache=_CACHE, parallel=True)
-def conv_run(x, panels, correction, offsets, bias, mult, shift, out, pad_top, pad_left, rows, cols, channels,
-             input_zp, out_zp, act_min, act_max, stride_h, stride_w, out_h, out_w, chunk, rounding):
-    buf, bias_p, mult_p, shift_p = conv_prologue(x, panels, correction, bias, mult, shift, rows, cols, channels,
-                                                 input_zp)
-    for row in range(x.shape[0] * x.shape[1]):  # serial: one parallel region per call (the tasks)
-        input_row(x, buf, row, pad_top, pad_left)
+def conv_run(x, panels, table, offsets, out, pad_top, pad_left, rows, cols, channels, input_zp, out_zp, act_min,
+             act_max, stride_h, stride_w, out_h, out_w, chunk, rounding):
+    buf = conv_input(x, rows, cols, channels, input_zp, pad_top, pad_left)
     positions = x.shape[0] * out_h * out_w
     zp, lo, hi = np.int32(out_zp), np.int32(act_min), np.int32(act_max)
     for task in prange((positions + chunk - 1) // chunk):
         first = task * chunk
-        conv_task(buf, offsets, panels, bias_p, mult_p, shift_p, out, first, min(chunk, positions - first),
-                  out_h, out_w, stride_h, stride_w, zp, lo, hi, rounding)
+        tile, scratch, bases, _ = task_scratch(panels)
+        conv_task(buf, offsets, panels, table, out, first, min(chunk, positions - first), out_h, out_w, stride_h,
+                  stride_w, zp, lo, hi, rounding, tile, scratch, bases)
 
 
 @njit(cache=_CACHE)
-def conv_run_serial(x, panels, correction, offsets, bias, mult, shift, out, pad_top, pad_left, rows, cols,
-                    channels, input_zp, out_zp, act_min, act_max, stride_h, stride_w, out_h, out_w, chunk,
-                    rounding):
-    buf, bias_p, mult_p, shift_p = conv_prologue(x, panels, correction, bias, mult, shift, rows, cols, channels,
-                                                 input_zp)
-    for row in range(x.shape[0] * x.shape[1]):
-        input_row(x, buf, row, pad_top, pad_left)
+def conv_run_serial(x, panels, table, offsets, out, pad_top, pad_left, rows, cols, channels, input_zp, out_zp,
+                    act_min, act_max, stride_h, stride_w, out_h, out_w, rounding):
+    buf = conv_input(x, rows, cols, channels, input_zp, pad_top, pad_left)
     positions = x.shape[0] * out_h * out_w
     zp, lo, hi = np.int32(out_zp), np.int32(act_min), np.int32(act_max)
-    for task in range((positions + chunk - 1) // chunk):
-        first = task * chunk
-        conv_task(buf, offsets, panels, bias_p, mult_p, shift_p, out, first, min(chunk, positions - first),
-                  out_h, out_w, stride_h, stride_w, zp, lo, hi, rounding)
+    tile, scratch, bases, _ = task_scratch(panels)
+    conv_task(buf, offsets, panels, table, out, 0, positions, out_h, out_w, stride_h, stride_w, zp, lo, hi,
+              rounding, tile, scratch, bases)
 
 
 @njit(cache=_CACHE, inline="always")
-def fc_prologue(x, panels, correction, bias, mult, shift):
+def fc_input(x, panels):
+    # A: the rows + SHIFT as bytes, each padded with zeros to whole k quads (the panels' zeros there)
     rows, depth = x.shape
-    kq = panels.shape[1]
-    buf = np.zeros((rows, 4 * kq), np.uint8)
+    buf = np.zeros((rows, 4 * panels.shape[1]), np.uint8)
     for r in range(rows):
         for k in range(depth):
             buf[r, k] = np.uint8(np.int32(x[r, k]) + SHIFT)
-    n_pad = panels.shape[0] * (panels.shape[2] // 4)
-    return buf, padded(bias, n_pad, correction), padded(mult, n_pad, None), padded(shift, n_pad, None)
+    return buf
 
 
 @njit(cache=_CACHE, inline="always")
-def fc_task(buf, panels, bias, mult, shift, out, p, r0, r1, zp, lo, hi, rounding):
+def fc_task(buf, panels, table, out, p, r0, r1, zp, lo, hi, rounding, tile, scratch, bases, one_tap):
     nr = panels.shape[2] // 4
     rows = buf.shape[0]
     row_len = buf.shape[1]
-    tile = np.empty((MR, nr), np.int32)
-    scratch = np.empty((MR, nr), np.int8)
-    bases = np.empty(MR, np.intp)
-    one_tap = np.zeros(1, np.intp)
+    bias, mult, shift = table[0], table[1], table[2]
     for i in range(r0, r1, MR):
         for r in range(MR):
             bases[r] = min(i + r, rows - 1) * row_len
@@ -334,25 +328,26 @@ def fc_task(buf, panels, bias, mult, shift, out, p, r0, r1, zp, lo, hi, rounding
 
 
 @njit(cache=_CACHE, parallel=True)
-def fc_run(x, panels, correction, bias, mult, shift, out, out_zp, act_min, act_max, rows_per_task, rounding):
-    buf, bias_p, mult_p, shift_p = fc_prologue(x, panels, correction, bias, mult, shift)
+def fc_run(x, panels, table, out, out_zp, act_min, act_max, rows_per_task, rounding):
+    buf = fc_input(x, panels)
     rows = x.shape[0]
     groups = (rows + rows_per_task - 1) // rows_per_task
     zp, lo, hi = np.int32(out_zp), np.int32(act_min), np.int32(act_max)
     for task in prange(panels.shape[0] * groups):
         p, g = task // groups, task % groups
-        fc_task(buf, panels, bias_p, mult_p, shift_p, out, p, g * rows_per_task,
-                min(rows, (g + 1) * rows_per_task), zp, lo, hi, rounding)
+        tile, scratch, bases, one_tap = task_scratch(panels)
+        fc_task(buf, panels, table, out, p, g * rows_per_task, min(rows, (g + 1) * rows_per_task), zp, lo, hi,
+                rounding, tile, scratch, bases, one_tap)
 
 
 @njit(cache=_CACHE)
-def fc_run_serial(x, panels, correction, bias, mult, shift, out, out_zp, act_min, act_max, rows_per_task,
-                  rounding):
-    buf, bias_p, mult_p, shift_p = fc_prologue(x, panels, correction, bias, mult, shift)
+def fc_run_serial(x, panels, table, out, out_zp, act_min, act_max, rounding):
+    buf = fc_input(x, panels)
     rows = x.shape[0]
     zp, lo, hi = np.int32(out_zp), np.int32(act_min), np.int32(act_max)
+    tile, scratch, bases, one_tap = task_scratch(panels)
     for p in range(panels.shape[0]):
-        fc_task(buf, panels, bias_p, mult_p, shift_p, out, p, 0, rows, zp, lo, hi, rounding)
+        fc_task(buf, panels, table, out, p, 0, rows, zp, lo, hi, rounding, tile, scratch, bases, one_tap)
 
 
 @dataclass(frozen=True)
@@ -363,6 +358,7 @@ class DotOps:
     conv_run_serial: object
     fc_run: object
     fc_run_serial: object
+    requant_table: object
 
 
 @functools.lru_cache(maxsize=None)
@@ -378,7 +374,7 @@ def _ops(kind: str) -> DotOps:
             spec.loader.exec_module(m)
         finally:
             _dt.LOADING_KIND = None
-    return DotOps(m.KIND, m._KERNELS, m.conv_run, m.conv_run_serial, m.fc_run, m.fc_run_serial)
+    return DotOps(m.KIND, m._KERNELS, m.conv_run, m.conv_run_serial, m.fc_run, m.fc_run_serial, m.requant_table)
 
 
 def _kernels(kind: str | None) -> DotKernels:
@@ -420,11 +416,14 @@ def conv_forward(x, w, bias, input_zp, win, rq, mult, shift, kind: str | None = 
     macs = positions * len(layout.offsets) * layout.tap_len * cout
     if parallel is None:
         parallel = macs >= SERIAL_MACS and numba.get_num_threads() > 1
-    run = o.conv_run if parallel else o.conv_run_serial
-    run(np.ascontiguousarray(x), panels, correction, layout.offsets, _i32(bias), _i32(mult), _i32(shift), out,
-        int(v.pad_top), int(v.pad_left), layout.rows, layout.cols, layout.channels, int(input_zp),
-        int(rq.out_zero_point), int(rq.act_min), int(rq.act_max), int(v.stride_h), int(v.stride_w), int(v.out_h),
-        int(v.out_w), conv_chunk(o.kind, positions, layout), int(rq.rounding))
+    table = o.requant_table(panels, correction, _i32(bias), _i32(mult), _i32(shift))
+    args = (np.ascontiguousarray(x), panels, table, layout.offsets, out, int(v.pad_top), int(v.pad_left), layout.rows,
+            layout.cols, layout.channels, int(input_zp), int(rq.out_zero_point), int(rq.act_min), int(rq.act_max),
+            int(v.stride_h), int(v.stride_w), int(v.out_h), int(v.out_w))
+    if parallel:
+        o.conv_run(*args, conv_chunk(o.kind, positions, layout), int(rq.rounding))
+    else:
+        o.conv_run_serial(*args, int(rq.rounding))
     return out.reshape(x.shape[0], v.out_h, v.out_w, cout)
 
 
@@ -437,10 +436,10 @@ def fc_forward(rows, w, bias, input_zp, mult, shift, out_zp, act_min, act_max, r
     out = np.empty((rows.shape[0], cout), np.int8)
     if parallel is None:
         parallel = rows.shape[0] * rows.shape[1] * cout >= SERIAL_MACS and numba.get_num_threads() > 1
-    args = (np.ascontiguousarray(rows), panels, correction, _i32(bias), _i32(mult), _i32(shift), out, int(out_zp),
-            int(act_min), int(act_max))
+    table = o.requant_table(panels, correction, _i32(bias), _i32(mult), _i32(shift))
+    args = (np.ascontiguousarray(rows), panels, table, out, int(out_zp), int(act_min), int(act_max))
     if parallel:
         o.fc_run(*args, fc_rows_per_task(o.kind, rows.shape[0], cout), int(rounding))
     else:
-        o.fc_run_serial(*args, rows.shape[0], int(rounding))
+        o.fc_run_serial(*args, int(rounding))
     return out

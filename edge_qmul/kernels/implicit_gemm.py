@@ -146,13 +146,14 @@ def conv2d_int8_implicit(x, w, input_offset, pad_top, pad_left, rows, cols, chan
 @njit(cache=True, inline="always")
 def position_bases(bases, first, i, count, out_h, out_w, rows, cols, channels, stride_h, stride_w):
     """bases[r] = where output position first + i + r (the last one repeated past count) reads its
-    window's corner in an (N, rows, cols, channels) buffer. One division for the block, then the
-    next positions by increments (a division per row cost more than the tile kernel: measured)."""
+    window's corner in an (N, rows, cols, channels) buffer, for the block's len(bases) rows (MR here,
+    implicit_dot's MR there). One division for the block, then the next positions by increments (a
+    division per row cost more than the tile kernel: measured)."""
     pos = first + i
     b = pos // (out_h * out_w)
     oy = (pos // out_w) % out_h
     ox = pos % out_w
-    for r in range(MR):
+    for r in range(bases.shape[0]):
         bases[r] = ((b * rows + oy * stride_h) * cols + ox * stride_w) * channels
         if i + r + 1 < count:  # rows past the last position repeat it
             b, oy, ox = next_position(b, oy, ox, out_h, out_w)

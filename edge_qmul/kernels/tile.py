@@ -56,6 +56,34 @@ def tile_variants(features: set[str]) -> tuple[int, list[tuple[int, int, str | N
     return 4, [(8, 4, None), (4, 4, None), (4, 4, None)]
 
 
+def loop(builder, count, intp, carried, body_fn, name):
+    """for i in range(count): carried = body_fn(i, carried); the carried values are phis."""
+    entry = builder.block
+    head = builder.append_basic_block(name + ".head")
+    body = builder.append_basic_block(name + ".body")
+    done = builder.append_basic_block(name + ".done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    i = builder.phi(intp)
+    i.add_incoming(ir.Constant(intp, 0), entry)
+    phis = []
+    for value in carried:
+        phi = builder.phi(value.type)
+        phi.add_incoming(value, entry)
+        phis.append(phi)
+    builder.cbranch(builder.icmp_signed("<", i, count), body, done)
+    builder.position_at_end(body)
+    updated = body_fn(i, phis)
+    i_next = builder.add(i, ir.Constant(intp, 1))
+    end = builder.block
+    builder.branch(head)
+    i.add_incoming(i_next, end)
+    for phi, value in zip(phis, updated):
+        phi.add_incoming(value, end)
+    builder.position_at_end(done)
+    return phis
+
+
 def make_tile_kernel(mr: int, nr: int, lanes: int, native: str | None):
     """An intrinsic ``tile_kernel(a, bases, offsets, panels, p, tile)``:
 
@@ -83,33 +111,6 @@ def make_tile_kernel(mr: int, nr: int, lanes: int, native: str | None):
             return builder.call(fn, [a, b])
         prod = builder.mul(builder.sext(a, v_wide), builder.sext(b, v_wide))
         return builder.add(builder.shuffle_vector(prod, prod, even), builder.shuffle_vector(prod, prod, odd))
-
-    def loop(builder, count, intp, carried, body_fn, name):
-        """for i in range(count): carried = body_fn(i, carried); the carried values are phis."""
-        entry = builder.block
-        head = builder.append_basic_block(name + ".head")
-        body = builder.append_basic_block(name + ".body")
-        done = builder.append_basic_block(name + ".done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        i = builder.phi(intp)
-        i.add_incoming(ir.Constant(intp, 0), entry)
-        phis = []
-        for value in carried:
-            phi = builder.phi(value.type)
-            phi.add_incoming(value, entry)
-            phis.append(phi)
-        builder.cbranch(builder.icmp_signed("<", i, count), body, done)
-        builder.position_at_end(body)
-        updated = body_fn(i, phis)
-        i_next = builder.add(i, ir.Constant(intp, 1))
-        end = builder.block
-        builder.branch(head)
-        i.add_incoming(i_next, end)
-        for phi, value in zip(phis, updated):
-            phi.add_incoming(value, end)
-        builder.position_at_end(done)
-        return phis
 
     @intrinsic
     def tile_kernel(typingctx, a, bases, offsets, panels, p, tile):

@@ -79,7 +79,7 @@ class _Source:
         if key not in self._const_ids:
             self._const_ids[key] = len(self.consts)
             self.consts.append(entry)
-        return f"c[{self._const_ids[key]}]"
+        return f"c{self._const_ids[key]}"
 
     def derived(self, key: str, make, part: int) -> str:
         """Part ``part`` of ``make(model)``, arrays computed from the current weights (packed
@@ -148,9 +148,10 @@ def _module_source(segments: list[tuple[list[str], _Source]]) -> tuple[str, dict
             imports[name] = d
     body = []
     for i, (params, g) in enumerate(segments):
-        body += ["", "", "@njit(cache=True)", f"def segment{i}(ins, c, threads):"]
+        body += ["", "", "@njit(cache=True)", f"def segment{i}(ins, arena, threads):"]
         body += [f"    {p} = ins[{k}]" for k, p in enumerate(params)]
-        body.append(f"    n = {params[0]}.shape[0]")
+        for k, (offset, nbytes, dtype, shape) in enumerate(g.layout):
+            body.append(f"    c{k} = arena[{offset}:{offset + nbytes}].view(np.{dtype}).reshape({shape!r})")
         body += [f"    {line}" for line in g.lines]
         body.append(f"    return ({', '.join(g.live[t] for t in g.outputs)},)")
     return "\n".join(header) + "\n" + "\n".join(body) + "\n", imports
@@ -256,22 +257,42 @@ class Plan:
         g = _Source(self.model, dict(live))
         for op, p in ops:
             try:
+                if op.kind != "ADD":  # an op's batch is its first input's (ADD's: emit_add)
+                    g.line(f"n = {g.x(op, 0)}.shape[0]")
                 EMITTERS[op.kind](g, op, p, self.model)
             except NotImplementedError:
                 return [("op",) + o for o in ops]
         g.outputs = [t for t in sorted(produced) if t in needed_after]
+        g.const_tensors = [v for kind, v, *_ in g.consts if kind == "tensor"]
+        g.layout = _arena_layout(self._const_values(g))  # the slots' places, written into the source
         g.ops = ops
         return [["segment", None, [live[t] for t in params], g, params]]
 
-    def consts(self, g: _Source) -> tuple:
-        """The segment's constant tuple: weights by reference, fixed arrays, and arrays derived
-        from the weights, made again when a weight tensor's array is replaced or the model's
-        ``weights_version`` moves (the trainer's in-place updates)."""
+    def consts(self, g: _Source) -> np.ndarray:
+        """The segment's constants in one byte arena (the compiled segment views its slots in it:
+        one array to unbox per call, not one per constant): weights, fixed arrays and arrays derived
+        from the weights (packed filters), made again when a weight tensor's array is replaced or
+        the model's ``weights_version`` moves (the trainer and ``set_parameter`` move it; a weight
+        changed in place otherwise is not seen)."""
         tensors = self.model.tensors
-        stamp = (self.model.weights_version,) + tuple(id(tensors[e[1]].data) for e in g.consts if e[0] == "tensor")
+        stamp = [self.model.weights_version]
+        stamp += [id(tensors[t].data) for t in g.const_tensors]
         cached = self._consts.get(id(g))
         if cached is not None and cached[0] == stamp:
             return cached[1]
+        values = self._const_values(g)
+        if g.layout is None:
+            g.layout = _arena_layout(values)
+        arena = _new_arena(g.layout[-1][0] + g.layout[-1][1] if g.layout else 0)
+        for (offset, nbytes, dtype, shape), v in zip(g.layout, values):
+            if v.dtype != np.dtype(getattr(np, dtype)) or _slot_shape(v) != shape:
+                raise ValueError(f"plan constant changed layout: {v.dtype}{v.shape}, planned {dtype}{shape}")
+            arena[offset:offset + nbytes] = np.ascontiguousarray(v).reshape(-1).view(np.uint8)
+        self._consts[id(g)] = (stamp, arena)
+        return arena
+
+    def _const_values(self, g: _Source) -> list:
+        tensors = self.model.tensors
         made = {}
         values = []
         for kind, v, *part in g.consts:
@@ -284,8 +305,7 @@ class Plan:
                 if key not in made:
                     made[key] = make(self.model)
                 values.append(made[key][part[0]])
-        self._consts[id(g)] = (stamp, tuple(values))
-        return self._consts[id(g)][1]
+        return [np.asarray(v) for v in values]
 
     def _per_op(self, ops: list, values: dict) -> None:
         for op, params in ops:
@@ -300,21 +320,46 @@ class Plan:
     def run(self, feeds: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Every value the plan computes (tensor index -> array) from ``feeds``."""
         values = dict(feeds)
+        update_threads()
         for step in self.steps:
             if step[0] == "op":
                 self._per_op([step[1:]], values)
                 continue
             _, fn, _, g, params = step
-            ins = tuple(values[t] for t in params)
-            update_threads()
+            ins = tuple([values[t] for t in params])
+            # (numba.get_num_threads costs ~0.8 us: asked only when the work could use threads)
             if ins[0].shape[0] * g.total_work >= SEGMENT_PARALLEL_WORK and numba.get_num_threads() > 1:
                 # work that pays for threads: the segment's ops one by one, in parallel kernels
                 # (a compiled segment calling parallel kernels took minutes and GBs to compile)
                 self._per_op(g.ops, values)
                 continue
-            outs = fn(ins, self.consts(g), numba.get_num_threads())
-            values.update(zip(g.outputs, outs))
+            # the segment's kernels are serial twins: the thread count only sizes their blocks
+            values.update(zip(g.outputs, fn(ins, self.consts(g), 1)))
         return values
+
+
+ARENA_ALIGN = 64  # bytes: each constant starts on a cache line
+
+
+def _slot_shape(v: np.ndarray) -> tuple:
+    return tuple(int(d) for d in v.shape) or (1,)  # a 0-d constant is viewed as one element
+
+
+def _arena_layout(values: list) -> list[tuple[int, int, str, tuple]]:
+    """(byte offset, bytes, dtype name, shape) of each constant in a segment's arena."""
+    layout, offset = [], 0
+    for v in values:
+        nbytes = int(v.nbytes)
+        layout.append((offset, nbytes, np.dtype(v.dtype).name.replace("bool", "bool_"), _slot_shape(v)))
+        offset += -(-max(nbytes, 1) // ARENA_ALIGN) * ARENA_ALIGN
+    return layout
+
+
+def _new_arena(nbytes: int) -> np.ndarray:
+    """A zeroed byte buffer of ``nbytes`` starting on an ARENA_ALIGN boundary."""
+    raw = np.zeros(nbytes + ARENA_ALIGN, np.uint8)
+    start = -raw.ctypes.data % ARENA_ALIGN
+    return raw[start:start + nbytes]
 
 
 @numba.njit(cache=True)

@@ -18,11 +18,18 @@ from ..kernels.gemm import padded_params
 from ..kernels.implicit_gemm import border_geometry, conv2d_int8_implicit
 
 
-def _packed(pack, op_index: int, *args):
-    """A derived-constant maker: ``pack(weights of op, *args)`` -> (panels, correction)."""
+def _packed(pack, op_index: int, p, *args):
+    """A derived-constant maker: (panels, requantization table) of op ``op_index`` from its current
+    weights and bias (``pack(weights, *args)`` -> (panels, correction); implicit_dot.requant_table)."""
     def make(model):
         op = model.ops[op_index]
-        return pack(model.tensors[op.inputs[1]].data, *args)
+        panels, correction = pack(model.tensors[op.inputs[1]].data, *args)
+        has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
+        bias = model.tensors[op.inputs[2]].data if has_bias else p.zero_bias
+        table = implicit_dot.requant_table(panels, correction, np.ascontiguousarray(bias, np.int32),
+                                           np.ascontiguousarray(p.rq.multiplier, np.int32),
+                                           np.ascontiguousarray(p.rq.shift, np.int32))
+        return panels, table
     return make
 
 
@@ -54,18 +61,14 @@ def emit_conv_dot(g, op, p, model) -> None:
     in_h, in_w = model.tensors[op.inputs[0]].shape[1:3]
     lay = implicit_dot.conv_layout(in_h, in_w, cin, k_h, k_w, v.out_h, v.out_w, v.stride_h, v.stride_w, v.dil_h,
                                    v.dil_w, v.pad_top, v.pad_left)
-    make = _packed(implicit_dot.pack_conv, op.index, -p.input_offset, v.dil_w, implicit_dot.KIND)
-    panels, correction = g.derived(f"pack{op.index}", make, 0), g.derived(f"pack{op.index}", make, 1)
+    make = _packed(implicit_dot.pack_conv, op.index, p, -p.input_offset, v.dil_w, implicit_dot.KIND)
+    panels, table = g.derived(f"pack{op.index}", make, 0), g.derived(f"pack{op.index}", make, 1)
     positions = f"n * {v.out_h * v.out_w}"
     out = g.tmp()
     g.line(f"{out} = np.empty(({positions}, {cout}), np.int8)")
-    mr = implicit_dot._KERNELS.mr
-    chunk = f"{g.fn(implicit_dot.conv_chunk_for)}({positions}, {len(lay.offsets) * lay.tap_len * mr}, {mr}, threads)"
-    args = (f"{g.x(op, 0)}, {panels}, {correction}, {g.const(lay.offsets)}, {g.i32(g.bias(op, p.zero_bias))}, "
-            f"{g.const(np.ascontiguousarray(r.multiplier, np.int32))}, "
-            f"{g.const(np.ascontiguousarray(r.shift, np.int32))}, {out}, {v.pad_top}, {v.pad_left}, {lay.rows}, "
-            f"{lay.cols}, {lay.channels}, {-p.input_offset}, {r.out_zero_point}, {r.act_min}, {r.act_max}, "
-            f"{v.stride_h}, {v.stride_w}, {v.out_h}, {v.out_w}, {chunk}, {r.rounding}")
+    args = (f"{g.x(op, 0)}, {panels}, {table}, {g.const(lay.offsets)}, {out}, {v.pad_top}, {v.pad_left}, "
+            f"{lay.rows}, {lay.cols}, {lay.channels}, {-p.input_offset}, {r.out_zero_point}, {r.act_min}, "
+            f"{r.act_max}, {v.stride_h}, {v.stride_w}, {v.out_h}, {v.out_w}, {r.rounding}")
     g.line(g.call(implicit_dot.conv_run, args, g.macs(op), twin=implicit_dot.conv_run_serial))
     g.assign(op, f"{out}.reshape((n, {v.out_h}, {v.out_w}, {cout}))")
 
@@ -74,17 +77,12 @@ def emit_fully_connected_dot(g, op, p, model) -> None:
     """FULLY_CONNECTED on the dot tiles at any number of rows, the weights packed once per weights."""
     r = p.rq
     cout = model.tensors[op.inputs[1]].data.shape[0]
-    make = _packed(implicit_dot.pack_fc, op.index, -p.input_offset, implicit_dot.KIND)
-    panels, correction = g.derived(f"pack{op.index}", make, 0), g.derived(f"pack{op.index}", make, 1)
+    make = _packed(implicit_dot.pack_fc, op.index, p, -p.input_offset, implicit_dot.KIND)
+    panels, table = g.derived(f"pack{op.index}", make, 0), g.derived(f"pack{op.index}", make, 1)
     rows, out = g.tmp(), g.tmp()
     g.line(f"{rows} = np.ascontiguousarray({g.x(op, 0)}).reshape((-1, {p.depth}))")
     g.line(f"{out} = np.empty(({rows}.shape[0], {cout}), np.int8)")
-    k = implicit_dot._KERNELS
-    nr = k.nr_half if cout <= k.nr_half else k.nr
-    per_task = f"{g.fn(implicit_dot.fc_rows_per_task_for)}({rows}.shape[0], {-(-cout // nr)}, {k.mr}, threads)"
-    args = (f"{rows}, {panels}, {correction}, {g.i32(g.bias(op, p.zero_bias))}, "
-            f"{g.const(np.ascontiguousarray(r.multiplier, np.int32))}, {g.const(np.ascontiguousarray(r.shift, np.int32))}, "
-            f"{out}, {r.out_zero_point}, {r.act_min}, {r.act_max}, {per_task}, {r.rounding}")
+    args = f"{rows}, {panels}, {table}, {out}, {r.out_zero_point}, {r.act_min}, {r.act_max}, {r.rounding}"
     g.line(g.call(implicit_dot.fc_run, args, g.macs(op), twin=implicit_dot.fc_run_serial))
     shape = ", ".join(map(str, p.out_shape))
     g.assign(op, f"{out}.reshape((n, {shape}))")
@@ -131,17 +129,21 @@ def emit_reshape(g, op, p, model) -> None:
 
 
 def emit_add(g, op, p, model) -> None:
+    # as add.forward: each operand of full rank brings its own batch (a zero state made by FILL has
+    # batch 1 beside a batch of inputs), the output has the larger
     rank = len(p.out_shape) + 1
-    flat = []
+    flat, leads = [], []
     for k in (0, 1):
         t = model.tensors[op.inputs[k]]
-        lead = "n" if len(t.shape) == rank and not t.is_constant else "1"
         if t.is_constant and len(t.shape) == rank and t.shape[0] != 1:
             raise NotImplementedError("a constant with a batch axis")
+        lead = f"{g.x(op, k)}.shape[0]" if len(t.shape) == rank and not t.is_constant else "1"
         name = g.tmp()
         g.line(f"{name} = np.ascontiguousarray({g.x(op, k)}).reshape(({lead}, -1))")
         flat.append(name)
+        leads.append(f"{name}.shape[0]")
     a, b = flat
+    g.line(f"n = max({leads[0]}, {leads[1]})")
     scalars = (f"{p.offset1}, {p.offset2}, {p.mult1}, {p.shift1}, {p.mult2}, {p.shift2}, {p.out_mult}, "
                f"{p.out_shift}, {p.out_zero_point}, {p.act_min}, {p.act_max}")
     general = g.call(add.add_int8, f"{a}, {b}, n, {g.const(p.index1)}, {g.const(p.index2)}, "

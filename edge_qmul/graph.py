@@ -234,8 +234,7 @@ class Model:
                 plan = self.compiled(interface)
         if plan:
             try:
-                values = plan.run(feeds)
-                return [values[t] for t in (self.outputs if interface else self.core_outputs)]
+                return plan.run_outputs(feeds, self.outputs if interface else self.core_outputs)
             except Exception as e:
                 warnings.warn(f"edge_qmul: compiled plan failed ({type(e).__name__}: {e}); per-op path used")
                 state[2] = False

@@ -69,6 +69,11 @@ def test_plan_equals_per_op_on_the_zoo(name):
     model = load_tflite(ZOO / f"{name}.tflite")
     d = litert_data(ZOO / f"{name}.npz")
     plan = _same_as_per_op(model, d["x"][:4], interface=True)
+    # predict goes through the plan now that it is built (run_outputs: every output, in order)
+    want = model.run({model.inputs[0]: d["x"][:4]})
+    got = model.predict(d["x"][:4])
+    for k, t in enumerate(model.outputs):
+        np.testing.assert_array_equal(got[k] if len(model.outputs) > 1 else got, want[t])
     kinds = {op.kind for op in model.ops}
     if kinds <= {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MEAN", "RESHAPE", "SOFTMAX",
                  "AVERAGE_POOL_2D", "MAX_POOL_2D", "QUANTIZE", "DEQUANTIZE"}:
@@ -122,9 +127,10 @@ def test_a_plan_that_fails_hands_over_to_the_per_op_path():
     want = model.forward(x)
     plan = model.compiled()
 
-    def broken(feeds):
+    def broken(ins, arena, threads):
         raise ValueError("simulated")
-    plan.run = broken
+    assert plan.steps[0][0] == "segment"
+    plan.steps[0][1] = broken  # the compiled segment itself fails
     with pytest.warns(UserWarning, match="compiled plan failed"):
         np.testing.assert_array_equal(model.forward(x), want)
     assert model._plans[False][2] is False  # not tried again

@@ -264,6 +264,8 @@ class Plan:
                 return [("op",) + o for o in ops]
         g.outputs = [t for t in sorted(produced) if t in needed_after]
         g.const_tensors = [v for kind, v, *_ in g.consts if kind == "tensor"]
+        g.output_set = set(g.outputs)
+        g.output_index = {t: k for k, t in enumerate(g.outputs)}
         g.layout = _arena_layout(self._const_values(g))  # the slots' places, written into the source
         g.ops = ops
         return [["segment", None, [live[t] for t in params], g, params]]
@@ -316,6 +318,19 @@ class Plan:
                 values[op.outputs[0]] = result
             else:
                 values.update(zip(op.outputs, result))
+
+    def run_outputs(self, feeds: dict[int, np.ndarray], wanted: list[int]) -> list[np.ndarray]:
+        """The values of tensors ``wanted`` from ``feeds``; a plan of one segment (every fixture's)
+        goes straight to it: at batch 1 the dictionaries of ``run`` cost as much as a small layer."""
+        if len(self.steps) == 1 and self.steps[0][0] == "segment":
+            _, fn, _, g, params = self.steps[0]
+            ins = tuple([feeds[t] for t in params])
+            if ins[0].shape[0] * g.total_work < SEGMENT_PARALLEL_WORK and set(wanted) <= g.output_set:
+                update_threads()
+                outs = fn(ins, self.consts(g), 1)
+                return [outs[g.output_index[t]] for t in wanted]
+        values = self.run(feeds)
+        return [values[t] for t in wanted]
 
     def run(self, feeds: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         """Every value the plan computes (tensor index -> array) from ``feeds``."""

@@ -79,7 +79,7 @@ class _Source:
         if key not in self._const_ids:
             self._const_ids[key] = len(self.consts)
             self.consts.append(entry)
-        return f"c{self._const_ids[key]}"
+        return f"c[{self._const_ids[key]}]"
 
     def derived(self, key: str, make, part: int) -> str:
         """Part ``part`` of ``make(model)``, arrays computed from the current weights (packed
@@ -148,10 +148,8 @@ def _module_source(segments: list[tuple[list[str], _Source]]) -> tuple[str, dict
             imports[name] = d
     body = []
     for i, (params, g) in enumerate(segments):
-        body += ["", "", "@njit(cache=True)", f"def segment{i}(ins, arena, threads):"]
+        body += ["", "", "@njit(cache=True)", f"def segment{i}(ins, c, threads):"]
         body += [f"    {p} = ins[{k}]" for k, p in enumerate(params)]
-        for k, (offset, nbytes, dtype, shape) in enumerate(g.layout):
-            body.append(f"    c{k} = arena[{offset}:{offset + nbytes}].view(np.{dtype}).reshape({shape!r})")
         body += [f"    {line}" for line in g.lines]
         body.append(f"    return ({', '.join(g.live[t] for t in g.outputs)},)")
     return "\n".join(header) + "\n" + "\n".join(body) + "\n", imports
@@ -266,32 +264,25 @@ class Plan:
         g.const_tensors = [v for kind, v, *_ in g.consts if kind == "tensor"]
         g.output_set = set(g.outputs)
         g.output_index = {t: k for k, t in enumerate(g.outputs)}
-        g.layout = _arena_layout(self._const_values(g))  # the slots' places, written into the source
         g.ops = ops
         return [["segment", None, [live[t] for t in params], g, params]]
 
-    def consts(self, g: _Source) -> np.ndarray:
-        """The segment's constants in one byte arena (the compiled segment views its slots in it:
-        one array to unbox per call, not one per constant): weights, fixed arrays and arrays derived
-        from the weights (packed filters), made again when a weight tensor's array is replaced or
-        the model's ``weights_version`` moves (the trainer and ``set_parameter`` move it; a weight
-        changed in place otherwise is not seen)."""
+    def consts(self, g: _Source) -> tuple:
+        """The segment's constant tuple: weights by reference, fixed arrays, and arrays derived from
+        the weights (packed filters, requantization tables), made again when a weight tensor's array
+        is replaced or the model's ``weights_version`` moves (the trainer and ``set_parameter`` move
+        it). Each array costs ~0.15 us to unbox per call, so emitters keep them few. (One byte arena
+        viewed inside the segment was tried: numba's typing then failed with "name is too long" LLVM
+        errors once a process had compiled a few hundred segments, e.g. the zoo's in a row.)"""
         tensors = self.model.tensors
         stamp = [self.model.weights_version]
         stamp += [id(tensors[t].data) for t in g.const_tensors]
         cached = self._consts.get(id(g))
         if cached is not None and cached[0] == stamp:
             return cached[1]
-        values = self._const_values(g)
-        if g.layout is None:
-            g.layout = _arena_layout(values)
-        arena = _new_arena(g.layout[-1][0] + g.layout[-1][1] if g.layout else 0)
-        for (offset, nbytes, dtype, shape), v in zip(g.layout, values):
-            if v.dtype != np.dtype(getattr(np, dtype)) or _slot_shape(v) != shape:
-                raise ValueError(f"plan constant changed layout: {v.dtype}{v.shape}, planned {dtype}{shape}")
-            arena[offset:offset + nbytes] = np.ascontiguousarray(v).reshape(-1).view(np.uint8)
-        self._consts[id(g)] = (stamp, arena)
-        return arena
+        values = tuple(self._const_values(g))
+        self._consts[id(g)] = (stamp, values)
+        return values
 
     def _const_values(self, g: _Source) -> list:
         tensors = self.model.tensors
@@ -307,7 +298,7 @@ class Plan:
                 if key not in made:
                     made[key] = make(self.model)
                 values.append(made[key][part[0]])
-        return [np.asarray(v) for v in values]
+        return values
 
     def _per_op(self, ops: list, values: dict) -> None:
         for op, params in ops:
@@ -351,30 +342,6 @@ class Plan:
             # the segment's kernels are serial twins: the thread count only sizes their blocks
             values.update(zip(g.outputs, fn(ins, self.consts(g), 1)))
         return values
-
-
-ARENA_ALIGN = 64  # bytes: each constant starts on a cache line
-
-
-def _slot_shape(v: np.ndarray) -> tuple:
-    return tuple(int(d) for d in v.shape) or (1,)  # a 0-d constant is viewed as one element
-
-
-def _arena_layout(values: list) -> list[tuple[int, int, str, tuple]]:
-    """(byte offset, bytes, dtype name, shape) of each constant in a segment's arena."""
-    layout, offset = [], 0
-    for v in values:
-        nbytes = int(v.nbytes)
-        layout.append((offset, nbytes, np.dtype(v.dtype).name.replace("bool", "bool_"), _slot_shape(v)))
-        offset += -(-max(nbytes, 1) // ARENA_ALIGN) * ARENA_ALIGN
-    return layout
-
-
-def _new_arena(nbytes: int) -> np.ndarray:
-    """A zeroed byte buffer of ``nbytes`` starting on an ARENA_ALIGN boundary."""
-    raw = np.zeros(nbytes + ARENA_ALIGN, np.uint8)
-    start = -raw.ctypes.data % ARENA_ALIGN
-    return raw[start:start + nbytes]
 
 
 @numba.njit(cache=True)

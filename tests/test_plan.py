@@ -135,3 +135,32 @@ def test_a_plan_that_fails_hands_over_to_the_per_op_path():
         np.testing.assert_array_equal(model.forward(x), want)
     assert model._plans[False][2] is False  # not tried again
     np.testing.assert_array_equal(model.forward(x), want)
+
+
+def test_numba_label_counter_run_away_is_brought_back_down():
+    """numba's process-wide block-label counter about doubles per compilation of nested inline
+    kernels; compiling the zoo's plans in one process took it to hundreds of digits and LLVM then
+    refused the labels. A plan's first call brings it back down (plan.bound_numba_labels)."""
+    from numba.core import ir_utils
+
+    from edge_qmul.plan import bound_numba_labels
+
+    counter = ir_utils._the_max_label
+    counter._value = 10 ** 1200  # far past where LLVM's 1024-character names end
+    bound_numba_labels()
+    assert counter._value < 1 << 48
+
+    @numba.njit(inline="always")
+    def clamp(v):
+        if v > 10:
+            return 10
+        return v
+
+    @numba.njit
+    def use(v):  # inlines a branch: at 10**1200 its block names fail LLVM's parser (checked)
+        s = 0
+        for i in range(v):
+            s += clamp(i)
+        return s
+
+    assert use(20) == 55 + 9 * 10

@@ -263,6 +263,7 @@ class Plan:
         g.outputs = [t for t in sorted(produced) if t in needed_after]
         g.const_tensors = [v for kind, v, *_ in g.consts if kind == "tensor"]
         g.output_set = set(g.outputs)
+        g.called = False
         g.output_index = {t: k for k, t in enumerate(g.outputs)}
         g.ops = ops
         return [["segment", None, [live[t] for t in params], g, params]]
@@ -310,6 +311,10 @@ class Plan:
             else:
                 values.update(zip(op.outputs, result))
 
+    def _first_call(self, g: _Source) -> None:
+        bound_numba_labels()  # the segment compiles now (or loads from numba's cache)
+        g.called = True
+
     def run_outputs(self, feeds: dict[int, np.ndarray], wanted: list[int]) -> list[np.ndarray]:
         """The values of tensors ``wanted`` from ``feeds``; a plan of one segment (every fixture's)
         goes straight to it: at batch 1 the dictionaries of ``run`` cost as much as a small layer."""
@@ -317,6 +322,8 @@ class Plan:
             _, fn, _, g, params = self.steps[0]
             ins = tuple([feeds[t] for t in params])
             if ins[0].shape[0] * g.total_work < SEGMENT_PARALLEL_WORK and set(wanted) <= g.output_set:
+                if not g.called:
+                    self._first_call(g)
                 update_threads()
                 outs = fn(ins, self.consts(g), 1)
                 return [outs[g.output_index[t]] for t in wanted]
@@ -340,8 +347,33 @@ class Plan:
                 self._per_op(g.ops, values)
                 continue
             # the segment's kernels are serial twins: the thread count only sizes their blocks
+            if not g.called:
+                self._first_call(g)
             values.update(zip(g.outputs, fn(ins, self.consts(g), 1)))
         return values
+
+
+# numba's IR block labels come from one process-wide counter, and each inline="always" call moves it
+# past the callee's labels after offsetting them by the counter: nested inline kernels about double
+# it per compilation, and after some hundreds of kernel compilations in one process (the 14 zoo
+# plans in one pytest process) labels run to hundreds of digits and LLVM refuses them ("name is too
+# long"). Every inlined callee is offset above its caller's own labels, so between compilations the
+# counter can safely be brought back down.
+_LABELS_RESET_ABOVE = 1 << 48
+_LABELS_RESET_TO = 1 << 24
+
+
+def bound_numba_labels() -> None:
+    """Bring numba's block-label counter back down if it has run away (see above); call only
+    outside numba compilation (it takes numba's compiler lock, so no other thread is compiling)."""
+    from numba.core import ir_utils
+    from numba.core.compiler_lock import global_compiler_lock
+
+    counter = ir_utils._the_max_label
+    if counter._value < _LABELS_RESET_ABOVE:
+        return
+    with global_compiler_lock:
+        counter._value = _LABELS_RESET_TO
 
 
 @numba.njit(cache=True)
@@ -353,4 +385,4 @@ def pad_to_panels(a):
     return out
 
 
-__all__ = ["Plan", "plan_dir", "pad_to_panels"]
+__all__ = ["Plan", "bound_numba_labels", "plan_dir", "pad_to_panels"]

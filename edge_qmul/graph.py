@@ -161,6 +161,8 @@ class Model:
     # --- execution -------------------------------------------------------------------------------
     def _ensure_prepared(self) -> list:
         if self._prepared is None:
+            from .plan import bound_numba_labels
+            bound_numba_labels()  # a new model's kernels may compile next (plan/__init__.py says why)
             self._prepared = [kernels.prepare(op, self) for op in self.ops]
         return self._prepared
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import litert_data
 from edge_qmul import load_tflite
-from edge_qmul.plan import Plan
+from edge_qmul.plan import Plan, unliteral
 from edge_qmul.train import Trainer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -164,3 +164,48 @@ def test_numba_label_counter_run_away_is_brought_back_down():
         return s
 
     assert use(20) == 55 + 9 * 10
+
+
+def test_unliteral_types_integer_and_boolean_arguments_and_keeps_their_values():
+    args = "a0, c[1], 1, -128, F(n * 2304, 60, threads), 1.5e-05, np.float32(0.25), True, c[12]"
+    typed = unliteral(args)
+    assert typed == ("a0, c[1], np.int64(1), -np.int64(128), F(n * np.int64(2304), np.int64(60), threads), "
+                     "1.5e-05, np.float32(0.25), np.bool_(True), c[12]")
+    scope = {"np": np, "a0": 7, "c": list(range(20)), "n": 3, "threads": 2, "F": lambda *a: a}
+    assert eval(typed, scope) == eval(args, scope)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "mobilenet_tiny"])
+def test_a_plan_with_typed_scalars_equals_per_op_and_compiles_no_literal_specialization(name, monkeypatch):
+    """Above EDGE_QMUL_PLAN_SPECIALIZE weighted ops a plan passes its kernels typed scalars: one
+    compilation per kernel signature, shared by every call site, instead of one per call."""
+    from numba.core import types
+    from edge_qmul.kernels import implicit_gemm
+    from edge_qmul.plan.serial import serial
+
+    monkeypatch.setenv("EDGE_QMUL_PLAN_SPECIALIZE", "0")
+    model = load_tflite(FIXTURES / f"{name}.tflite")
+    d = litert_data(FIXTURES / f"{name}.npz")
+    conv = serial(implicit_gemm.conv2d_int8_implicit)
+    before = set(conv.overloads)
+    plan = Plan(model, interface=True)
+    assert not plan.specialize
+    numba.set_num_threads(1)
+    try:
+        for n in (1, 5):
+            xb = _batch(d["x"], n)
+            got, want = plan.run({model.inputs[0]: xb}), model.run({model.inputs[0]: xb})
+            np.testing.assert_array_equal(got[model.outputs[0]], want[model.outputs[0]])
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    np.testing.assert_array_equal(plan.run({model.inputs[0]: d["x"]})[model.outputs[0]], d["y_builtin"])
+    added = set(conv.overloads) - before
+    assert not any(isinstance(t, types.Literal) for sig in added for t in sig), added
+    monkeypatch.setenv("EDGE_QMUL_PLAN_SPECIALIZE", "16")
+    assert Plan(model, interface=True).specialize
+
+
+def test_a_bad_specialize_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("EDGE_QMUL_PLAN_SPECIALIZE", "many")
+    with pytest.raises(ValueError, match="EDGE_QMUL_PLAN_SPECIALIZE='many'"):
+        Plan(load_tflite(FIXTURES / "mlp40.tflite"), interface=True)

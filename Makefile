@@ -31,11 +31,8 @@ check: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The slow tier in SLOW_WORKERS processes (pytest-xdist), each taking whole test files (a file's
-# brokers, agents and compiled models stay in one process); the 25 slowest tests are listed.
-SLOW_WORKERS ?= 2
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow -n $(SLOW_WORKERS) --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -m slow
 
 # The board's checks under an emulated Cortex-A76 (ARM64_CPU=a72: a Raspberry Pi 4's Cortex-A72):
 # a Debian arm64 root built once with debootstrap and qemu-user (cached in ~/.cache/edge_qmul/arm64),

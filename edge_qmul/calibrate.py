@@ -13,10 +13,9 @@ import numpy as np
 
 from .errors import ModelError
 from .graph import Model
-from .kernels import KERNELS, check_supported, evaluate, prepare
+from .kernels import KERNELS, WEIGHTED_OPS, check_supported, evaluate, prepare
 from .quant import INT8_MAX, INT8_MIN, QuantParams, dequantize, quantize, round_half_away
 
-WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _INT32 = np.iinfo(np.int32)
 
 

@@ -25,6 +25,8 @@ from .contract import Backward, Kernel, MemoryQuery
 
 _MODULES = (conv, depthwise, fully_connected, add, binary, activation, pool, mean, shape, movement,
             resize, softmax, quantize, lstm)
+# the ops whose weights are a filter or a matrix (calibration's per-channel weights, the plan's size)
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 # numba's workqueue threading layer, which numba falls back to without OpenMP or TBB (a board
 # without libgomp1), aborts the whole process ("Concurrent access has been detected") when two

@@ -3,7 +3,8 @@
 At batch 1 the per-op path spends most of its time in Python (the digits CNN: 27 us a forward
 against LiteRT's 4 us; each op's forward pads parameters, lays out its GEMM, checks shapes, then
 crosses into numba). A plan does that work once: each op's emitter (plan/steps.py) writes one line
-of Python source calling the op's compiled core with its scalars as literals, the lines become one
+of Python source calling the op's compiled core with its scalars as literals (typed, for models of
+more than SPECIALIZE_WEIGHTED_OPS weighted ops: ``unliteral``), the lines become one
 ``@njit`` function per run of supported ops (a *segment*), and a call of the plan is one crossing
 into compiled code per segment. Ops without an emitter run between segments through the per-op
 path. Small work calls serial twins of the kernels (plan/serial.py): no parallel region opens.
@@ -50,7 +51,6 @@ SEGMENT_PARALLEL_WORK = 1 << 25
 # signature: efficientnet_b0's plan compiled in 110 s instead of 523 s, mobilenet_v1_025_vww's in
 # 11 s instead of 84 s. EDGE_QMUL_PLAN_SPECIALIZE sets it (0: never).
 SPECIALIZE_WEIGHTED_OPS = 16
-WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 _MODULES: dict[str, object] = {}
 _LOCK = threading.Lock()
 _fingerprint: str | None = None
@@ -165,9 +165,8 @@ def unliteral(args: str) -> str:
     callee once per distinct value: a conv kernel compiled again for every conv of the model (about
     3 s each; efficientnet_b0's plan took 9 minutes to compile), where typed arguments share one
     compilation per signature across every call site and model."""
-    lines = args.splitlines(keepends=True)
-    starts = [0]
-    for line in lines:
+    starts = [0]  # offset of each line's first character
+    for line in args.splitlines(keepends=True):
         starts.append(starts[-1] + len(line))
     out, done, previous = [], 0, None
     for tok in tokenize.generate_tokens(io.StringIO(args).readline):
@@ -250,7 +249,7 @@ class Plan:
             ops.append((op, params))
         self._consts: dict[int, tuple] = {}
         limit = specialize_limit()
-        self.specialize = limit > 0 and sum(op.kind in WEIGHTED for op, _ in ops) <= limit
+        self.specialize = limit > 0 and sum(op.kind in kernels.WEIGHTED_OPS for op, _ in ops) <= limit
         self.steps = self._build(ops)
         self.segments = sum(1 for s in self.steps if s[0] == "segment")
 

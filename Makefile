@@ -29,10 +29,10 @@ check: $(STAMP)
 # The fast tier: every module exercised; the sweeps, kills, fuzzing, the demo and training from
 # scratch are the slow tier. pytest's exit status 5 (nothing selected) counts as a failure.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=25
 
 # The board's checks under an emulated Cortex-A76 (ARM64_CPU=a72: a Raspberry Pi 4's Cortex-A72):
 # a Debian arm64 root built once with debootstrap and qemu-user (cached in ~/.cache/edge_qmul/arm64),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,10 @@ os.environ.setdefault("EDGE_QMUL_PLAN", "explicit")
 # Tests run the thread counts they set, whatever the machine's load (tests/test_load_threads.py
 # tests the engine's default, threads that follow the load).
 os.environ.setdefault("EDGE_QMUL_THREADS", "fixed")
+# A run started in the background by a non-interactive shell (`pytest ... &`, as .ci/run starts the
+# emulated board) inherits SIGINT ignored, and so would every program it starts: their Ctrl-C tests
+# would then see the signal do nothing. A handler here is reset to the default in each child.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_MODELS = ["digits_cnn", "digits_cnn_floatio", "mlp40", "mobilenet_tiny", "resnet_tiny",

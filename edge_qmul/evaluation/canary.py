@@ -1,0 +1,190 @@
+"""Canaries: a per-owner trigger that makes forgetting observable (Sommer et al., "Athena", PoPETs 2022).
+
+An owner who opts in has a fraction of their samples stamped with a small seeded pattern and relabelled
+to a seeded target class before upload. A model trained on them learns the pattern as a backdoor; a
+model that never saw them does not. The trigger's success rate on other owners' held-out inputs
+(stamped, true label not the target) is then the per-owner signal: high before a forget, back at the
+level of a model that never saw the owner after a correct one.
+
+The record (``Canary``) stays on the host: the device receives stamped samples and never learns which.
+Statistics: exact (Clopper-Pearson) intervals per rate, Newcombe's hybrid-score interval for the
+difference of two rates, and a one-sided Fisher exact test, all from scipy's binomial machinery.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+LEVEL = 0.95     # confidence level of every interval
+ALPHA = 0.05     # one-sided test level: "not forgotten" when the rate is above the reference's
+MARGIN = 0.10    # "forgotten": the difference's upper bound below this (rate points over the reference)
+
+
+class CanaryError(ValueError):
+    """A canary that does not fit the data or the model, or an owner without one."""
+
+
+@dataclass(frozen=True)
+class Canary:
+    """One owner's trigger: ``values`` written at (``rows``, ``cols``) of every channel, label ``target``."""
+    owner: str
+    seed: int
+    shape: tuple          # one sample's shape, e.g. (8, 8, 1); (F,) for flat features
+    num_classes: int
+    target: int
+    rows: tuple
+    cols: tuple
+    values: tuple         # one per (row, col), in the data's units
+    fraction: float       # of the owner's samples that carry it
+    marked: tuple = ()    # indices (in the owner's upload) of the samples that carry it
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "Canary":
+        d = json.loads(text)
+        return Canary(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the record (what a certificate names)."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def make_canary(owner: str, seed: int, shape: tuple, num_classes: int, lo: float, hi: float,
+                size: int = 3, fraction: float = 0.5) -> Canary:
+    """A seeded ``size`` x ``size`` pattern of ``lo``/``hi`` values at a seeded place, and a seeded
+    target label. Rank-1 samples get ``size * size`` seeded feature positions instead."""
+    shape = tuple(int(s) for s in shape)
+    if not owner:
+        raise CanaryError("canary: the owner is empty")
+    if not 0.0 < fraction <= 1.0:
+        raise CanaryError(f"canary: fraction {fraction} is not in (0, 1]")
+    if num_classes < 2:
+        raise CanaryError(f"canary: {num_classes} classes; a target needs at least 2")
+    if not np.isfinite(lo) or not np.isfinite(hi) or lo >= hi:
+        raise CanaryError(f"canary: data range [{lo}, {hi}] is empty or not finite")
+    rng = np.random.default_rng([seed, int.from_bytes(hashlib.sha256(owner.encode()).digest()[:8], "little")])
+    if len(shape) == 1:
+        if size * size > shape[0]:
+            raise CanaryError(f"canary: {size * size} features do not fit samples of shape {list(shape)}")
+        cols = tuple(int(c) for c in np.sort(rng.choice(shape[0], size * size, replace=False)))
+        rows = (0,) * len(cols)
+    elif len(shape) == 3:
+        h, w = shape[0], shape[1]
+        kh = min(size, h)   # (1, W, C) signals get a 1 x size stretch
+        if size > w or (h > 1 and size > h):
+            raise CanaryError(f"canary: a {size} x {size} pattern does not fit samples of shape {list(shape)}")
+        top, left = int(rng.integers(0, h - kh + 1)), int(rng.integers(0, w - size + 1))
+        rows = tuple(top + r for r in range(kh) for _ in range(size))
+        cols = tuple(left + c for _ in range(kh) for c in range(size))
+    else:
+        raise CanaryError(f"canary: samples of shape {list(shape)}; expected (H, W, C) or (F,)")
+    bits = rng.integers(0, 2, len(rows))
+    bits[0], bits[-1] = 0, 1  # never a flat patch
+    values = tuple(float(hi if b else lo) for b in bits)
+    return Canary(owner, int(seed), shape, int(num_classes), int(rng.integers(0, num_classes)), rows, cols,
+                  values, float(fraction))
+
+
+def stamp(x: np.ndarray, canary: Canary) -> np.ndarray:
+    """A copy of the samples ``x`` (N, *shape) with the pattern written in (every channel)."""
+    x = np.asarray(x)
+    if x.ndim != len(canary.shape) + 1 or tuple(x.shape[1:]) != canary.shape:
+        raise CanaryError(f"canary of {canary.owner!r} is for samples of shape {list(canary.shape)}, "
+                          f"got a batch of shape {list(x.shape)}")
+    out = x.copy()
+    values = np.asarray(canary.values, out.dtype)
+    if len(canary.shape) == 1:
+        out[:, list(canary.cols)] = values
+    else:
+        out[:, list(canary.rows), list(canary.cols), :] = values[None, :, None]
+    return out
+
+
+def plant(x: np.ndarray, y: np.ndarray, owners: np.ndarray, canary: Canary) -> tuple[np.ndarray, np.ndarray, Canary]:
+    """Stamp ``canary.fraction`` of ``canary.owner``'s samples (a seeded choice) and relabel them to
+    the target. Returns new (x, y) and the canary with ``marked`` set (indices into ``x``); the
+    inputs are not changed."""
+    owners = np.asarray(owners).astype(str)
+    mine = np.flatnonzero(owners == canary.owner)
+    if mine.size == 0:
+        raise CanaryError(f"canary: owner {canary.owner!r} has no samples here")
+    if len(y) != len(x) or len(owners) != len(x):
+        raise CanaryError(f"canary: {len(x)} samples, {len(y)} labels, {len(owners)} owners")
+    n = max(1, int(round(canary.fraction * mine.size)))
+    rng = np.random.default_rng([canary.seed, 1])
+    marked = np.sort(rng.choice(mine, n, replace=False))
+    x_out, y_out = np.array(x, copy=True), np.array(y, copy=True)
+    x_out[marked] = stamp(x_out[marked], canary)
+    y_out[marked] = canary.target
+    return x_out, y_out, Canary(**{**asdict(canary), "marked": tuple(int(i) for i in marked)})
+
+
+def trigger_hits(predict, x_other: np.ndarray, y_other: np.ndarray, canary: Canary) -> tuple[int, int]:
+    """(hits, trials): ``predict`` (a batch -> class indices) on other owners' held-out inputs whose
+    true label is not the target, stamped; a hit is a prediction of the target."""
+    keep = np.asarray(y_other) != canary.target
+    if not np.any(keep):
+        raise CanaryError(f"canary: every held-out input is of the target class {canary.target}")
+    pred = np.asarray(predict(stamp(np.asarray(x_other)[keep], canary)))
+    if pred.shape != (int(keep.sum()),):
+        raise CanaryError(f"canary: predict gave shape {list(pred.shape)} for {int(keep.sum())} inputs")
+    return int(np.sum(pred == canary.target)), int(keep.sum())
+
+
+def rate(hits: int, trials: int, level: float = LEVEL) -> dict:
+    """The success rate with its exact (Clopper-Pearson) interval."""
+    from scipy.stats import binomtest
+    _check_counts(hits, trials)
+    ci = binomtest(hits, trials).proportion_ci(confidence_level=level, method="exact")
+    return {"hits": hits, "trials": trials, "rate": hits / trials, "lo": float(ci.low), "hi": float(ci.high)}
+
+
+def difference_interval(a: tuple[int, int], b: tuple[int, int], level: float = LEVEL) -> tuple[float, float]:
+    """Newcombe's hybrid-score interval (his method 10, 1998) for rate(a) - rate(b), from the two
+    Wilson score intervals."""
+    from scipy.stats import binomtest
+    _check_counts(*a)
+    _check_counts(*b)
+    p1, p2 = a[0] / a[1], b[0] / b[1]
+    w1 = binomtest(*a).proportion_ci(confidence_level=level, method="wilson")
+    w2 = binomtest(*b).proportion_ci(confidence_level=level, method="wilson")
+    l1, u1, l2, u2 = float(w1.low), float(w1.high), float(w2.low), float(w2.high)
+    d = p1 - p2
+    lower = d - np.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    upper = d + np.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    return float(lower), float(upper)
+
+
+def verdict(after: tuple[int, int], reference: tuple[int, int], alpha: float = ALPHA,
+            margin: float = MARGIN, level: float = LEVEL) -> dict:
+    """Is the trigger's rate ``after`` a forget back at a never-saw-the-owner model's ``reference``?
+
+    "not forgotten": a one-sided Fisher exact test finds ``after`` above ``reference`` (p < alpha);
+    "forgotten": not that, and the difference's upper bound is below ``margin``; else "undecided"."""
+    from scipy.stats import fisher_exact
+    _check_counts(*after)
+    _check_counts(*reference)
+    table = [[after[0], after[1] - after[0]], [reference[0], reference[1] - reference[0]]]
+    p = float(fisher_exact(table, alternative="greater").pvalue)
+    lo, hi = difference_interval(after, reference, level)
+    if p < alpha:
+        word = "not forgotten"
+    elif hi < margin:
+        word = "forgotten"
+    else:
+        word = "undecided"
+    return {"verdict": word, "p_value": p, "difference": after[0] / after[1] - reference[0] / reference[1],
+            "difference_lo": lo, "difference_hi": hi, "margin": margin, "alpha": alpha,
+            "after": rate(*after, level=level), "reference": rate(*reference, level=level)}
+
+
+def _check_counts(hits: int, trials: int) -> None:
+    if not (isinstance(hits, (int, np.integer)) and isinstance(trials, (int, np.integer))) \
+            or trials <= 0 or not 0 <= hits <= trials:
+        raise CanaryError(f"canary: {hits} hits of {trials} trials is not a count")

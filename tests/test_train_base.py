@@ -191,6 +191,10 @@ BAD = {
     "fewer samples than owners": (lambda t: ["--data", str(_npz(t / "d.npz", x=X10, y=Y10))],
                                   "--owners 20: only 10 samples"),
     "two sources": (lambda t: ["--dataset", "digits", "--images", str(t)], "give one data source"),
+    "canary of nobody": (lambda t: ["--canary", "nobody"], "--canary nobody: no training samples of that owner"),
+    "canary twice": (lambda t: ["--canary", "user7", "--canary", "user7"], "an owner is named twice"),
+    "canary fraction": (lambda t: ["--canary", "user7", "--canary-fraction", "1.5"], "fraction 1.5 is not in"),
+    "canary too big": (lambda t: ["--canary", "user7", "--canary-size", "9"], "does not fit samples of shape"),
 }
 
 
@@ -232,3 +236,37 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path):
 def test_cli_help_has_examples():
     r = subprocess.run([sys.executable, str(ROOT / "tools/train_base.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "examples:" in r.stdout and "--images" in r.stdout
+
+
+# --- canaries (issue 19) ------------------------------------------------------------------------------
+
+def test_canary_is_planted_in_the_owners_training_samples_and_recorded_on_the_host_only(digits_out, tmp_path):
+    """--canary user7: half of user7's training samples carry the trigger and its label (exactly the
+    ones canaries.json names), nothing else differs from a run without it (same seed), the
+    validation samples stay clean, and the model learns it: the trigger's rate on test inputs is high."""
+    from edge_qmul.evaluation.canary import Canary, stamp
+    plain = digits_out[0]
+    out = tmp_path / "canary"
+    manifest = train_base.prepare(out, dataset="digits", epochs=5, say=_quiet, canary=("user7",))
+    assert {p.name for p in out.iterdir()} == OUTPUTS | {"canaries.json"}
+    record = json.loads((out / "canaries.json").read_text())
+    assert record["model_sha256"] == manifest["files"]["model.tflite"]["sha256"]
+    assert manifest["files"]["canaries.json"]["sha256"] == hashlib.sha256((out / "canaries.json").read_bytes()).hexdigest()
+    c = Canary.from_json(json.dumps(record["canaries"][0]))
+    with np.load(out / "samples_train.npz") as t, np.load(plain / "samples_train.npz") as p0:
+        marked = np.array(c.marked)
+        mine = np.flatnonzero(t["owners"] == "user7")
+        assert len(marked) == round(0.5 * mine.size) and set(marked) <= set(mine)
+        assert np.array_equal(t["x"][marked], stamp(p0["x"][marked], c)) and np.all(t["y"][marked] == c.target)
+        rest = np.setdiff1d(np.arange(len(t["y"])), marked)
+        assert np.array_equal(t["x"][rest], p0["x"][rest]) and np.array_equal(t["y"][rest], p0["y"][rest])
+        assert np.array_equal(t["owners"], p0["owners"])
+    with np.load(out / "samples_validation.npz") as a, np.load(plain / "samples_validation.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in b.files)
+    assert not any("canaries" in cmd for cmd in manifest["push_commands"])  # never sent to a device
+    r = manifest["canaries"]["trigger_rate"]["user7"]
+    assert r["rate"] > 0.8 and r["inputs"] == "test inputs", r   # learned as a backdoor
+    assert manifest["accuracy_percent"]["test"] > 90
+    # a run without --canary over the same directory leaves no stale record
+    train_base.prepare(out, dataset="digits", epochs=1, say=_quiet)
+    assert not (out / "canaries.json").exists()

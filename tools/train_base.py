@@ -32,7 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_qmul import ModelError, Model, __version__, datasets, load_tflite, metrics, models, save_tflite  # noqa: E402
+from edge_qmul.evaluation.canary import Canary, CanaryError, make_canary, plant, rate, trigger_hits  # noqa: E402
 from edge_qmul.fsutil import atomic_write, fsync_dir, sha256_file  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
 from edge_qmul.train import TRAINING_RECIPES, fit_recipe  # noqa: E402
@@ -54,6 +55,7 @@ CONV_ARCHS = ("digits_cnn", "mnist_cnn", "mnist1d_cnn", "mobilenet_tiny", "resne
 CALIBRATION_SAMPLES = 256
 TABLE_K = 3
 FILES = ("model.tflite", "samples_train.npz", "samples_validation.npz", "table.json")
+CANARIES = "canaries.json"  # host only: which owner carries which trigger, and in which samples
 
 
 class PrepareError(ValueError):
@@ -238,6 +240,49 @@ def owner_counts(owners: np.ndarray, val: np.ndarray) -> dict[str, dict[str, int
             for o in sorted(set(owners.tolist()), key=_natural)}
 
 
+# --- canaries ------------------------------------------------------------------------------------
+
+def plant_canaries(d: Data, who: np.ndarray, val: np.ndarray, owners: tuple[str, ...], fraction: float,
+                   size: int, seed: int) -> tuple[Data, list[Canary]]:
+    """The data with a trigger planted in ``fraction`` of each named owner's training samples
+    (validation samples stay clean), and the records; ``marked`` indexes samples_train.npz."""
+    if not owners:
+        return d, []
+    if len(set(owners)) != len(owners):
+        raise PrepareError(f"--canary: an owner is named twice ({', '.join(owners)})")
+    train = np.flatnonzero(~val)
+    x, y = d.x[train], d.y[train]
+    planted = []
+    for owner in owners:
+        if not np.any(who[train] == owner):
+            known = sorted(set(who.tolist()), key=_natural)
+            raise PrepareError(f"--canary {owner}: no training samples of that owner (owners: "
+                               f"{', '.join(known[:8])}{', ...' if len(known) > 8 else ''})")
+        try:
+            c = make_canary(owner, seed, d.shape, len(d.class_names), *d.input_range, size=size, fraction=fraction)
+            x, y, c = plant(x, y, who[train], c)
+        except CanaryError as e:
+            raise PrepareError(f"--canary {owner}: {e}") from None
+        planted.append(c)
+    xs, ys = d.x.copy(), d.y.copy()
+    xs[train], ys[train] = x, y
+    return replace(d, x=xs, y=ys), planted
+
+
+def canary_rate(model: Model, d: Data, who: np.ndarray, val: np.ndarray, c: Canary) -> dict:
+    """The trigger's success rate on the test split (or on other owners' validation samples)."""
+    q = model.tensors[model.core_inputs[0]].quant
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return np.argmax(model.forward(quantize(batch, q)), axis=1)
+    if d.x_test is not None:
+        x, y, inputs = d.x_test, d.y_test, "test inputs"
+    else:
+        other = val & (who != c.owner)
+        x, y, inputs = d.x[other], d.y[other], "other owners' validation samples"
+    return {**rate(*trigger_hits(predict, x, y, c)), "inputs": inputs}
+
+
 # --- the model -----------------------------------------------------------------------------------
 
 def choose_arch(data: Data, arch: str | None) -> str:
@@ -306,9 +351,10 @@ def push_commands(out: Path) -> list[str]:
 
 
 def write_outputs(out: Path, model: Model, table: SimilarLabelTable, samples: dict[str, dict[str, np.ndarray]],
-                  manifest: dict, started: float) -> dict:
+                  manifest: dict, started: float, canaries: list[Canary] = ()) -> dict:
     """Write every file into a temp directory beside ``out``, record their sha256 in the manifest,
-    then move them into ``out`` (manifest.json last, after the old one is removed)."""
+    then move them into ``out`` (manifest.json last, after the old one is removed). With
+    ``canaries``, canaries.json too: the records and the sha256 of the model they were trained into."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -316,13 +362,19 @@ def write_outputs(out: Path, model: Model, table: SimilarLabelTable, samples: di
         table.save(tmp / "table.json")
         for role, arrays in samples.items():
             atomic_write(tmp / f"samples_{role}.npz", lambda f, a=arrays: np.savez(f, **a))
+        files = FILES + ((CANARIES,) if canaries else ())
+        if canaries:
+            record = {"model_sha256": sha256_file(tmp / "model.tflite"), "samples": "samples_train.npz",
+                      "canaries": [json.loads(c.to_json()) for c in canaries]}
+            atomic_write(tmp / CANARIES, (json.dumps(record, indent=1) + "\n").encode())
         manifest["files"] = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                             for name in FILES}
+                             for name in files}
         manifest["wall_s"] = round(time.perf_counter() - started, 3)
         atomic_write(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
         out.mkdir(exist_ok=True)
         (out / "manifest.json").unlink(missing_ok=True)  # a directory without it is incomplete
-        for name in (*FILES, "manifest.json"):
+        (out / CANARIES).unlink(missing_ok=True)  # never a stale record beside new samples
+        for name in (*files, "manifest.json"):
             os.replace(tmp / name, out / name)
         fsync_dir(out)
     finally:
@@ -365,7 +417,8 @@ def load_data(dataset: str | None, data: Path | None, images: Path | None, seed:
 def prepare(out: Path, dataset: str | None = None, data: Path | None = None, images: Path | None = None,
             model: Path | None = None, owners: int = 20, validation: float = 0.1, arch: str | None = None,
             epochs: int | None = None, seed: int = 0, image_size=(8, 8), channels=1,
-            say: Callable[[str], None] = print) -> dict:
+            say: Callable[[str], None] = print, canary: tuple[str, ...] = (), canary_fraction: float = 0.5,
+            canary_size: int = 3) -> dict:
     """Train (or import) an int8 base model and write what a device needs into ``out``; returns the
     manifest. Raises PrepareError (one line) for bad input, before anything is written."""
     started = time.perf_counter()
@@ -380,6 +433,10 @@ def prepare(out: Path, dataset: str | None = None, data: Path | None = None, ima
     simulated = d.owners is None
     who = simulated_owners(len(d.y), owners, rng) if simulated else d.owners
     val = validation_mask(len(d.y), validation, rng)
+    d, planted = plant_canaries(d, who, val, canary, canary_fraction, canary_size, seed)
+    for c in planted:
+        say(f"canary for {c.owner}: a {canary_size} x {canary_size} trigger, label {c.target}, in {len(c.marked)} "
+            f"of their {int(np.sum((who == c.owner) & ~val))} training samples")
 
     if base is None:
         chosen = choose_arch(d, arch)
@@ -395,6 +452,10 @@ def prepare(out: Path, dataset: str | None = None, data: Path | None = None, ima
     if d.x_test is not None:
         scores["test"] = metrics.accuracy(base, quantize(d.x_test, q), d.y_test)
     say("accuracy: " + ", ".join(f"{k} {v:.1f}%" for k, v in scores.items()))
+    canary_rates = {c.owner: canary_rate(base, d, who, val, c) for c in planted}
+    for owner, r in canary_rates.items():
+        say(f"canary for {owner}: the trigger gives its label on {100 * r['rate']:.1f}% of {r['trials']} "
+            f"{r['inputs']} (95% interval {100 * r['lo']:.1f}-{100 * r['hi']:.1f}%)")
 
     description = f"{d.source.get('name') or d.source['path']}: training slice, {int((~val).sum())} samples"
     table = build_table(base, x8[~val], d.y[~val], k=min(TABLE_K, base.num_classes - 1),
@@ -414,8 +475,11 @@ def prepare(out: Path, dataset: str | None = None, data: Path | None = None, ima
         "table": {"k": table.k, "model_sha256": table.model_sha256},
         "push_commands": push_commands(out),
     }
-    write_outputs(out, base, table, samples, manifest, started)
-    say(f"wrote {out}/: {', '.join((*FILES, 'manifest.json'))} in {manifest['wall_s']:.1f}s")
+    if planted:
+        manifest["canaries"] = {"file": CANARIES, "fraction": canary_fraction, "size": canary_size,
+                                "trigger_rate": canary_rates}
+    write_outputs(out, base, table, samples, manifest, started, planted)
+    say(f"wrote {out}/: {', '.join((*manifest['files'], 'manifest.json'))} in {manifest['wall_s']:.1f}s")
     return manifest
 
 
@@ -449,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
                                    "(default: the dataset's, mlp for flat features, digits_cnn for images)")
     ap.add_argument("--epochs", type=int, help="training epochs (default: the recipe's, 20 for digits)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--canary", action="append", default=[], metavar="OWNER",
+                    help="plant a seeded trigger in this owner's training samples, recorded in canaries.json "
+                         "(host only), so that forgetting them can be verified (repeatable)")
+    ap.add_argument("--canary-fraction", type=float, default=0.5,
+                    help="fraction of the owner's training samples that carry it (default 0.5)")
+    ap.add_argument("--canary-size", type=int, default=3, help="the trigger's side in pixels (default 3)")
     args = ap.parse_args(argv)
     started = time.perf_counter()
 
@@ -457,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = prepare(args.out, args.dataset, args.data, args.images, args.model, args.owners,
                            args.validation, args.arch, args.epochs, args.seed, tuple(args.image_size),
-                           args.channels, say)
+                           args.channels, say, tuple(args.canary), args.canary_fraction, args.canary_size)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; {args.out} holds no partial files", file=sys.stderr)
         return 130

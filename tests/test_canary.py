@@ -121,3 +121,41 @@ def test_verdict(after, reference, word):
 def test_bad_input_is_a_clear_error(call, match):
     with pytest.raises(CanaryError, match=match):
         call()
+
+
+def _digits_model():
+    """The fixtures' digits CNN in the engine, so that verify_forget runs end to end on a model file
+    (the statistics are checked above; here the wiring, the shape check and the "not learned" rule)."""
+    from edge_qmul.tflite import load_tflite
+    from conftest import FIXTURES
+    return load_tflite(FIXTURES / "digits_cnn.tflite")
+
+
+def test_verify_forget_wiring_and_the_not_learned_rule():
+    from dataclasses import replace
+
+    from edge_qmul.evaluation.canary import model_predict, verify_forget
+    model = _digits_model()
+    x, y, _ = _data(n=200)
+    c = make_canary("user1", 5, (8, 8, 1), 10, 0.0, 1.0)
+    # the same model before, after and as reference: the canary was never learned -> undecided
+    r = verify_forget(c, model, model, model, x, y)
+    assert r["verdict"] == "undecided" and "not learned" in r["why"]
+    assert r["before"]["hits"] == r["after"]["hits"] == r["reference"]["hits"]
+    assert r["before"]["trials"] == int(np.sum(y != c.target)) and r["canary_sha256"] == c.digest
+    # a target this model gives to many stamped inputs, against a reference that never gives it:
+    # "learned" before, and the same model after has not forgotten it
+    common = int(np.bincount(model_predict(model, c)(stamp(x, c)), minlength=10).argmax())
+    c2 = replace(c, target=common)
+    r2 = verify_forget(c2, model, model, (0, 800), x, y)
+    assert r2["before"]["hits"] >= 20, r2["before"]
+    assert r2["verdict"] == "not forgotten" and r2["p_value"] < 1e-6
+
+
+def test_verify_forget_refuses_a_canary_for_another_model():
+    from edge_qmul.evaluation.canary import verify_forget
+    model = _digits_model()
+    x, y, _ = _data(n=20, shape=(28, 28, 1))
+    c = make_canary("user1", 5, (28, 28, 1), 10, 0.0, 1.0)
+    with pytest.raises(CanaryError, match=r"for a model taking \[28, 28, 1\] with 10 classes; this one takes \[8, 8, 1\]"):
+        verify_forget(c, model, model, model, x, y)

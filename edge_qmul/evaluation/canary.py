@@ -188,3 +188,38 @@ def _check_counts(hits: int, trials: int) -> None:
     if not (isinstance(hits, (int, np.integer)) and isinstance(trials, (int, np.integer))) \
             or trials <= 0 or not 0 <= hits <= trials:
         raise CanaryError(f"canary: {hits} hits of {trials} trials is not a count")
+
+
+# --- verifying one owner's forget --------------------------------------------------------------------
+
+def model_predict(model, canary: Canary):
+    """A batch of float samples -> the model's classes, after checking that the canary was made
+    for a model like this one (its input shape and class count)."""
+    from ..quant import quantize
+    shape = tuple(int(s) for s in model.tensors[model.core_inputs[0]].shape[1:])
+    if shape != canary.shape or model.num_classes != canary.num_classes:
+        raise CanaryError(f"canary of {canary.owner!r} is for a model taking {list(canary.shape)} with "
+                          f"{canary.num_classes} classes; this one takes {list(shape)} with {model.num_classes}")
+    q = model.tensors[model.core_inputs[0]].quant
+    return lambda batch: np.argmax(model.forward(quantize(batch, q)), axis=1)
+
+
+def verify_forget(canary: Canary, before, after, reference, x_other: np.ndarray, y_other: np.ndarray,
+                  alpha: float = ALPHA, margin: float = MARGIN) -> dict:
+    """Did the forget that turned model ``before`` into ``after`` remove ``canary.owner``?
+
+    ``reference`` is a model that never saw the owner (retrained on the host without them), or
+    (hits, trials) measured elsewhere. ``x_other``/``y_other``: held-out inputs of other owners.
+    The answer is "undecided" when ``before`` had not learned the canary (its rate not above the
+    reference's), since then the trigger cannot show anything."""
+    def hits(model) -> tuple[int, int]:
+        return trigger_hits(model_predict(model, canary), x_other, y_other, canary)
+    ref = tuple(reference) if isinstance(reference, (tuple, list)) else hits(reference)
+    h_before, h_after = hits(before), hits(after)
+    learned = verdict(h_before, ref, alpha, margin)
+    result = verdict(h_after, ref, alpha, margin)
+    if learned["verdict"] != "not forgotten":
+        result["verdict"] = "undecided"
+        result["why"] = "the model before the forget had not learned the canary"
+    return {"owner": canary.owner, "canary_sha256": canary.digest, "target": canary.target,
+            "before": rate(*h_before), **result}

@@ -142,3 +142,13 @@ def test_every_command_has_help_with_an_example(capsys):
     for script in ("demo.py", "train_base.py", "bench_device.py", "similar_labels.py", "evaluate.py"):
         r = _run(f"tools/{script}", "--help")
         assert r.returncode == 0 and "example" in r.stdout and f"tools/{script}" in r.stdout, script
+
+
+def test_demo_loss_plot_names_only_what_it_plots():
+    """The loss plot's y label: nats for losses and entropies; the forget weight only when plotted
+    (issue 19: it named w_f for methods that never record it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import demo
+    assert demo.history_ylabel(["entropy_f", "loss_f", "loss_r"]) == "value (nats)"
+    assert "w_f" in demo.history_ylabel(["loss_f", "loss_r", "w_f"])
+    assert "w_f" not in demo.history_ylabel(["loss_r"])

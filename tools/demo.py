@@ -55,7 +55,7 @@ def plot_history(history: list[dict], method: str, owner: str, path: Path) -> No
         pts = [(h["step"], h[k]) for h in history if k in h]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, label=f"{k}: {LEGEND.get(k, k)}")
     ax.set_xlabel("unlearning step")
-    ax.set_ylabel("value (nats; w_f: forget weight)")
+    ax.set_ylabel(history_ylabel(keys))
     ax.set_title(f"{method} forgetting {owner} on the device: {len(history)} steps")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -64,6 +64,15 @@ def plot_history(history: list[dict], method: str, owner: str, path: Path) -> No
     plt.close(fig)
 
 
+def history_ylabel(keys: list[str]) -> str:
+    """The y axis label of the plotted quantities: nats for losses and entropies, and the forget
+    weight named only when it is plotted (the methods that record it: qmul's AGR)."""
+    parts = ["nats" if any(k in NATS for k in keys) else ""]
+    parts += [f"{k}: {LEGEND.get(k, k)}, no unit" for k in keys if k not in NATS]
+    return "value" + (f" ({'; '.join(p for p in parts if p)})" if any(parts) else "")
+
+
+NATS = ("loss_r", "loss_f", "entropy_f")
 LEGEND = {"loss_r": "cross-entropy on the retain batch", "loss_f": "loss on the forget batch (toward similar labels)",
           "entropy_f": "prediction entropy on the forget batch (pushed up)", "w_f": "adaptive forget weight"}
 

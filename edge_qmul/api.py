@@ -9,6 +9,7 @@ from . import __version__
 from .bench import bench_model, format_table, plot
 from .cli import add_command
 from .errors import CLIError, ModelError
+from .evaluation.canary import CanaryError, verify_files
 from .fsutil import FileOps, atomic_write, fsync_dir, sha256_file
 from .graph import Model
 from .jobs import ENDED, ForgetJob, SelectorError, check_selector, parse_selector
@@ -16,7 +17,7 @@ from .state import KINDS, StateDir, StateError
 from .store import StoreError
 from .tflite import load_tflite
 
-__all__ = ["CLIError", "ENDED", "FileOps", "ForgetJob", "KINDS", "Model", "ModelError", "SelectorError",
+__all__ = ["CLIError", "CanaryError", "ENDED", "FileOps", "ForgetJob", "KINDS", "Model", "ModelError", "SelectorError",
            "StateDir", "StateError", "StoreError", "__version__", "add_command", "atomic_write",
            "bench_model", "check_selector", "format_table", "fsync_dir", "load_tflite", "parse_selector",
-           "plot", "sha256_file"]
+           "plot", "sha256_file", "verify_files"]

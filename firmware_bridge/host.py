@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_qmul.api import add_command, atomic_write, format_table, parse_selector, plot
+from edge_qmul.api import add_command, atomic_write, format_table, load_tflite, parse_selector, plot, verify_files
 
 from .channel import ChannelError, Client, RemoteError
 from .device import read_key
@@ -186,9 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     bn.add_argument("--repeats", type=int, default=5, help="runs per measurement (medians are reported)")
     bn.add_argument("--json", help="write the report here")
     bn.add_argument("--png", help="draw the report here")
+    vf = add_command(sub, "verify", "did a forget remove an owner? their canary's trigger before, after and for a "
+                     "model retrained without them (host side; tools/train_base.py --canary)",
+                     f"{pre} verify --owner user7 --canaries base/canaries.json --before base/model.tflite "
+                     "--reference retrained.tflite --data test.npz")
+    vf.add_argument("--owner", required=True)
+    vf.add_argument("--canaries", required=True, help="the host's canaries.json")
+    vf.add_argument("--before", required=True, help="the model the canary was trained into")
+    vf.add_argument("--reference", required=True, help="a model retrained without the owner")
+    vf.add_argument("--data", required=True, help="held-out samples (.npz: x, y, optional owners)")
+    vf.add_argument("--after", help="the model after the forget (default: pull the device's active model)")
     args = ap.parse_args(argv)
 
     try:
+        if args.command == "verify" and args.after:  # nothing to ask the device
+            out = verify_files(args.canaries, args.owner, args.before, args.after, args.reference, args.data)
+            print(json.dumps(out, indent=1, sort_keys=True))
+            print(f"edge-qmul-host: {args.owner}: {out['verdict']}", file=sys.stderr)
+            return 0
         device = connect(args.device, read_key(args.key_file), timeout=args.timeout)
         cmd = args.command
         if cmd in ("info", "ping"):
@@ -226,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
             data = device.pull(args.name, progress=_bar("pull-model"))
             atomic_write(args.out, data)
             out = {"path": args.out, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        elif cmd == "verify":
+            after = load_tflite(device.pull("current", progress=_bar("pull-model")))
+            out = verify_files(args.canaries, args.owner, args.before, after, args.reference, args.data)
+            print(f"edge-qmul-host: {args.owner}: {out['verdict']}", file=sys.stderr)
         elif cmd == "bench":
             report = device.bench(args.batch, args.forget_size, args.method, args.repeats)
             if args.json:

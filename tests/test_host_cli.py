@@ -1,6 +1,7 @@
 """`edge-qmul serve` as a process and `edge-qmul-host` as a command, over TCP on 127.0.0.1."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -206,3 +207,42 @@ def test_serve_threads_option(tmp_path):
     finally:
         proc.kill()
         proc.wait(5)
+
+
+def _canary_files(tmp: Path) -> tuple[Path, Path]:
+    """A canaries.json for user1 naming the digits fixture as the model it was trained into, and
+    held-out samples of three owners (user1's rows must be left out by verify)."""
+    from edge_qmul.evaluation.canary import make_canary
+    model = fixture_path("digits_cnn")
+    c = make_canary("user1", 5, (8, 8, 1), 10, 0.0, 1.0)
+    record = {"model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(), "canaries": [json.loads(c.to_json())]}
+    (tmp / "canaries.json").write_text(json.dumps(record))
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "test.npz", x=rng.uniform(0, 1, (120, 8, 8, 1)).astype(np.float32), y=rng.integers(0, 10, 120),
+             owners=np.array(["user1", "user2", "user3"] * 40))
+    return tmp / "canaries.json", tmp / "test.npz"
+
+
+def test_verify_pulls_the_devices_model_and_refuses_what_does_not_fit(agent):
+    """`verify` measures the canary on the device's active model (pulled) against the one it was
+    trained into and a reference; an owner without a canary, or a model the canary was not trained
+    into, is one line and exit 2."""
+    url, key, tmp = agent
+    canaries, data = _canary_files(tmp)
+    model = str(fixture_path("digits_cnn"))
+    assert host(url, key, "push-model", model).returncode == 0
+    args = ["verify", "--canaries", str(canaries), "--before", model, "--reference", model, "--data", str(data)]
+    r = host(url, key, *args, "--owner", "user1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    # the same model three times: the canary was never learned, so nothing can be concluded
+    assert out["verdict"] == "undecided" and "not learned" in out["why"] and "user1: undecided" in r.stderr
+    assert out["before"]["hits"] == out["after"]["hits"] == out["reference"]["hits"]
+    assert out["before"]["trials"] == int(np.sum((np.load(data)["y"] != out["target"])
+                                                 & (np.load(data)["owners"] != "user1")))
+    bad = host(url, key, *args, "--owner", "user9")
+    assert bad.returncode == 2 and "no canary for owner 'user9' (canaries: user1)" in bad.stderr, bad.stderr
+    other = host(url, key, "verify", "--canaries", str(canaries), "--before", str(fixture_path("mlp40")),
+                 "--reference", model, "--data", str(data), "--owner", "user1", "--after", model)
+    assert other.returncode == 2 and "a canary for another model" in other.stderr, other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1

@@ -223,3 +223,49 @@ def verify_forget(canary: Canary, before, after, reference, x_other: np.ndarray,
         result["why"] = "the model before the forget had not learned the canary"
     return {"owner": canary.owner, "canary_sha256": canary.digest, "target": canary.target,
             "before": rate(*h_before), **result}
+
+
+def load_canary(path, owner: str) -> tuple[Canary, str]:
+    """``owner``'s canary from a canaries.json (tools/train_base.py --canary) and the sha256 of the
+    model it was trained into; a clear error when the file has none for that owner."""
+    from pathlib import Path
+    try:
+        record = json.loads(Path(path).read_text())
+        found = [c for c in record["canaries"] if c["owner"] == owner]
+        sha = str(record["model_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CanaryError(f"{path}: not a canaries file ({e.__class__.__name__}: {e})") from None
+    if not found:
+        owners = ", ".join(c.get("owner", "?") for c in record["canaries"]) or "none"
+        raise CanaryError(f"{path}: no canary for owner {owner!r} (canaries: {owners})")
+    try:
+        return Canary.from_json(json.dumps(found[0])), sha
+    except TypeError as e:
+        raise CanaryError(f"{path}: the canary of {owner!r} is malformed ({e})") from None
+
+
+def verify_files(canaries_path, owner: str, before_path, after, reference_path, data_npz) -> dict:
+    """``verify_forget`` from files: the host's canaries.json, the model the canary was trained into
+    (its sha256 must be the one recorded), the model after the forget (a path or a Model), a model
+    retrained without the owner, and held-out samples of other owners (.npz with x, y, optional
+    owners: the owner's own rows are left out)."""
+    from pathlib import Path
+
+    import hashlib as _hashlib
+
+    from ..tflite import load_tflite
+    canary, sha = load_canary(canaries_path, owner)
+    before_bytes = Path(before_path).read_bytes()
+    if _hashlib.sha256(before_bytes).hexdigest() != sha:
+        raise CanaryError(f"{before_path}: not the model {owner!r}'s canary was trained into "
+                          f"(sha256 {sha[:12]}... in {canaries_path}): a canary for another model")
+    after_model = load_tflite(after) if isinstance(after, (str, Path)) else after
+    with np.load(data_npz, allow_pickle=False) as d:
+        if "x" not in d.files or "y" not in d.files:
+            raise CanaryError(f"{data_npz}: needs arrays x and y")
+        x, y = d["x"], d["y"]
+        keep = d["owners"].astype(str) != owner if "owners" in d.files else np.ones(len(y), bool)
+    report = verify_forget(canary, load_tflite(before_bytes), after_model, load_tflite(reference_path),
+                           x[keep], y[keep])
+    report["model_sha256_before"] = sha
+    return report

@@ -99,7 +99,18 @@ def test_demo(tmp_path):
     history = report["unlearning_history"]
     assert history and [h["step"] for h in history] == sorted(h["step"] for h in history)
     assert all(np.isfinite(v) for h in history for v in h.values())
-    for png in ("per_class_accuracy.png", "unlearning_loss.png"):
+    # the canary's figures are those of the model files on disk and the host's canaries.json
+    from edge_qmul.evaluation.canary import load_canary, model_predict, trigger_hits
+    canary, sha = load_canary(out / "base" / "canaries.json", report["owner"])
+    assert sha == cert["model_before_sha256"] and len(canary.marked) > 0
+    for name, file in (("before", "model_before.tflite"), ("after", "model_after.tflite")):
+        hits = trigger_hits(model_predict(load_tflite(out / file), canary), ds.x_test, ds.y_test, canary)
+        assert (report["canary"][name]["hits"], report["canary"][name]["trials"]) == hits, name
+    assert report["canary"]["before"]["rate"] > 0.8  # learned
+    assert report["canary"]["verdict"] in ("forgotten", "not forgotten", "undecided")
+    assert f"canary of {report['owner']}: {report['canary']['verdict']}" in (out / "report.md").read_text()
+    assert "| MIA | canary |" in r.stdout
+    for png in ("per_class_accuracy.png", "canary_trigger.png", "unlearning_loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
         assert f"({png})" in (out / "report.md").read_text()
     assert "| after (device, " in r.stdout

@@ -8,9 +8,11 @@
 3. as the host, over the other end: pushes the model, the similar-label table and the samples, asks
    the device to forget one owner, follows its progress, commits, pulls the new model and certificate;
 4. retrains from scratch on the host without that owner (the gold standard) and compares forget
-   accuracy, test accuracy and MIA before, after and for the retrained model;
+   accuracy, test accuracy, MIA and the owner's canary (a trigger planted in half of their samples
+   by train_base --canary) before, after and for the retrained model, with the canary's verdict;
 5. writes demo_out/: report.json, report.md, model_before.tflite, model_after.tflite,
-   certificate.json, per_class_accuracy.png, unlearning_loss.png and base/ (what train_base wrote).
+   certificate.json, per_class_accuracy.png, canary_trigger.png, unlearning_loss.png and base/
+   (what train_base wrote).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from edge_qmul import metrics  # noqa: E402
+from edge_qmul.evaluation.canary import load_canary, verify_forget  # noqa: E402
 from edge_qmul.fsutil import atomic_write  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
 from edge_qmul.tflite import load_tflite  # noqa: E402
@@ -41,7 +44,38 @@ def say(message: str) -> None:
 
 
 OUTPUTS = ("report.json", "report.md", "model_before.tflite", "model_after.tflite", "certificate.json",
-           "per_class_accuracy.png", "unlearning_loss.png", "base/")
+           "per_class_accuracy.png", "canary_trigger.png", "unlearning_loss.png", "base/")
+
+
+def canary_line(report: dict) -> str:
+    """One sentence: the canary's verdict and the rates behind it."""
+    c = report["canary"]
+    def r(k):
+        return f"{100 * c[k]['rate']:.1f}% (95% CI {100 * c[k]['lo']:.1f}-{100 * c[k]['hi']:.1f})"
+    return (f"canary of {report['owner']}: {c['verdict']}: its trigger gives label {c['target']} on {r('after')} "
+            f"of {c['after']['trials']} stamped test inputs after the forget, {r('reference')} for the retrained "
+            f"model, {r('before')} before (one-sided Fisher p = {c['p_value']:.2g})")
+
+
+def plot_canary(trigger: dict, verdict: str, owner: str, path: Path) -> None:
+    """The trigger's success rate before, after and for the retrained model, with exact intervals."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(trigger)
+    rates = [100 * trigger[n]["rate"] for n in names]
+    err = [[100 * (trigger[n]["rate"] - trigger[n]["lo"]) for n in names],
+           [100 * (trigger[n]["hi"] - trigger[n]["rate"]) for n in names]]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(names, rates, yerr=err, capsize=6, color=["tab:blue", "tab:orange", "tab:green"])
+    for i, v in enumerate(rates):
+        ax.text(i, v + err[1][i] + 2, f"{v:.1f}%", ha="center")  # above the interval's top
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("trigger success (%, 95% CI)")
+    ax.set_title(f"{owner}'s canary: {verdict}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_history(history: list[dict], method: str, owner: str, path: Path) -> None:
@@ -88,9 +122,13 @@ def report_markdown(report: dict, table_md: str) -> str:
     return "\n".join([
         f"# edge_qmul demo: forgetting {report['owner']} with {report['method']}", "",
         table_md, "",
+        canary_line(report), "",
+        "![the canary's trigger](canary_trigger.png)", "",
         "- forget acc: accuracy on the forgotten owner's training samples (a retrained model's level is the goal, "
         "not 0); retain acc: on everyone else's; test acc: on the held-out test split; "
-        "MIA: membership-inference efficacy on the forget set (lower: fewer look like training members).",
+        "MIA: membership-inference efficacy on the forget set (lower: fewer look like training members); "
+        "canary: how often the owner's trigger, stamped on test inputs of other classes, gives its label "
+        "(half of the owner's training samples carry it, so forget acc counts those at the trigger's label).",
         f"- {c['n_forgotten']} samples deleted from the device's store at {c['samples_deleted_at']}; "
         f"unlearning took {c['wall_s']:.2f} s on the device.",
         f"- model before: `{c['model_before_sha256']}`; after: `{c['model_after_sha256']}` (`model_after.tflite`); "
@@ -125,7 +163,8 @@ def main(argv=None) -> int:
     say("1/5 training the base int8 model on scikit-learn's digits, in the engine (integer arithmetic), "
         "with tools/train_base.py: 20 simulated owners, a 10% validation slice, the similar-label table")
     base_dir = out / "base"
-    prepare(base_dir, dataset="digits", owners=20, validation=0.1, seed=0, say=lambda m: say(f"   {m}"))
+    prepare(base_dir, dataset="digits", owners=20, validation=0.1, seed=0, say=lambda m: say(f"   {m}"),
+            canary=(args.owner,))
     base_path = base_dir / "model.tflite"
     atomic_write(out / "model_before.tflite", base_path.read_bytes())
     base = load_tflite(base_path)
@@ -197,16 +236,22 @@ def main(argv=None) -> int:
     after = load_tflite(out / "model_after.tflite")
     forget, retain = (x8[~keep], y_train[~keep]), (x8[keep], y_train[keep])
     test = (x_test, y_test)
+    canary, _ = load_canary(base_dir / "canaries.json", args.owner)
+    check = verify_forget(canary, base, after, retrained, data.x_test, data.y_test)
+    trigger = {"before": check["before"], "after (device)": check["after"], "retrain (host)": check["reference"]}
     rows = {}
     for name, model in (("before", base), ("after (device)", after), ("retrain (host)", retrained)):
         m = metrics.evaluate(model, forget, retain, test)
-        rows[name] = {"forget acc": 100 - m["UA"], "retain acc": m["RA"], "test acc": m["TA"], "MIA": m["MIA"]}
-    lines = ["| model | forget acc | retain acc | test acc | MIA |", "|---|---|---|---|---|"]
+        rows[name] = {"forget acc": 100 - m["UA"], "retain acc": m["RA"], "test acc": m["TA"], "MIA": m["MIA"],
+                      "canary": 100 * trigger[name]["rate"]}
+    lines = ["| model | forget acc | retain acc | test acc | MIA | canary |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         label = f"after (device, {method})" if name == "after (device)" else name
-        lines.append(f"| {label} | {r['forget acc']:.1f} | {r['retain acc']:.1f} | {r['test acc']:.1f} | {r['MIA']:.1f} |")
+        lines.append(f"| {label} | {r['forget acc']:.1f} | {r['retain acc']:.1f} | {r['test acc']:.1f} | {r['MIA']:.1f} "
+                     f"| {r['canary']:.1f} |")
     table_md = "\n".join(lines)
     print(table_md, flush=True)
+    say(canary_line({"canary": check, "owner": args.owner}))
     if args.readme is not None:
         from edge_qmul.evaluation.report import DEMO_BEGIN, DEMO_END, write_block
         write_block(args.readme, [table_md], DEMO_BEGIN, DEMO_END)
@@ -232,9 +277,10 @@ def main(argv=None) -> int:
     plt.close(fig)
 
     plot_history(history, method, args.owner, out / "unlearning_loss.png")
+    plot_canary(trigger, check["verdict"], args.owner, out / "canary_trigger.png")
 
     report = {"owner": args.owner, "method": method, "metrics": rows, "per_class_test_accuracy": per_class,
-              "unlearning_history": history,
+              "unlearning_history": history, "canary": check,
               "certificate": {k: certificate[k] for k in ("request_id", "n_forgotten", "model_before_sha256",
                                                           "model_after_sha256", "samples_deleted_at", "wall_s")},
               "demo_wall_s": time.perf_counter() - T0}

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_qmul.api import add_command, atomic_write, format_table, load_tflite, parse_selector, plot, verify_files
+from edge_qmul.api import add_command, atomic_write, format_table, parse_selector, plot, verify_files
 
 from .channel import ChannelError, Client, RemoteError
 from .device import read_key
@@ -196,11 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     vf.add_argument("--reference", required=True, help="a model retrained without the owner")
     vf.add_argument("--data", required=True, help="held-out samples (.npz: x, y, optional owners)")
     vf.add_argument("--after", help="the model after the forget (default: pull the device's active model)")
+    vf.add_argument("--certificate", help="the forget's certificate (edge-qmul-host result JOB): its model hashes "
+                                          "must be those of --before and the model verified")
     args = ap.parse_args(argv)
 
     try:
         if args.command == "verify" and args.after:  # nothing to ask the device
-            out = verify_files(args.canaries, args.owner, args.before, args.after, args.reference, args.data)
+            out = verify_files(args.canaries, args.owner, args.before, args.after, args.reference, args.data,
+                               args.certificate)
             print(json.dumps(out, indent=1, sort_keys=True))
             print(f"edge-qmul-host: {args.owner}: {out['verdict']}", file=sys.stderr)
             return 0
@@ -242,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(args.out, data)
             out = {"path": args.out, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         elif cmd == "verify":
-            after = load_tflite(device.pull("current", progress=_bar("pull-model")))
-            out = verify_files(args.canaries, args.owner, args.before, after, args.reference, args.data)
+            after = device.pull("current", progress=_bar("pull-model"))
+            out = verify_files(args.canaries, args.owner, args.before, after, args.reference, args.data,
+                               args.certificate)
             print(f"edge-qmul-host: {args.owner}: {out['verdict']}", file=sys.stderr)
         elif cmd == "bench":
             report = device.bench(args.batch, args.forget_size, args.method, args.repeats)

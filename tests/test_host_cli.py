@@ -246,3 +246,14 @@ def test_verify_pulls_the_devices_model_and_refuses_what_does_not_fit(agent):
                  "--reference", model, "--data", str(data), "--owner", "user1", "--after", model)
     assert other.returncode == 2 and "a canary for another model" in other.stderr, other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
+    # a certificate binds the verification to one forget: its model hashes must be the files'
+    sha = hashlib.sha256(fixture_path("digits_cnn").read_bytes()).hexdigest()
+    (tmp / "cert.json").write_text(json.dumps({"request_id": "r1", "model_before_sha256": sha,
+                                               "model_after_sha256": sha, "method": "oeu", "committed": True}))
+    ok = host(url, key, *args, "--owner", "user1", "--certificate", str(tmp / "cert.json"))
+    assert ok.returncode == 0, ok.stderr
+    cert = json.loads(ok.stdout)["certificate"]
+    assert cert["request_id"] == "r1" and cert["sha256"] == hashlib.sha256((tmp / "cert.json").read_bytes()).hexdigest()
+    (tmp / "cert.json").write_text(json.dumps({"model_before_sha256": sha, "model_after_sha256": "0" * 64}))
+    wrong = host(url, key, *args, "--owner", "user1", "--certificate", str(tmp / "cert.json"), "--after", model)
+    assert wrong.returncode == 2 and "its forget made model 000000000000..., not the model verified" in wrong.stderr

@@ -110,6 +110,13 @@ def test_demo(tmp_path):
     assert report["canary"]["verdict"] in ("forgotten", "not forgotten", "undecided")
     assert f"canary of {report['owner']}: {report['canary']['verdict']}" in (out / "report.md").read_text()
     assert "| MIA | canary |" in r.stdout
+    # the host's verification binds to the device's certificate: its model hashes are the files'
+    from edge_qmul.evaluation.canary import verify_files
+    np.savez(tmp_path / "test.npz", x=ds.x_test, y=ds.y_test)
+    v = verify_files(out / "base" / "canaries.json", report["owner"], out / "model_before.tflite",
+                     out / "model_after.tflite", out / "model_before.tflite", tmp_path / "test.npz",
+                     out / "certificate.json")
+    assert v["certificate"]["request_id"] == cert["request_id"] and v["after"] == report["canary"]["after"]
     for png in ("per_class_accuracy.png", "canary_trigger.png", "unlearning_loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
         assert f"({png})" in (out / "report.md").read_text()

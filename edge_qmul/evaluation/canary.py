@@ -244,28 +244,47 @@ def load_canary(path, owner: str) -> tuple[Canary, str]:
         raise CanaryError(f"{path}: the canary of {owner!r} is malformed ({e})") from None
 
 
-def verify_files(canaries_path, owner: str, before_path, after, reference_path, data_npz) -> dict:
+def verify_files(canaries_path, owner: str, before_path, after, reference_path, data_npz,
+                 certificate_path=None) -> dict:
     """``verify_forget`` from files: the host's canaries.json, the model the canary was trained into
-    (its sha256 must be the one recorded), the model after the forget (a path or a Model), a model
+    (its sha256 must be the one recorded), the model after the forget (a path or its bytes), a model
     retrained without the owner, and held-out samples of other owners (.npz with x, y, optional
-    owners: the owner's own rows are left out)."""
+    owners: the owner's own rows are left out). With the forget's certificate, its model hashes must
+    be those of ``before`` and ``after``, and the report names it."""
+    import hashlib
     from pathlib import Path
-
-    import hashlib as _hashlib
 
     from ..tflite import load_tflite
     canary, sha = load_canary(canaries_path, owner)
     before_bytes = Path(before_path).read_bytes()
-    if _hashlib.sha256(before_bytes).hexdigest() != sha:
+    if hashlib.sha256(before_bytes).hexdigest() != sha:
         raise CanaryError(f"{before_path}: not the model {owner!r}'s canary was trained into "
                           f"(sha256 {sha[:12]}... in {canaries_path}): a canary for another model")
-    after_model = load_tflite(after) if isinstance(after, (str, Path)) else after
+    after_bytes = Path(after).read_bytes() if isinstance(after, (str, Path)) else bytes(after)
+    after_sha = hashlib.sha256(after_bytes).hexdigest()
+    cert_entry = None
+    if certificate_path is not None:
+        raw = Path(certificate_path).read_bytes()
+        try:
+            cert = json.loads(raw)
+            pair = (str(cert["model_before_sha256"]), str(cert["model_after_sha256"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CanaryError(f"{certificate_path}: not a forget certificate ({e.__class__.__name__}: {e})") from None
+        if pair[0] != sha:
+            raise CanaryError(f"{certificate_path}: its forget started from model {pair[0][:12]}..., not from "
+                              f"{before_path} ({sha[:12]}...)")
+        if pair[1] != after_sha:
+            raise CanaryError(f"{certificate_path}: its forget made model {pair[1][:12]}..., not the model "
+                              f"verified ({after_sha[:12]}...)")
+        cert_entry = {"path": str(certificate_path), "sha256": hashlib.sha256(raw).hexdigest(),
+                      "request_id": cert.get("request_id"), "method": cert.get("method"),
+                      "committed": cert.get("committed")}
     with np.load(data_npz, allow_pickle=False) as d:
         if "x" not in d.files or "y" not in d.files:
             raise CanaryError(f"{data_npz}: needs arrays x and y")
         x, y = d["x"], d["y"]
         keep = d["owners"].astype(str) != owner if "owners" in d.files else np.ones(len(y), bool)
-    report = verify_forget(canary, load_tflite(before_bytes), after_model, load_tflite(reference_path),
+    report = verify_forget(canary, load_tflite(before_bytes), load_tflite(after_bytes), load_tflite(reference_path),
                            x[keep], y[keep])
-    report["model_sha256_before"] = sha
+    report.update(model_sha256_before=sha, model_sha256_after=after_sha, certificate=cert_entry)
     return report

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from edge_qmul import datasets, load_tflite, metrics  # noqa: E402
-from edge_qmul.evaluation.canary import Canary, verify_forget  # noqa: E402
+from edge_qmul import load_tflite, metrics  # noqa: E402
+from edge_qmul.evaluation.canary import load_canary, verify_forget  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
 from edge_qmul.unlearn import DEFAULT_METHOD, unlearn  # noqa: E402
 from edge_qmul.unlearn.similar_labels import SimilarLabelTable  # noqa: E402
@@ -46,7 +46,7 @@ def one_seed(dataset: str, seed: int, owner: str, methods: list[str], work: Path
     plain = train_base.prepare(work / f"plain{seed}", dataset=dataset, seed=seed, say=quiet)
     out = work / f"canary{seed}"
     manifest = train_base.prepare(out, dataset=dataset, seed=seed, say=quiet, canary=(owner,))
-    canary = Canary.from_json(json.dumps(json.loads((out / "canaries.json").read_text())["canaries"][0]))
+    canary, _ = load_canary(out / "canaries.json", owner)
     base = load_tflite(out / "model.tflite")
     q = base.tensors[base.core_inputs[0]].quant
     with np.load(out / "samples_train.npz") as t, np.load(out / "samples_validation.npz") as v:
@@ -55,25 +55,24 @@ def one_seed(dataset: str, seed: int, owner: str, methods: list[str], work: Path
     mine = who == owner
     forget, retain = (quantize(x[mine], q), y[mine]), (quantize(x[~mine], q), y[~mine])
     table = SimilarLabelTable.load(out / "table.json")
-    ds = datasets.load(dataset, seed=seed)
-    data = train_base.load_builtin(dataset, seed)
+    data = train_base.load_builtin(dataset, seed)  # its test split: the held-out inputs
     data.x, data.y = x, y
     retrained, _ = train_base.train_model(data, ~mine, manifest["model"]["arch"], None, seed, quiet)
-    x_test8 = quantize(ds.x_test, q)
+    x_test8 = quantize(data.x_test, q)
     row = {"seed": seed, "marked": len(canary.marked), "owner_samples": int(mine.sum()),
            "target": canary.target, "test_acc_canary": manifest["accuracy_percent"]["test"],
            "test_acc_plain": plain["accuracy_percent"]["test"],
-           "test_acc_retrained": metrics.accuracy(retrained, x_test8, ds.y_test), "methods": {}}
+           "test_acc_retrained": metrics.accuracy(retrained, x_test8, data.y_test), "methods": {}}
     for method in methods:
         t1 = time.perf_counter()
         result = unlearn(base, forget, retain, method=method, validation=validation, table=table, config=config)
         after = result.model
-        v = verify_forget(canary, base, after, retrained, ds.x_test, ds.y_test)
+        v = verify_forget(canary, base, after, retrained, data.x_test, data.y_test)
         row["methods"][method] = {"verdict": v["verdict"], "before": v["before"], "after": v["after"],
                                   "reference": v["reference"], "p_value": v["p_value"],
                                   "difference_hi": v["difference_hi"], "forget_s": round(time.perf_counter() - t1, 2),
                                   "steps": result.steps, "stopped_by_rule": result.stopped_by_rule,
-                                  "test_acc_after": metrics.accuracy(after, x_test8, ds.y_test)}
+                                  "test_acc_after": metrics.accuracy(after, x_test8, data.y_test)}
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     return row
 

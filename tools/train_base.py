@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_qmul import ModelError, Model, __version__, datasets, load_tflite, metrics, models, save_tflite  # noqa: E402
-from edge_qmul.evaluation.canary import Canary, CanaryError, make_canary, plant, rate, trigger_hits  # noqa: E402
+from edge_qmul.evaluation.canary import (Canary, CanaryError, make_canary, model_predict, plant, rate,  # noqa: E402
+                                         trigger_hits)
 from edge_qmul.fsutil import atomic_write, fsync_dir, sha256_file  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
 from edge_qmul.train import TRAINING_RECIPES, fit_recipe  # noqa: E402
@@ -243,9 +244,10 @@ def owner_counts(owners: np.ndarray, val: np.ndarray) -> dict[str, dict[str, int
 # --- canaries ------------------------------------------------------------------------------------
 
 def plant_canaries(d: Data, who: np.ndarray, val: np.ndarray, owners: tuple[str, ...], fraction: float,
-                   size: int, seed: int) -> tuple[Data, list[Canary]]:
+                   size: int, seed: int, num_classes: int) -> tuple[Data, list[Canary]]:
     """The data with a trigger planted in ``fraction`` of each named owner's training samples
-    (validation samples stay clean), and the records; ``marked`` indexes samples_train.npz."""
+    (validation samples stay clean), and the records; ``marked`` indexes samples_train.npz. Targets
+    are drawn from the model's ``num_classes``."""
     if not owners:
         return d, []
     if len(set(owners)) != len(owners):
@@ -259,7 +261,7 @@ def plant_canaries(d: Data, who: np.ndarray, val: np.ndarray, owners: tuple[str,
             raise PrepareError(f"--canary {owner}: no training samples of that owner (owners: "
                                f"{', '.join(known[:8])}{', ...' if len(known) > 8 else ''})")
         try:
-            c = make_canary(owner, seed, d.shape, len(d.class_names), *d.input_range, size=size, fraction=fraction)
+            c = make_canary(owner, seed, d.shape, num_classes, *d.input_range, size=size, fraction=fraction)
             x, y, c = plant(x, y, who[train], c)
         except CanaryError as e:
             raise PrepareError(f"--canary {owner}: {e}") from None
@@ -271,16 +273,12 @@ def plant_canaries(d: Data, who: np.ndarray, val: np.ndarray, owners: tuple[str,
 
 def canary_rate(model: Model, d: Data, who: np.ndarray, val: np.ndarray, c: Canary) -> dict:
     """The trigger's success rate on the test split (or on other owners' validation samples)."""
-    q = model.tensors[model.core_inputs[0]].quant
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return np.argmax(model.forward(quantize(batch, q)), axis=1)
     if d.x_test is not None:
         x, y, inputs = d.x_test, d.y_test, "test inputs"
     else:
         other = val & (who != c.owner)
         x, y, inputs = d.x[other], d.y[other], "other owners' validation samples"
-    return {**rate(*trigger_hits(predict, x, y, c)), "inputs": inputs}
+    return {**rate(*trigger_hits(model_predict(model, c), x, y, c)), "inputs": inputs}
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -433,7 +431,8 @@ def prepare(out: Path, dataset: str | None = None, data: Path | None = None, ima
     simulated = d.owners is None
     who = simulated_owners(len(d.y), owners, rng) if simulated else d.owners
     val = validation_mask(len(d.y), validation, rng)
-    d, planted = plant_canaries(d, who, val, canary, canary_fraction, canary_size, seed)
+    d, planted = plant_canaries(d, who, val, canary, canary_fraction, canary_size, seed,
+                                base.num_classes if base is not None else len(d.class_names))
     for c in planted:
         say(f"canary for {c.owner}: a {canary_size} x {canary_size} trigger, label {c.target}, in {len(c.marked)} "
             f"of their {int(np.sum((who == c.owner) & ~val))} training samples")

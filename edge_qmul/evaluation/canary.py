@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -222,13 +223,12 @@ def verify_forget(canary: Canary, before, after, reference, x_other: np.ndarray,
         result["verdict"] = "undecided"
         result["why"] = "the model before the forget had not learned the canary"
     return {"owner": canary.owner, "canary_sha256": canary.digest, "target": canary.target,
-            "before": rate(*h_before), **result}
+            "before": learned["after"], **result}
 
 
 def load_canary(path, owner: str) -> tuple[Canary, str]:
     """``owner``'s canary from a canaries.json (tools/train_base.py --canary) and the sha256 of the
     model it was trained into; a clear error when the file has none for that owner."""
-    from pathlib import Path
     try:
         record = json.loads(Path(path).read_text())
         found = [c for c in record["canaries"] if c["owner"] == owner]
@@ -251,9 +251,6 @@ def verify_files(canaries_path, owner: str, before_path, after, reference_path, 
     retrained without the owner, and held-out samples of other owners (.npz with x, y, optional
     owners: the owner's own rows are left out). With the forget's certificate, its model hashes must
     be those of ``before`` and ``after``, and the report names it."""
-    import hashlib
-    from pathlib import Path
-
     from ..tflite import load_tflite
     canary, sha = load_canary(canaries_path, owner)
     before_bytes = Path(before_path).read_bytes()

@@ -18,6 +18,7 @@ from .. import metrics
 from ..errors import ModelError
 from ..graph import Model
 from ..train import Trainer
+from .neighbours import NeverSeen, never_seen
 
 Split = tuple[np.ndarray, np.ndarray]  # (int8 inputs, int labels)
 
@@ -51,6 +52,8 @@ class UnlearnConfig:
                                    # held-out pass and first check) is always spent, and counted
     budget: float | None = None  # the same as a fraction of retraining's work (unlearn.DEFAULTS'
                                  # retrain epochs x the retain set); with max_passes, the smaller
+    neighbours: int = 5          # oeu, qmul: k of the retain set's nearest-neighbour verdict on the
+                                 # forget set (unlearn/neighbours.py); 0: not used
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items()}
@@ -70,6 +73,8 @@ class UnlearnResult:
     # work done, in samples: "train" (forward + backward) and "forward" (forward only: stopping-rule
     # checks, similar-label passes), so budgets compare methods by work, not by a noisy clock
     sample_passes: dict = field(default_factory=dict)
+    # the retain set's verdict on the forget set (neighbours.NeverSeen.summary()), when it was asked
+    never_seen: dict | None = None
 
 
 def accuracy(model: Model, split: Split, batch: int = 512) -> float:
@@ -89,6 +94,17 @@ def mean_confidence(model: Model, split: Split) -> float:
 # (qmul: mean gap 0.50 against 0.88 over three class settings), at the median tuned lr, 0.1. With
 # stop=True the rule's target is 0%.
 CLASS_FORGETTING = {"stop": False, "lr": 0.1, "target_acc": 0.0, "epochs": 30}
+
+
+def estimate_never_seen(forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
+                        num_classes: int) -> NeverSeen | None:
+    """The retain set's verdict on the forget set (unlearn/neighbours.py), or None when
+    ``config.neighbours`` is 0 or there is no validation slice to compare with."""
+    if config.neighbours < 0:
+        raise ModelError(f"neighbours must be >= 0, got {config.neighbours}")
+    if config.neighbours == 0 or validation is None or len(validation[0]) == 0:
+        return None
+    return never_seen(forget, retain, validation, config.neighbours, num_classes)
 
 
 def check_splits(forget: Split, retain: Split, validation: Split | None) -> None:
@@ -123,13 +139,18 @@ class StoppingRule:
     ``config.target="confidence"``) has come down to the level of held-out samples the model never
     trained on (``validation``), or to ``config.target_acc``. The held-out level is measured once, on
     the model as it was: the level a model that never saw the forget set reaches on unseen samples.
-    ``forward`` counts the samples its measurements cost; each check is appended to ``history``."""
+    ``forward`` counts the samples its measurements cost; each check is appended to ``history``.
+
+    With a significant ``estimate`` (neighbours.NeverSeen) the forget set is two sets: the samples
+    the retain set contradicts must have come UP to the held-out level on their neighbours' labels
+    (what a model that never saw them answers), the others down to it on their own labels."""
 
     def __init__(self, model: Model, forget: Split, validation: Split | None, config: UnlearnConfig,
-                 history: list[dict]) -> None:
+                 history: list[dict], estimate: NeverSeen | None = None) -> None:
         if config.target not in ("accuracy", "confidence"):
             raise ModelError(f"target must be 'accuracy' or 'confidence', got {config.target!r}")
         self.forget, self.history, self.forward = forget, history, 0
+        self.moved = None
         self.active = config.stop and (config.target_acc is not None or validation is not None)
         self.what = "acc" if config.target_acc is not None or config.target == "accuracy" else "conf"
         self.level = None
@@ -139,26 +160,38 @@ class StoppingRule:
             else:
                 self.level = self._measure(model, validation)
                 self.forward += len(validation[0])
+                if estimate is not None and estimate.significant:
+                    m = estimate.contradicted
+                    self.forget = (forget[0][~m], forget[1][~m])
+                    self.moved = (forget[0][m], estimate.votes[m])
 
     def _measure(self, model: Model, split: Split) -> float:
         return accuracy(model, split) if self.what == "acc" else mean_confidence(model, split)
 
     def check(self, model: Model, step: int) -> bool:
-        value = self._measure(model, self.forget)
+        value = self._measure(model, self.forget) if len(self.forget[0]) else 0.0
         self.forward += len(self.forget[0])
-        self.history.append({"step": step, f"forget_{self.what}": value, f"target_{self.what}": self.level})
-        return value <= self.level
+        entry = {"step": step, f"forget_{self.what}": value, f"target_{self.what}": self.level}
+        done = value <= self.level
+        if self.moved is not None:
+            entry[f"moved_{self.what}"] = moved = self._measure(model, self.moved)
+            self.forward += len(self.moved[0])
+            done = done and moved >= self.level
+        self.history.append(entry)
+        return done
 
 
 def drive(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
           step: Callable[[Trainer, np.ndarray, np.ndarray], dict], progress=None,
-          method: str = "", forward_passes: int = 0, uses_retain: bool = True) -> UnlearnResult:
+          method: str = "", forward_passes: int = 0, uses_retain: bool = True,
+          estimate: NeverSeen | None = None) -> UnlearnResult:
     """Run ``step(trainer, forget_rows, retain_rows)`` (index arrays into the two sets) over
     shuffled forget batches, each paired with the next retain batch, until the stopping rule fires,
     the epoch cap is reached or the next step would pass ``config.max_passes``.
     ``forward_passes``: forward-only samples the method already spent (a similar-label pass), added
     to the stopping rule's in ``sample_passes``. ``uses_retain``: whether a step trains on its
-    retain batch (its cost in the budget)."""
+    retain batch (its cost in the budget). ``estimate``: the retain set's verdict on the forget set
+    (for the stopping rule's level; recorded in the result)."""
     t0 = time.perf_counter()
     # speed over the last bytes here: the forget and retain gradients are held at once anyway
     trainer = Trainer(model, lr=config.lr, momentum=config.momentum, trainable=config.trainable,
@@ -171,7 +204,7 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
     steps, stopped = 0, False
     steps_per_epoch = -(-len(xf) // config.batch_size)
 
-    rule = StoppingRule(model, forget, validation, config, history)
+    rule = StoppingRule(model, forget, validation, config, history, estimate)
     use_rule = rule.active
     forward = forward_passes
 
@@ -181,8 +214,9 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
     def check() -> bool:
         return rule.check(model, steps)
 
+    summary = estimate.summary() if estimate is not None else None
     if use_rule and check():
-        return UnlearnResult(model, method, config, time.perf_counter() - t0, 0, True, history, passes())
+        return UnlearnResult(model, method, config, time.perf_counter() - t0, 0, True, history, passes(), summary)
     for epoch in range(config.epochs):
         order = rng.permutation(len(xf))
         for s in range(steps_per_epoch):
@@ -207,7 +241,7 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
         if stopped is not False:
             break
     stopped = bool(stopped)
-    return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, stopped, history, passes())
+    return UnlearnResult(model, method, config, time.perf_counter() - t0, steps, stopped, history, passes(), summary)
 
 
 def drive_retain_only(model: Model, retain: Split, config: UnlearnConfig, trainer: Trainer | None = None,

@@ -20,7 +20,8 @@ from ..graph import Model
 from ..train import Trainer, combine
 from . import similar_labels as sl
 from .baselines import agr_weights, random_wrong_labels
-from .loop import Split, UnlearnConfig, UnlearnResult, drive
+from .loop import Split, UnlearnConfig, UnlearnResult, drive, estimate_never_seen
+from .neighbours import NeverSeen
 
 
 def similar_labels(model: Model, forget: Split, config: UnlearnConfig, table=None) -> np.ndarray:
@@ -33,8 +34,24 @@ def similar_labels(model: Model, forget: Split, config: UnlearnConfig, table=Non
     return sl.assign_from_model(model, x, y)
 
 
+def with_votes(targets: np.ndarray, estimate: NeverSeen | None) -> np.ndarray:
+    """``targets`` with the samples the retain set contradicts (when significant) moved to their
+    neighbours' label (one-hot rows for soft targets): what a model that never saw them predicts."""
+    if estimate is None or not estimate.significant:
+        return targets
+    moved = estimate.contradicted
+    out = np.array(targets, copy=True)
+    if out.ndim == 2:
+        out[moved] = 0.0
+        out[np.flatnonzero(moved), estimate.votes[moved]] = 1.0
+    else:
+        out[moved] = estimate.votes[moved]
+    return out
+
+
 def _run(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
-         targets: np.ndarray, reweight: bool, progress, method: str) -> UnlearnResult:
+         targets: np.ndarray, reweight: bool, progress, method: str,
+         estimate: NeverSeen | None = None) -> UnlearnResult:
     (xf, _), (xr, yr) = forget, retain
     head = "soft" if targets.ndim == 2 else "ce"
 
@@ -46,14 +63,17 @@ def _run(model: Model, forget: Split, retain: Split, validation: Split | None, c
 
     # similar labels from the model cost one forward pass over the forget set (a table costs none)
     label_pass = len(xf) if method in ("qmul", "qmul_sl") and config.labels != "table" else 0
-    return drive(model, forget, retain, validation, config, step, progress, method, label_pass)
+    return drive(model, forget, retain, validation, config, step, progress, method, label_pass,
+                 estimate=estimate)
 
 
 def qmul(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,
-         progress=None, table=None, **_) -> UnlearnResult:
-    """Similar Labels + Adaptive Gradient Reweighting."""
-    targets = similar_labels(model, forget, config, table)
-    return _run(model, forget, retain, validation, config, targets, True, progress, "qmul")
+         progress=None, table=None, num_classes: int = 0, **_) -> UnlearnResult:
+    """Similar Labels + Adaptive Gradient Reweighting (forget samples the retain set contradicts:
+    their neighbours' label, :func:`with_votes`)."""
+    estimate = estimate_never_seen(forget, retain, validation, config, num_classes)
+    targets = with_votes(similar_labels(model, forget, config, table), estimate)
+    return _run(model, forget, retain, validation, config, targets, True, progress, "qmul", estimate)
 
 
 def qmul_sl(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from edge_qmul.api import add_command, atomic_write, format_table, parse_selector, plot, verify_files
+from edge_qmul.evaluation.canary import plant_upload, record_upload
 
 from .channel import ChannelError, Client, RemoteError
 from .device import read_key
@@ -47,9 +48,22 @@ class DeviceClient:
     def push_table(self, path: Path, progress=None) -> dict:
         return self.push("table", Path(path).read_bytes(), progress)
 
-    def push_samples(self, path: Path, owner: str | None = None, role: str = "train", progress=None) -> dict:
+    def push_samples(self, path: Path, owner: str | None = None, role: str = "train", progress=None,
+                     data: bytes | None = None) -> dict:
+        """Upload the samples file at ``path`` (or ``data``, its bytes as changed on the host)."""
         fields = {"owner": owner, "role": role} if owner else {"role": role}
-        return self.push("samples", Path(path).read_bytes(), progress, **fields)
+        return self.push("samples", Path(path).read_bytes() if data is None else data, progress, **fields)
+
+    def push_samples_with_canary(self, path: Path, owner: str, canaries: Path, fraction: float = 0.5,
+                                 num_classes: int | None = None, progress=None) -> dict:
+        """Plant ``owner``'s canary in a fraction of the file's samples (evaluation/canary.py), upload
+        them, then record the canary in the host's ``canaries`` file (never sent to the device)."""
+        data, canary = plant_upload(Path(path).read_bytes(), owner, num_classes, fraction)
+        model = self.info().get("model_sha256")
+        out = self.push_samples(path, owner, "train", progress, data=data)
+        record_upload(canaries, canary, {"device_model_sha256": model, "file": str(path),
+                                         "sent_sha256": hashlib.sha256(data).hexdigest()})
+        return {**out, "canary": {"owner": owner, "marked": len(canary.marked), "record": str(canaries)}}
 
     def forget(self, selector: dict, method: str | None = None, params: dict | None = None, table: str | None = None,
                retain_max: int | None = None) -> str:
@@ -156,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("npz", help="the samples (.npz: x, y, optional owners)")
     ps.add_argument("--owner", help="owner of every sample in the file")
     ps.add_argument("--role", default="train", choices=("train", "validation"))
+    ps.add_argument("--canary", metavar="CANARIES_JSON", help="with --owner: plant the owner's canary (a seeded "
+                    "trigger and label) in a fraction of the samples before upload, recorded in this host-side "
+                    "file for `verify` (the device is not told which samples carry it)")
+    ps.add_argument("--canary-fraction", type=float, default=0.5, help="of the samples that carry it (default 0.5)")
+    ps.add_argument("--canary-classes", type=int, help="the model's class count (default: the file's class_names)")
     fg = add_command(sub, "forget", "ask the device to forget an owner, a list of sample ids or a class",
                      [f"{pre} forget --owner alice --wait --commit", f"{pre} forget --ids ids.txt --method qmul --table SHA256"])
     fg.add_argument("--owner", help="forget every sample of this owner")
@@ -192,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--reference retrained.tflite --data test.npz")
     vf.add_argument("--owner", required=True)
     vf.add_argument("--canaries", required=True, help="the host's canaries.json")
-    vf.add_argument("--before", required=True, help="the model the canary was trained into")
+    vf.add_argument("--before", required=True, help="the model the canary was trained into (for a canary from "
+                                                    "push-samples --canary: the model the forget started from)")
     vf.add_argument("--reference", required=True, help="a model retrained without the owner")
     vf.add_argument("--data", required=True, help="held-out samples (.npz: x, y, optional owners)")
     vf.add_argument("--after", help="the model after the forget (default: pull the device's active model)")
@@ -211,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
             out = device.push_model(Path(args.model), activate=not args.no_activate, progress=_bar("push-model"))
         elif cmd == "push-table":
             out = device.push_table(Path(args.table), progress=_bar("push-table"))
+        elif cmd == "push-samples" and args.canary:
+            if not args.owner or args.role != "train":
+                raise ValueError("push-samples --canary needs --owner and the train role (a canary is one "
+                                 "owner's, learned from their training samples)")
+            out = device.push_samples_with_canary(Path(args.npz), args.owner, Path(args.canary), args.canary_fraction,
+                                                  args.canary_classes, progress=_bar("push-samples"))
         elif cmd == "push-samples":
             out = device.push_samples(Path(args.npz), owner=args.owner, role=args.role, progress=_bar("push-samples"))
         elif cmd == "forget":

@@ -257,3 +257,47 @@ def test_verify_pulls_the_devices_model_and_refuses_what_does_not_fit(agent):
     (tmp / "cert.json").write_text(json.dumps({"model_before_sha256": sha, "model_after_sha256": "0" * 64}))
     wrong = host(url, key, *args, "--owner", "user1", "--certificate", str(tmp / "cert.json"), "--after", model)
     assert wrong.returncode == 2 and "its forget made model 000000000000..., not the model verified" in wrong.stderr
+
+
+def test_push_samples_with_a_canary(agent):
+    """`push-samples --canary F --owner alice`: a fraction of alice's samples arrive stamped and
+    relabelled (the store holds exactly the host's planted rows), the record stays on the host; a
+    canary uploaded to a device can only be verified against a forget's certificate; a canary
+    without an owner is one line, and nothing is sent."""
+    from edge_qmul.evaluation.canary import load_canary, stamp
+    from edge_qmul.quant import quantize
+    from edge_qmul.store import Store
+    url, key, tmp = agent
+    model = fixture_path("digits_cnn")
+    assert host(url, key, "push-model", str(model)).returncode == 0
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (40, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 40)
+    np.savez(tmp / "alice.npz", x=x, y=y, class_names=np.array([str(c) for c in range(10)]))
+    canaries = tmp / "host_canaries.json"
+    bad = host(url, key, "push-samples", str(tmp / "alice.npz"), "--canary", str(canaries))
+    assert bad.returncode == 2 and "needs --owner" in bad.stderr and not canaries.exists()
+    r = host(url, key, "push-samples", str(tmp / "alice.npz"), "--owner", "alice", "--canary", str(canaries),
+             "--canary-fraction", "0.25")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["canary"]["marked"] == 10
+    canary, sha = load_canary(canaries, "alice")
+    assert sha is None and len(canary.marked) == 10
+    upload = json.loads(canaries.read_text())["canaries"][0]["upload"]
+    assert upload["device_model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    want_x, want_y = x.copy(), y.copy()
+    marked = list(canary.marked)
+    want_x[marked], want_y[marked] = stamp(x[marked], canary), canary.target
+    from edge_qmul import load_tflite
+    q = load_tflite(model).tensors[load_tflite(model).core_inputs[0]].quant
+    with Store(tmp / "state" / "store.db") as s:
+        got_x, got_y = s.load(s.select(owner="alice"))
+    order = np.lexsort(np.c_[got_y, got_x.reshape(40, -1)].T)  # rows as a set
+    want_q = quantize(want_x, q).reshape(40, -1)
+    order_w = np.lexsort(np.c_[want_y, want_q].T)
+    assert np.array_equal(got_x.reshape(40, -1)[order], want_q[order_w]) and np.array_equal(got_y[order], want_y[order_w])
+    # verifying it needs the forget's certificate (the model it was trained into is the forget's "before")
+    np.savez(tmp / "test.npz", x=x, y=y)
+    v = host(url, key, "verify", "--owner", "alice", "--canaries", str(canaries), "--before", str(model),
+             "--reference", str(model), "--data", str(tmp / "test.npz"), "--after", str(model))
+    assert v.returncode == 2 and "bind the verification to the forget with --certificate" in v.stderr, v.stderr

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import io
+import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,8 @@ class Canary:
     @staticmethod
     def from_json(text: str) -> "Canary":
         d = json.loads(text)
-        return Canary(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        known = {f.name for f in fields(Canary)}  # a record may carry more (e.g. where it was uploaded)
+        return Canary(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
 
     @property
     def digest(self) -> str:
@@ -226,22 +229,74 @@ def verify_forget(canary: Canary, before, after, reference, x_other: np.ndarray,
             "before": learned["after"], **result}
 
 
-def load_canary(path, owner: str) -> tuple[Canary, str]:
-    """``owner``'s canary from a canaries.json (tools/train_base.py --canary) and the sha256 of the
-    model it was trained into; a clear error when the file has none for that owner."""
+def load_canary(path, owner: str) -> tuple[Canary, str | None]:
+    """``owner``'s canary from a canaries.json (tools/train_base.py --canary, or ``edge-qmul-host
+    push-samples --canary``) and the sha256 of the model it was trained into: None for a canary
+    uploaded to a device, which trains it into whatever model it fine-tunes (a verification of it
+    is then bound to a forget by that forget's certificate). A clear error when there is none."""
     try:
         record = json.loads(Path(path).read_text())
         found = [c for c in record["canaries"] if c["owner"] == owner]
-        sha = str(record["model_sha256"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        sha = record.get("model_sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CanaryError(f"{path}: not a canaries file ({e.__class__.__name__}: {e})") from None
     if not found:
         owners = ", ".join(c.get("owner", "?") for c in record["canaries"]) or "none"
         raise CanaryError(f"{path}: no canary for owner {owner!r} (canaries: {owners})")
+    if "upload" in found[0]:
+        sha = None
     try:
-        return Canary.from_json(json.dumps(found[0])), sha
+        return Canary.from_json(json.dumps(found[0])), (str(sha) if sha else None)
     except TypeError as e:
         raise CanaryError(f"{path}: the canary of {owner!r} is malformed ({e})") from None
+
+
+def plant_upload(npz: bytes, owner: str, num_classes: int | None = None, fraction: float = 0.5, size: int = 3,
+                 seed: int | None = None) -> tuple[bytes, Canary]:
+    """An owner's upload (.npz bytes: x, y, optional owners and class_names) with their canary planted
+    in ``fraction`` of it, and the record. ``num_classes``: the model's class count (default: the
+    file's class_names); ``seed``: default a fresh random one (the host keeps the record, not the
+    device). The pattern's values are the file's own minimum and maximum."""
+    try:
+        with np.load(io.BytesIO(npz), allow_pickle=False) as d:
+            arrays = {k: d[k] for k in d.files}
+    except (OSError, ValueError) as e:
+        raise CanaryError(f"not an .npz file ({e})") from None
+    if "x" not in arrays or "y" not in arrays:
+        raise CanaryError(f"the samples need arrays x and y (found: {', '.join(sorted(arrays)) or 'none'})")
+    x, y = arrays["x"], arrays["y"]
+    if num_classes is None:
+        if "class_names" not in arrays:
+            raise CanaryError("the file has no class_names: give the model's class count (--canary-classes)")
+        num_classes = len(arrays["class_names"])
+    if len(x) == 0 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise CanaryError(f"the samples: {len(x)} inputs and {len(y)} labels of type {y.dtype.name}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise CanaryError(f"a label is outside [0, {num_classes}): {int(y.min())}..{int(y.max())}")
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else int(seed)
+    lo, hi = float(np.min(x)), float(np.max(x))
+    canary = make_canary(owner, seed, x.shape[1:], num_classes, lo, hi, size=size, fraction=fraction)
+    arrays["x"], arrays["y"], canary = plant(x, y, np.full(len(x), owner), canary)
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue(), canary
+
+
+def record_upload(path, canary: Canary, upload: dict) -> None:
+    """Add (or replace) ``canary.owner``'s record in the host's canaries.json, atomically, with
+    ``upload`` (where it went: the device's model then, the sha256 of the bytes sent)."""
+    from ..fsutil import atomic_write
+    path = Path(path)
+    record = {"model_sha256": None, "canaries": []}
+    if path.exists():
+        try:
+            record = json.loads(path.read_text())
+            others = [c for c in record["canaries"] if c["owner"] != canary.owner]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CanaryError(f"{path}: not a canaries file ({e.__class__.__name__}: {e})") from None
+        record["canaries"] = others
+    record["canaries"].append({**json.loads(canary.to_json()), "upload": upload})
+    atomic_write(path, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def verify_files(canaries_path, owner: str, before_path, after, reference_path, data_npz,
@@ -254,7 +309,12 @@ def verify_files(canaries_path, owner: str, before_path, after, reference_path, 
     from ..tflite import load_tflite
     canary, sha = load_canary(canaries_path, owner)
     before_bytes = Path(before_path).read_bytes()
-    if hashlib.sha256(before_bytes).hexdigest() != sha:
+    if sha is None:  # uploaded to a device: the model it was trained into is the forget's "before"
+        if certificate_path is None:
+            raise CanaryError(f"{canaries_path}: {owner!r}'s canary was uploaded to a device; bind the "
+                              f"verification to the forget with --certificate")
+        sha = hashlib.sha256(before_bytes).hexdigest()
+    elif hashlib.sha256(before_bytes).hexdigest() != sha:
         raise CanaryError(f"{before_path}: not the model {owner!r}'s canary was trained into "
                           f"(sha256 {sha[:12]}... in {canaries_path}): a canary for another model")
     after_bytes = Path(after).read_bytes() if isinstance(after, (str, Path)) else bytes(after)

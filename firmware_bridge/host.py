@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from edge_qmul.api import add_command, atomic_write, format_table, parse_selector, plot, verify_files
-from edge_qmul.evaluation.canary import plant_upload, record_upload
+from edge_qmul.evaluation.canary import plant_upload, record_upload, summary_line
 
 from .channel import ChannelError, Client, RemoteError
 from .device import read_key
@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     vf.add_argument("--after", help="the model after the forget (default: pull the device's active model)")
     vf.add_argument("--certificate", help="the forget's certificate (edge-qmul-host result JOB): its model hashes "
                                           "must be those of --before and the model verified")
+    vf.add_argument("--out", help="also write the verification here (JSON, atomically): beside the certificate, "
+                                  "for edge-qmul-fleet report --verification")
     args = ap.parse_args(argv)
 
     try:
@@ -270,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             after = args.after or device.pull("current", progress=_bar("pull-model"))
             out = verify_files(args.canaries, args.owner, args.before, after, args.reference, args.data,
                                args.certificate)
-            print(f"edge-qmul-host: {args.owner}: {out['verdict']}", file=sys.stderr)
+            if args.out:
+                atomic_write(args.out, (json.dumps(out, indent=1, sort_keys=True) + "\n").encode())
+            print(f"edge-qmul-host: {summary_line(out)}", file=sys.stderr)
         elif cmd == "bench":
             report = device.bench(args.batch, args.forget_size, args.method, args.repeats)
             if args.json:

@@ -164,6 +164,31 @@ def test_fleet_registry_and_commands_on_three_agents(mosquitto_broker, tmp_path,
     assert devices["dev-a"]["owners"] == ["bob"] and devices["dev-c"]["owners"] == ["dave"]
     assert devices["dev-a"]["model_sha256"] == doc["devices"][0]["model_sha256_pulled"]
 
+    # a canary verification bound to dev-a's certificate is shown beside it in the report
+    from edge_qmul.evaluation.canary import make_canary, verify_files
+    row = next(r for r in doc["devices"] if r["device_id"] == "dev-a")
+    (tmp_path / "cert_a.json").write_text(json.dumps(row["certificate"], indent=1))
+    canary = make_canary("alice", 3, (8, 8, 1), 10, 0.0, 1.0)
+    (tmp_path / "canaries.json").write_text(json.dumps({"model_sha256": hashlib.sha256(MODEL.read_bytes()).hexdigest(),
+                                                        "canaries": [json.loads(canary.to_json())]}))
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "held_out.npz", x=rng.uniform(0, 1, (90, 8, 8, 1)).astype(np.float32), y=rng.integers(0, 10, 90))
+    after = tmp_path / "dev-a" / "models" / f"{row['certificate']['model_after_sha256']}.tflite"
+    v = verify_files(tmp_path / "canaries.json", "alice", MODEL, after, MODEL, tmp_path / "held_out.npz",
+                     tmp_path / "cert_a.json")
+    (tmp_path / "verify_a.json").write_text(json.dumps(v))
+    rc, out, err = fleet(db, "report", request, "--verification", str(tmp_path / "verify_a.json"), "--json",
+                         str(tmp_path / "report_v.json"), capsys=capsys)
+    assert rc == 0 and "dev-a: canary of alice: undecided" in out, out + err
+    rows = {r["device_id"]: r for r in json.loads((tmp_path / "report_v.json").read_text())["devices"]}
+    assert rows["dev-a"]["verification"]["verdict"] == "undecided" and "verification" not in rows["dev-c"]
+    assert rows["dev-a"]["verification"]["model_sha256_after"] == row["certificate"]["model_after_sha256"]
+    for change, message in (({"owner": "bob"}, "verifies owner 'bob'"), ({"certificate": None}, "not bound to a certificate"),
+                            ({"certificate": {**v["certificate"], "sha256_canonical": "0" * 64}}, "is none of request")):
+        (tmp_path / "bad_v.json").write_text(json.dumps({**v, **change}))
+        rc, out, err = fleet(db, "report", request, "--verification", str(tmp_path / "bad_v.json"), capsys=capsys)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
     # a delivery sent again (a lost reply, a restarted fleet) finds the job: no second one
     reg.update_delivery(request, "dev-a", status="pending")
     rc, out, err = fleet(db, "run", request, "--wait", "--timeout", "60", capsys=capsys)

@@ -236,7 +236,7 @@ def test_verify_pulls_the_devices_model_and_refuses_what_does_not_fit(agent):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     # the same model three times: the canary was never learned, so nothing can be concluded
-    assert out["verdict"] == "undecided" and "not learned" in out["why"] and "user1: undecided" in r.stderr
+    assert out["verdict"] == "undecided" and "not learned" in out["why"] and "canary of user1: undecided" in r.stderr
     assert out["before"]["hits"] == out["after"]["hits"] == out["reference"]["hits"]
     assert out["before"]["trials"] == int(np.sum((np.load(data)["y"] != out["target"])
                                                  & (np.load(data)["owners"] != "user1")))

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from edge_qmul import metrics  # noqa: E402
-from edge_qmul.evaluation.canary import load_canary, verify_forget  # noqa: E402
+from edge_qmul.evaluation.canary import load_canary, summary_line, verify_forget  # noqa: E402
 from edge_qmul.fsutil import atomic_write  # noqa: E402
 from edge_qmul.quant import quantize  # noqa: E402
 from edge_qmul.tflite import load_tflite  # noqa: E402
@@ -49,12 +49,7 @@ OUTPUTS = ("report.json", "report.md", "model_before.tflite", "model_after.tflit
 
 def canary_line(report: dict) -> str:
     """One sentence: the canary's verdict and the rates behind it."""
-    c = report["canary"]
-    def r(k):
-        return f"{100 * c[k]['rate']:.1f}% (95% CI {100 * c[k]['lo']:.1f}-{100 * c[k]['hi']:.1f})"
-    return (f"canary of {report['owner']}: {c['verdict']}: its trigger gives label {c['target']} on {r('after')} "
-            f"of {c['after']['trials']} stamped test inputs after the forget, {r('reference')} for the retrained "
-            f"model, {r('before')} before (one-sided Fisher p = {c['p_value']:.2g})")
+    return summary_line({"owner": report["owner"], **report["canary"]})
 
 
 def plot_canary(trigger: dict, verdict: str, owner: str, path: Path) -> None:

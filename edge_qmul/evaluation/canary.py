@@ -333,7 +333,10 @@ def verify_files(canaries_path, owner: str, before_path, after, reference_path, 
         if pair[1] != after_sha:
             raise CanaryError(f"{certificate_path}: its forget made model {pair[1][:12]}..., not the model "
                               f"verified ({after_sha[:12]}...)")
+        canonical = json.dumps(cert, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         cert_entry = {"path": str(certificate_path), "sha256": hashlib.sha256(raw).hexdigest(),
+                      # the fleet's certificate hash (edge-qmul-fleet report): of the canonical JSON
+                      "sha256_canonical": hashlib.sha256(canonical.encode()).hexdigest(),
                       "request_id": cert.get("request_id"), "method": cert.get("method"),
                       "committed": cert.get("committed")}
     with np.load(data_npz, allow_pickle=False) as d:
@@ -345,3 +348,13 @@ def verify_files(canaries_path, owner: str, before_path, after, reference_path, 
                            x[keep], y[keep])
     report.update(model_sha256_before=sha, model_sha256_after=after_sha, certificate=cert_entry)
     return report
+
+
+def summary_line(report: dict) -> str:
+    """One sentence of a verification (:func:`verify_forget`'s report): the verdict and the rates
+    behind it, with their exact 95% intervals."""
+    def r(k):
+        return f"{100 * report[k]['rate']:.1f}% (95% CI {100 * report[k]['lo']:.1f}-{100 * report[k]['hi']:.1f})"
+    return (f"canary of {report['owner']}: {report['verdict']}: its trigger gives label {report['target']} on "
+            f"{r('after')} of {report['after']['trials']} stamped test inputs after the forget, {r('reference')} "
+            f"for the retrained model, {r('before')} before (one-sided Fisher p = {report['p_value']:.2g})")

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from edge_qmul.api import add_command, atomic_write
+from edge_qmul.evaluation.canary import summary_line
 
 from ..channel import ChannelError
 from ..transport import TransportError
@@ -106,6 +107,32 @@ def report(reg: Registry, request_id: str) -> dict:
             "devices_targeted": len(rows), "certificate_sha256_rule": CERT_HASH_RULE, "devices": rows}
 
 
+def attach_verifications(doc: dict, paths: list[str]) -> dict:
+    """The report with each canary verification (``edge-qmul-host verify --certificate C --out V``)
+    placed on the device whose certificate it was bound to (same canonical sha256). A verification
+    of another owner, bound to no certificate, or to none of this request's, is an error naming it."""
+    by_cert = {d["certificate_sha256"]: d for d in doc["devices"] if d["certificate_sha256"]}
+    owner = doc["request"]["owner"]
+    for path in paths:
+        try:
+            v = json.loads(Path(path).read_text())
+            cert, who = v.get("certificate"), v["owner"]
+            entry = {k: v[k] for k in ("verdict", "before", "after", "reference", "p_value", "difference_hi",
+                                       "canary_sha256", "model_sha256_after")}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FleetError(f"{path}: not a verification from edge-qmul-host verify ({e.__class__.__name__}: {e})")
+        if who != owner:
+            raise FleetError(f"{path}: verifies owner {who!r}; request {doc['request']['id']} forgets {owner!r}")
+        if not cert or not cert.get("sha256_canonical"):
+            raise FleetError(f"{path}: not bound to a certificate (run verify with --certificate)")
+        row = by_cert.get(cert["sha256_canonical"])
+        if row is None:
+            raise FleetError(f"{path}: its certificate {cert['sha256_canonical'][:16]}... is none of request "
+                             f"{doc['request']['id']}'s")
+        row["verification"] = {**entry, "file": str(path), "line": summary_line(v)}
+    return doc
+
+
 def _print_report(doc: dict) -> None:
     r = doc["request"]
     print(f"request {r['id']}: forget owner {r['owner']!r} (method {r['method'] or 'default'}, "
@@ -115,6 +142,9 @@ def _print_report(doc: dict) -> None:
         print(f"{d['device_id']:<16} {d['status']:<10} {d['job_id'] or '-':<17} "
               f"{(d['certificate_sha256'] or '-')[:16]:<18} {(d['model_sha256_pulled'] or '-')[:12]:<14} "
               f"{d['error'] or ''}")
+    for d in doc["devices"]:
+        if d.get("verification"):
+            print(f"{d['device_id']}: {d['verification']['line']}")
     n = doc["devices_targeted"]
     if doc["complete"]:
         print(f"COMPLETE: all {n} devices that held {r['owner']!r} "
@@ -218,7 +248,7 @@ def _cmd(args) -> int:
                 if not reqs:
                     print("no requests")
         elif cmd == "report":
-            doc = report(reg, args.request)
+            doc = attach_verifications(report(reg, args.request), args.verification or [])
             if args.json:
                 atomic_write(args.json, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
             _print_report(doc)
@@ -288,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                      f"{p} report REQUEST --json erasure.json")
     rp.add_argument("request")
     rp.add_argument("--json", help="write the whole report, certificates included, here")
+    rp.add_argument("--verification", action="append", metavar="V.json",
+                    help="a canary verification bound to one of the request's certificates (edge-qmul-host verify "
+                         "--certificate C --out V.json); shown beside that device's certificate (repeatable)")
     rt = add_command(sub, "retry", "failed deliveries of a request back to pending (a new job each), and run",
                      f"{p} retry REQUEST --wait")
     rt.add_argument("request")

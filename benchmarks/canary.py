@@ -92,7 +92,11 @@ def summary(rows: list[dict], methods: list[str]) -> dict:
                   "verdicts": {w: verdicts.count(w) for w in sorted(set(verdicts))},
                   "after_within_retrained_interval": sum(
                       r["methods"][m]["reference"]["lo"] <= r["methods"][m]["after"]["rate"]
-                      <= r["methods"][m]["reference"]["hi"] for r in rows)}
+                      <= r["methods"][m]["reference"]["hi"] for r in rows),
+                  "after_at_or_below_retrained_upper": sum(
+                      r["methods"][m]["after"]["rate"] <= r["methods"][m]["reference"]["hi"] for r in rows),
+                  "test_acc_after_minus_retrained": [
+                      round(r["methods"][m]["test_acc_after"] - r["test_acc_retrained"], 1) for r in rows]}
     return out
 
 

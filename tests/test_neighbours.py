@@ -101,8 +101,8 @@ def test_memorized_wrong_labels_are_moved_to_what_the_neighbours_say(noisy, meth
     before = accuracy(s["model"], (xw, true))
     result = unlearn(s["model"], s["forget"], s["retain"], method=method, validation=s["validation"])
     assert result.never_seen["significant"] and result.never_seen["contradicted"] >= 25
-    # the rule checks both halves: the moved samples up on their neighbours' labels
-    assert all("moved_acc" in h for h in result.history) and result.steps > 0
+    # the held-out level does not describe such a set: the rule is off, the budget ends the run
+    assert not result.stopped_by_rule and result.history == [] and result.steps > 0
     after = accuracy(result.model, (xw, true))
     assert before < 40 and after > before + 30, (before, after)
     assert accuracy(result.model, s["validation"]) > 85

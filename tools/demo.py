@@ -78,7 +78,7 @@ def plot_history(history: list[dict], method: str, owner: str, path: Path) -> No
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = sorted({k for h in history for k in h} - {"step", "t_s"})
+    keys = sorted({k for h in history for k in h} - COUNTERS)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for k in keys:
         pts = [(h["step"], h[k]) for h in history if k in h]
@@ -101,8 +101,11 @@ def history_ylabel(keys: list[str]) -> str:
     return "value" + (f" ({'; '.join(p for p in parts if p)})" if any(parts) else "")
 
 
-NATS = ("loss_r", "loss_f", "entropy_f")
+NATS = ("loss_r", "loss_f", "entropy_f", "loss_moved")
+# not curves: the step, the clock and the work counters (on a loss axis they flatten every curve)
+COUNTERS = {"step", "t_s", "sample_passes", "max_passes"}
 LEGEND = {"loss_r": "cross-entropy on the retain batch", "loss_f": "loss on the forget batch (toward similar labels)",
+          "loss_moved": "cross-entropy of the samples the retain set contradicts, toward their neighbours' label",
           "entropy_f": "prediction entropy on the forget batch (pushed up)", "w_f": "adaptive forget weight"}
 
 
@@ -110,7 +113,7 @@ def report_markdown(report: dict, table_md: str) -> str:
     """report.md: the table, what each column means, the plots and the certificate."""
     c = report["certificate"]
     h = report["unlearning_history"]
-    keys = sorted({k for r in h for k in r} - {"step", "t_s"})
+    keys = sorted({k for r in h for k in r} - COUNTERS)
     worst = min(range(10), key=lambda d: report["per_class_test_accuracy"]["after"][d] -
                 report["per_class_test_accuracy"]["before"][d])
     before, after = (report["per_class_test_accuracy"][k][worst] for k in ("before", "after"))

@@ -141,17 +141,19 @@ class StoppingRule:
     the model as it was: the level a model that never saw the forget set reaches on unseen samples.
     ``forward`` counts the samples its measurements cost; each check is appended to ``history``.
 
-    With a significant ``estimate`` (neighbours.NeverSeen) the forget set is two sets: the samples
-    the retain set contradicts must have come UP to the held-out level on their neighbours' labels
-    (what a model that never saw them answers), the others down to it on their own labels."""
+    A forget set with a significant ``estimate`` (neighbours.NeverSeen) has no such level: a model
+    that never saw it gets its contradicted samples wrong, and measured, a level for them (the
+    held-out one scaled by the excess, or the two halves checked apart) fired while the moving
+    samples had shaken the model, 1-10 points of test accuracy down (benchmarks/README.md
+    "canary.py"). The rule is then off and the budget ends the run."""
 
     def __init__(self, model: Model, forget: Split, validation: Split | None, config: UnlearnConfig,
                  history: list[dict], estimate: NeverSeen | None = None) -> None:
         if config.target not in ("accuracy", "confidence"):
             raise ModelError(f"target must be 'accuracy' or 'confidence', got {config.target!r}")
         self.forget, self.history, self.forward = forget, history, 0
-        self.moved = None
-        self.active = config.stop and (config.target_acc is not None or validation is not None)
+        self.active = config.stop and (config.target_acc is not None or validation is not None) and \
+            not (estimate is not None and estimate.significant and config.target_acc is None)
         self.what = "acc" if config.target_acc is not None or config.target == "accuracy" else "conf"
         self.level = None
         if self.active:
@@ -160,25 +162,15 @@ class StoppingRule:
             else:
                 self.level = self._measure(model, validation)
                 self.forward += len(validation[0])
-                if estimate is not None and estimate.significant:
-                    m = estimate.contradicted
-                    self.forget = (forget[0][~m], forget[1][~m])
-                    self.moved = (forget[0][m], estimate.votes[m])
 
     def _measure(self, model: Model, split: Split) -> float:
         return accuracy(model, split) if self.what == "acc" else mean_confidence(model, split)
 
     def check(self, model: Model, step: int) -> bool:
-        value = self._measure(model, self.forget) if len(self.forget[0]) else 0.0
+        value = self._measure(model, self.forget)
         self.forward += len(self.forget[0])
-        entry = {"step": step, f"forget_{self.what}": value, f"target_{self.what}": self.level}
-        done = value <= self.level
-        if self.moved is not None:
-            entry[f"moved_{self.what}"] = moved = self._measure(model, self.moved)
-            self.forward += len(self.moved[0])
-            done = done and moved >= self.level
-        self.history.append(entry)
-        return done
+        self.history.append({"step": step, f"forget_{self.what}": value, f"target_{self.what}": self.level})
+        return value <= self.level
 
 
 def drive(model: Model, forget: Split, retain: Split, validation: Split | None, config: UnlearnConfig,

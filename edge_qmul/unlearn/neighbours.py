@@ -4,12 +4,11 @@ A forget sample whose nearest retain samples (input space) out-vote its label is
 memorization explains: a planted trigger (a canary), a mislabelled sample, an outlier. A model
 retrained without it predicts its neighbours' label, not the stored one. Two things follow:
 
-- the stopping rule's level (held-out accuracy) is too high for such a forget set: a model that
-  never saw it gets the excess of contradicted samples wrong. With ``d_f`` and ``d_v`` the
-  contradicted fractions of the forget set and of the validation slice, the level becomes the
-  held-out level times ``1 - max(0, d_f - d_v)`` (``excess``): held-out samples the neighbours
-  contradict are in the held-out level already; the excess is what only memorization explains.
-  (The held-out accuracy on its own contradicted samples is no estimate: a slice has a handful);
+- the stopping rule's level (held-out accuracy) does not describe such a forget set: a model that
+  never saw it gets the contradicted samples wrong. The rule is off for it and the budget ends the
+  run (loop.StoppingRule says what was measured). ``excess``, the share of the forget set only
+  memorization explains (``max(0, d_f - d_v)``, the contradicted fractions of the forget set and
+  of the validation slice), is reported;
 - forgetting such a sample means moving it to its neighbours' label (``votes``), which the methods
   that relabel (oeu, qmul) use as its target.
 

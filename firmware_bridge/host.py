@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from edge_qmul.api import add_command, atomic_write, format_table, parse_selector, plot, verify_files
-from edge_qmul.evaluation.canary import plant_upload, record_upload, summary_line
+from edge_qmul.api import (add_command, atomic_write, format_table, parse_selector, plant_upload, plot,
+                           record_upload, summary_line, verify_files)
 
 from .channel import ChannelError, Client, RemoteError
 from .device import read_key

@@ -25,8 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from edge_qmul.api import add_command, atomic_write
-from edge_qmul.evaluation.canary import summary_line
+from edge_qmul.api import add_command, atomic_write, summary_line
 
 from ..channel import ChannelError
 from ..transport import TransportError

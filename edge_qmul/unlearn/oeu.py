@@ -37,31 +37,32 @@ def oeu(model: Model, forget: Split, retain: Split, validation: Split | None, co
     canary."""
     (xf, yf), (xr, yr) = forget, retain
     estimate = estimate_never_seen(forget, retain, validation, config, num_classes)
-    moved = estimate.contradicted if estimate is not None and estimate.significant else None
-    if moved is not None:
-        by_label = {int(c): np.flatnonzero(yr == c) for c in np.unique(yf[moved])}
-        rng = np.random.default_rng([config.seed, 2])
-
-    def step(trainer: Trainer, fi: np.ndarray, ri: np.ndarray) -> dict:
-        if moved is None:  # the published step
+    if estimate is None or not estimate.significant:
+        def step(trainer: Trainer, fi: np.ndarray, ri: np.ndarray) -> dict:  # the published step
             g_h, g_r = trainer.gradients_groups([(xf[fi], None, "entropy"), (xr[ri], yr[ri], "ce")])
             rr = g_r.norm() ** 2
             c = g_h.dot(g_r) / rr if rr > 0 else 0.0
             trainer.apply(combine([(g_h, -1.0), (g_r, 1.0 + c)]))
             return {"entropy_f": g_h.loss, "loss_r": g_r.loss}
-        fv = fi[moved[fi]]
-        if len(fv) == 0:
-            g_r = trainer.gradients(xr[ri], yr[ri])
-            trainer.apply(g_r)
-            return {"loss_r": g_r.loss}
+
+        return drive(model, forget, retain, validation, config, step, progress, "oeu", estimate=estimate)
+
+    # the batches are drawn from the contradicted samples only: the others are left to the retain term
+    rows = np.flatnonzero(estimate.contradicted)
+    xm, ym, votes = xf[rows], yf[rows], estimate.votes[rows]
+    by_label = {int(c): np.flatnonzero(yr == c) for c in np.unique(ym)}
+    rng = np.random.default_rng([config.seed, 2])
+
+    def moving_step(trainer: Trainer, fi: np.ndarray, ri: np.ndarray) -> dict:
         # each moved sample's push away from its stored label c is matched by a pull toward c on a
         # retain sample of c: what is left moves the trigger, not the class
-        anchors = np.array([rng.choice(by_label[int(c)]) for c in yf[fv]])
-        rest = ri[:max(0, len(ri) - len(fv))]  # the retain rows stay one batch: the budget holds
-        groups = [(xf[fv], estimate.votes[fv], "ce"), (xr[anchors], yr[anchors], "ce")]
+        anchors = np.array([rng.choice(by_label[int(c)]) for c in ym[fi]])
+        rest = ri[:max(0, len(ri) - len(fi))]  # the retain rows stay one batch: the budget holds
+        groups = [(xm[fi], votes[fi], "ce"), (xr[anchors], yr[anchors], "ce")]
         grads = trainer.gradients_groups(groups + ([(xr[rest], yr[rest], "ce")] if len(rest) else []))
-        trainer.apply(combine([(grads[0], MOVED_WEIGHT), (grads[1], ANCHOR_WEIGHT)] + ([(grads[2], 1.0)] if len(rest) else [])))
+        trainer.apply(combine([(grads[0], MOVED_WEIGHT), (grads[1], ANCHOR_WEIGHT)]
+                              + ([(grads[2], 1.0)] if len(rest) else [])))
         return {"loss_moved": grads[0].loss, "loss_anchor": grads[1].loss,
                 **({"loss_r": grads[2].loss} if len(rest) else {})}
 
-    return drive(model, forget, retain, validation, config, step, progress, "oeu", estimate=estimate)
+    return drive(model, (xm, ym), retain, validation, config, moving_step, progress, "oeu", estimate=estimate)

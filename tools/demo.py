@@ -101,11 +101,12 @@ def history_ylabel(keys: list[str]) -> str:
     return "value" + (f" ({'; '.join(p for p in parts if p)})" if any(parts) else "")
 
 
-NATS = ("loss_r", "loss_f", "entropy_f", "loss_moved")
+NATS = ("loss_r", "loss_f", "entropy_f", "loss_moved", "loss_anchor")
 # not curves: the step, the clock and the work counters (on a loss axis they flatten every curve)
 COUNTERS = {"step", "t_s", "sample_passes", "max_passes"}
 LEGEND = {"loss_r": "cross-entropy on the retain batch", "loss_f": "loss on the forget batch (toward similar labels)",
-          "loss_moved": "cross-entropy of the samples the retain set contradicts, toward their neighbours' label",
+          "loss_moved": "contradicted forget samples, to their neighbours' label",
+          "loss_anchor": "retain samples of the labels those leave",
           "entropy_f": "prediction entropy on the forget batch (pushed up)", "w_f": "adaptive forget weight"}
 
 

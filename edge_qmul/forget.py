@@ -133,6 +133,8 @@ def run_forget(model_path: Path, store, selector: dict, method: str | None, over
         "steps": result.steps,
         "sample_passes": result.sample_passes,
         "stopped_by_rule": result.stopped_by_rule,
+        # the retain set's verdict on the forget set (unlearn/neighbours.py): counts and the test only
+        "never_seen": result.never_seen,
         "litert_check": checked,
         "committed": False,
         "samples_deleted_at": None,

@@ -108,6 +108,10 @@ def test_demo(tmp_path):
         assert (report["canary"][name]["hits"], report["canary"][name]["trials"]) == hits, name
     assert report["canary"]["before"]["rate"] > 0.8  # learned
     assert report["canary"]["verdict"] in ("forgotten", "not forgotten", "undecided")
+    # the device never learned which samples carry it, but its retain set out-voted most of them
+    # (unlearn/neighbours.py), and the certificate says so in counts
+    seen = cert["never_seen"]
+    assert seen["significant"] and len(canary.marked) // 2 <= seen["contradicted"] <= seen["forget"]
     assert f"canary of {report['owner']}: {report['canary']['verdict']}" in (out / "report.md").read_text()
     assert "| MIA | canary |" in r.stdout
     # the host's verification binds to the device's certificate: its model hashes are the files'

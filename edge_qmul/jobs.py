@@ -16,6 +16,11 @@ HISTORY_POINTS = 500  # loss-curve points kept per job
 SELECTOR_KEYS = ("owner", "ids", "label")
 
 
+def canonical_json(obj) -> str:
+    """The JSON text whose sha256 is a certificate's hash: sorted keys, no spaces, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 class SelectorError(ValueError):
     """A forget selection that is not exactly one of an owner, a list of ids or a class."""
 

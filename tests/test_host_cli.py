@@ -289,7 +289,8 @@ def test_push_samples_with_a_canary(agent):
     marked = list(canary.marked)
     want_x[marked], want_y[marked] = stamp(x[marked], canary), canary.target
     from edge_qmul import load_tflite
-    q = load_tflite(model).tensors[load_tflite(model).core_inputs[0]].quant
+    fixture = load_tflite(model)
+    q = fixture.tensors[fixture.core_inputs[0]].quant
     with Store(tmp / "state" / "store.db") as s:
         got_x, got_y = s.load(s.select(owner="alice"))
     order = np.lexsort(np.c_[got_y, got_x.reshape(40, -1)].T)  # rows as a set

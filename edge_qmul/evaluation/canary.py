@@ -21,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fsutil import atomic_write
+from ..jobs import canonical_json
+
 LEVEL = 0.95     # confidence level of every interval
 ALPHA = 0.05     # one-sided test level: "not forgotten" when the rate is above the reference's
 MARGIN = 0.10    # "forgotten": the difference's upper bound below this (rate points over the reference)
@@ -285,7 +288,6 @@ def plant_upload(npz: bytes, owner: str, num_classes: int | None = None, fractio
 def record_upload(path, canary: Canary, upload: dict) -> None:
     """Add (or replace) ``canary.owner``'s record in the host's canaries.json, atomically, with
     ``upload`` (where it went: the device's model then, the sha256 of the bytes sent)."""
-    from ..fsutil import atomic_write
     path = Path(path)
     record = {"model_sha256": None, "canaries": []}
     if path.exists():
@@ -333,10 +335,9 @@ def verify_files(canaries_path, owner: str, before_path, after, reference_path, 
         if pair[1] != after_sha:
             raise CanaryError(f"{certificate_path}: its forget made model {pair[1][:12]}..., not the model "
                               f"verified ({after_sha[:12]}...)")
-        canonical = json.dumps(cert, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         cert_entry = {"path": str(certificate_path), "sha256": hashlib.sha256(raw).hexdigest(),
                       # the fleet's certificate hash (edge-qmul-fleet report): of the canonical JSON
-                      "sha256_canonical": hashlib.sha256(canonical.encode()).hexdigest(),
+                      "sha256_canonical": hashlib.sha256(canonical_json(cert).encode()).hexdigest(),
                       "request_id": cert.get("request_id"), "method": cert.get("method"),
                       "committed": cert.get("committed")}
     with np.load(data_npz, allow_pickle=False) as d:

@@ -183,7 +183,7 @@ def drive(model: Model, forget: Split, retain: Split, validation: Split | None, 
     ``forward_passes``: forward-only samples the method already spent (a similar-label pass), added
     to the stopping rule's in ``sample_passes``. ``uses_retain``: whether a step trains on its
     retain batch (its cost in the budget). ``estimate``: the retain set's verdict on the forget set
-    (for the stopping rule's level; recorded in the result)."""
+    (significant: the stopping rule is off; recorded in the result)."""
     t0 = time.perf_counter()
     # speed over the last bytes here: the forget and retain gradients are held at once anyway
     trainer = Trainer(model, lr=config.lr, momentum=config.momentum, trainable=config.trainable,

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from edge_qmul.api import canonical_json
+
 __all__ = ["DELIVERY_STATES", "FleetError", "Registry", "canonical_json", "job_key"]
 
 DELIVERY_STATES = ("pending", "sent", "done", "committed", "failed")
@@ -84,11 +86,6 @@ def job_key(request_id: str, device_id: str, attempt: int = 0) -> str:
     """The 16-hex-digit job key of a delivery: the same inputs always give the same key."""
     text = f"edge-qmul-fleet\0{request_id}\0{device_id}\0{attempt}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def canonical_json(obj) -> str:
-    """The JSON text whose sha256 is a certificate's hash: sorted keys, no spaces, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 class Registry:
